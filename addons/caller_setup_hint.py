@@ -1,0 +1,47 @@
+"""Prints, once the proxy listens, exactly what a caller exports to reach the gateway."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mitmproxy import ctx
+from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
+
+logger = logging.getLogger(__name__)
+
+CA_CERT_FILE = "mitmproxy-ca-cert.pem"
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+class CallerSetupHint:
+    """Logs the environment variables a caller sets for each listening proxy mode."""
+
+    def running(self) -> None:
+        proxyserver = ctx.master.addons.get("proxyserver")
+        if proxyserver is None:
+            return
+        ca_file = (Path(ctx.options.confdir).expanduser() / CA_CERT_FILE).resolve()
+        for server in proxyserver.servers:
+            if not server.listen_addrs:
+                continue
+            host, port = server.listen_addrs[0][:2]
+            base = f"http://{_url_host(host)}:{port}"
+            if isinstance(server.mode, RegularMode):
+                lines = [f"HTTPS_PROXY={base}", f"SSL_CERT_FILE={ca_file}"]
+            elif isinstance(server.mode, ReverseMode):
+                lines = [f"OPENAI_BASE_URL={base}/v1"]
+            else:
+                continue
+            lines.append("OPENAI_API_KEY=<your gateway token>")
+            logger.info(
+                "auditgate %s: callers export\n%s", server.mode.description, "\n".join(f"  export {l}" for l in lines)
+            )
+
+
+addons = [CallerSetupHint()]

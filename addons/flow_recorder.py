@@ -1,0 +1,103 @@
+"""Records every exchange, refused ones included, in rotated mitmproxy flow files with credentials scrubbed."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+from mitmproxy import ctx, exceptions, http, io
+
+from addons.credentials import CREDENTIAL_HEADERS, CREDENTIAL_METADATA_KEYS
+from addons.gateway_options import add_gateway_options, records_dir
+
+logger = logging.getLogger(__name__)
+
+FLOWS_SUBDIR = "flows"
+
+
+class FlowRecorder:
+    """Writes each finished flow, as the client saw it and without credentials, to <records>/flows/*.mitm."""
+
+    def __init__(self) -> None:
+        self.directory: Path | None = None
+        self._file: BinaryIO | None = None
+        self._writer: io.FlowWriter | None = None
+        self._day: str | None = None
+        self._seq = 0
+
+    def load(self, loader) -> None:
+        add_gateway_options(loader)
+        loader.add_option(
+            "gateway_flows_max_mb", int, 100, "Start a new flow file once the current one reaches this many megabytes."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "gateway_flows_max_mb" in updated and ctx.options.gateway_flows_max_mb < 1:
+            raise exceptions.OptionsError("auditgate: gateway_flows_max_mb must be at least 1")
+        if "gateway_records" in updated:
+            directory = records_dir() / FLOWS_SUBDIR
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                if not os.access(directory, os.W_OK):
+                    raise PermissionError(f"{directory} is not writable")
+            except OSError as e:
+                raise exceptions.OptionsError(f"auditgate: gateway_records={ctx.options.gateway_records!r}: {e}") from None
+            self._close()
+            self.directory = directory
+
+    def running(self) -> None:
+        # Without this mitmproxy keeps no copy of a streamed body, and the record would lose it.
+        ctx.options.update(store_streamed_bodies=True)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # A refused CONNECT (forward mode, host not served) never reaches the response hook.
+        if flow.live and flow.response and flow.response.status_code >= 400:
+            self.record(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.live:
+            self.record(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.live:
+            self.record(flow)
+
+    def done(self) -> None:
+        self._close()
+
+    def record(self, flow: http.HTTPFlow) -> None:
+        # Defence in depth: the addons before us already took credentials off; make sure.
+        for name in CREDENTIAL_HEADERS:
+            flow.request.headers.pop(name, None)
+        for key in CREDENTIAL_METADATA_KEYS:
+            flow.metadata.pop(key, None)
+        writer = self._current_writer()
+        writer.add(flow)
+        self._file.flush()
+
+    def _current_writer(self) -> io.FlowWriter:
+        now = datetime.now(timezone.utc)
+        day = now.strftime("%Y%m%d")
+        too_big = self._file is not None and self._file.tell() >= ctx.options.gateway_flows_max_mb * 1024 * 1024
+        if self._writer is None or day != self._day or too_big:
+            self._close()
+            if self.directory is None:
+                raise RuntimeError("the flow recorder has no records directory")
+            self._seq += 1
+            path = self.directory / f"flows-{now:%Y%m%dT%H%M%S}Z-{os.getpid()}-{self._seq:04d}.mitm"
+            self._file = open(path, "ab")
+            self._writer = io.FlowWriter(self._file)
+            self._day = day
+            logger.info("recording flows to %s", path)
+        return self._writer
+
+    def _close(self) -> None:
+        if self._file:
+            self._file.close()
+        self._file, self._writer = None, None
+
+
+addons = [FlowRecorder()]

@@ -1,0 +1,138 @@
+"""Caller identities backed by service tokens stored only as SHA-256 hashes in rules/identities.yaml."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from addons.rules_yaml import ConfigError, check_keys, load_yaml_mapping, require_list_of_mappings
+
+IDENTITIES_FILE = "identities.yaml"
+TOKEN_PREFIX = "agt_"
+# Top-level keys other capabilities add to identities.yaml (OIDC issuers, group grants) are kept on rewrite.
+_TOP_LEVEL_KEYS = {"service_tokens", "issuers", "authorization"}
+_ENTRY_KEYS = {"name", "groups", "token_sha256"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def mint_token() -> str:
+    """A fresh random service token: 256 bits of entropy, recognisable by its prefix."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    # A plain digest is enough: tokens are random 256-bit values, so there is nothing to brute-force.
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who made a request: what is recorded with the flow (never the credential)."""
+
+    name: str
+    groups: tuple[str, ...] = ()
+    method: str = "service_token"
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def as_metadata(self) -> dict:
+        return {"name": self.name, "groups": list(self.groups), "method": self.method, **self.extra}
+
+
+@dataclass(frozen=True)
+class ServiceTokens:
+    by_hash: dict[str, Identity]
+
+    def __len__(self) -> int:
+        return len(self.by_hash)
+
+    def authenticate(self, token: str) -> Identity | None:
+        return self.by_hash.get(token_hash(token))
+
+
+def _validate_groups(path: Path, where: str, groups: object) -> tuple[str, ...]:
+    if groups is None:
+        return ()
+    if not isinstance(groups, list) or not all(isinstance(g, str) and _NAME.match(g) for g in groups):
+        raise ConfigError(path, f"{where}: 'groups' must be a list of names ({_NAME.pattern})")
+    return tuple(groups)
+
+
+def load_service_tokens(rules_dir: Path) -> ServiceTokens:
+    """Read identities.yaml; a missing file means no identities yet."""
+    path = rules_dir / IDENTITIES_FILE
+    if not path.exists():
+        return ServiceTokens({})
+    data = load_yaml_mapping(path, _TOP_LEVEL_KEYS)
+    by_hash: dict[str, Identity] = {}
+    names: set[str] = set()
+    for i, entry in enumerate(require_list_of_mappings(path, "service_tokens", data.get("service_tokens"))):
+        where = f"service_tokens[{i}]"
+        check_keys(path, where, entry, _ENTRY_KEYS)
+        name, digest = entry.get("name"), entry.get("token_sha256")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(path, f"{where}: 'name' must match {_NAME.pattern}")
+        if name in names:
+            raise ConfigError(path, f"{where}: duplicate name {name!r}")
+        if not isinstance(digest, str) or not _HASH.match(digest):
+            raise ConfigError(path, f"{where}: 'token_sha256' must be 'sha256:' and 64 hex digits (never the token itself)")
+        if digest in by_hash:
+            raise ConfigError(path, f"{where}: the same token hash is already listed for {by_hash[digest].name!r}")
+        names.add(name)
+        by_hash[digest] = Identity(name=name, groups=_validate_groups(path, where, entry.get("groups")))
+    return ServiceTokens(by_hash)
+
+
+def add_service_token(rules_dir: Path, name: str, groups: list[str]) -> str:
+    """Mint a token for NAME, store its hash in identities.yaml and return the token (shown once, never stored)."""
+    path = rules_dir / IDENTITIES_FILE
+    if not _NAME.match(name):
+        raise ConfigError(path, f"name {name!r} must match {_NAME.pattern}")
+    _validate_groups(path, "groups", list(groups))
+    existing = load_service_tokens(rules_dir)  # validates the file before we touch it
+    if any(identity.name == name for identity in existing.by_hash.values()):
+        raise ConfigError(path, f"an identity named {name!r} already exists")
+    data = load_yaml_mapping(path, _TOP_LEVEL_KEYS) if path.exists() else {}
+    header = _leading_comments(path)
+    token = mint_token()
+    entries = list(data.get("service_tokens") or [])
+    entries.append({"name": name, "groups": list(groups), "token_sha256": token_hash(token)})
+    data["service_tokens"] = entries
+    _atomic_write(path, header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    return token
+
+
+def _leading_comments(path: Path) -> str:
+    if not path.exists():
+        return "# Caller identities. Service tokens are stored only as SHA-256 hashes; mint one with\n# `auditgate token new NAME --group G`.\n"
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        else:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,72 @@
+"""Routes each flow to a configured upstream and refuses every other host: the gateway is never an open relay."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from addons.gateway_options import add_gateway_options, rules_dir
+from addons.openai_errors import is_answered, refuse
+from addons.rules_yaml import ConfigError
+from addons.upstream_config import UpstreamTable, load_upstreams
+
+logger = logging.getLogger(__name__)
+
+
+class UpstreamRouting:
+    """Routes flows to configured upstreams; refuses other hosts with 403 and tunnels pass-through hosts."""
+
+    def __init__(self) -> None:
+        self.table: UpstreamTable | None = None
+
+    def load(self, loader) -> None:
+        add_gateway_options(loader)
+
+    def configure(self, updated: set[str]) -> None:
+        if "gateway_rules" not in updated:
+            return
+        try:
+            self.table = load_upstreams(rules_dir())
+        except ConfigError as e:
+            raise exceptions.OptionsError(f"auditgate: {e}") from None
+        hosts = ", ".join(f"{u.host}{':' + str(u.port) if u.port else ''}" for u in self.table.upstreams) or "none"
+        logger.info("upstreams: %s; pass-through: %d host(s)", hosts, len(self.table.passthrough))
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # Forward mode: the CONNECT decides whether a tunnel is intercepted, passed through or refused.
+        host, port = flow.request.host, flow.request.port
+        if self.table is None:
+            refuse(flow, 503, "gateway_not_configured", "the gateway has no upstream configuration loaded")
+        elif self.table.upstream_for(host, port):
+            return
+        elif self.table.is_passthrough(host, port):
+            flow.metadata["auditgate.passthrough"] = True
+            logger.info("pass-through tunnel to %s:%d for client %s", host, port, flow.client_conn.peername[0])
+        else:
+            refuse(flow, 403, "gateway_forbidden", f"{host}:{port} is not an upstream this gateway serves")
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        address = data.context.server.address
+        if self.table and address and self.table.is_passthrough(*address):
+            data.ignore_connection = True
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if not flow.live or is_answered(flow):
+            return
+        host, port = flow.request.host, flow.request.port
+        if self.table is None:
+            refuse(flow, 503, "gateway_not_configured", "the gateway has no upstream configuration loaded")
+            return
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            upstream = self.table.reverse_target(host, port)
+        else:
+            upstream = self.table.upstream_for(host, port)
+        if upstream is None:
+            refuse(flow, 403, "gateway_forbidden", f"{host}:{port} is not an upstream this gateway serves")
+            return
+        flow.metadata["auditgate.upstream"] = {"host": host, "port": port, "key_source": upstream.key_source}
+
+
+addons = [UpstreamRouting()]

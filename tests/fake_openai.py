@@ -1,0 +1,331 @@
+"""A local OpenAI-compatible upstream for tests: Responses and Chat Completions (JSON and SSE), embeddings,
+a function-tool round trip, configurable reply text and event spacing, and a log of what it received."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_ids = itertools.count(1)
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{next(_ids):06d}"
+
+
+def split_text(text: str, pieces: int) -> list[str]:
+    """Split text into `pieces` non-empty deltas (fewer if the text is shorter)."""
+    pieces = max(1, min(pieces, len(text)))
+    size, rest = divmod(len(text), pieces)
+    out, pos = [], 0
+    for i in range(pieces):
+        n = size + (1 if i < rest else 0)
+        out.append(text[pos : pos + n])
+        pos += n
+    return out
+
+
+@dataclass
+class ReceivedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
+
+
+@dataclass
+class FakeOpenAI:
+    """What the upstream answers; change the fields between requests to steer it."""
+
+    reply_text: str = "Hello from the fake upstream."
+    deltas: int = 8
+    event_delay: float = 0.0
+    tool_arguments: dict = field(default_factory=lambda: {"city": "Paris"})
+    received: list[ReceivedRequest] = field(default_factory=list)
+
+    # ---- Responses API -------------------------------------------------------------------------
+    def _response_object(self, model: str, output: list, status: str = "completed") -> dict:
+        return {
+            "id": _id("resp"),
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": status,
+            "model": model,
+            "output": output,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "error": None,
+            "incomplete_details": None,
+            "instructions": None,
+            "metadata": {},
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "text": {"format": {"type": "text"}},
+            "truncation": "disabled",
+            "usage": {
+                "input_tokens": 12,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": 7,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": 19,
+            },
+        }
+
+    @staticmethod
+    def _function_tools(body: dict) -> list[str]:
+        names = []
+        for tool in body.get("tools") or []:
+            if tool.get("type") == "function":
+                names.append(tool.get("name") or (tool.get("function") or {}).get("name"))
+        return [n for n in names if n]
+
+    def _responses_tool_output(self, body: dict) -> str | None:
+        items = body.get("input")
+        if isinstance(items, list):
+            for item in items:
+                if isinstance(item, dict) and item.get("type") == "function_call_output":
+                    return str(item.get("output"))
+        return None
+
+    def responses_plan(self, body: dict) -> tuple[str, Any]:
+        """('call', (name, arguments)) for a tool call, else ('text', text)."""
+        tools = self._function_tools(body)
+        tool_output = self._responses_tool_output(body)
+        if tools and tool_output is None:
+            return "call", (tools[0], json.dumps(self.tool_arguments))
+        if tool_output is not None:
+            return "text", f"{self.reply_text} Tool said: {tool_output}"
+        return "text", self.reply_text
+
+    def responses_json(self, body: dict) -> dict:
+        kind, what = self.responses_plan(body)
+        model = body.get("model", "gpt-test")
+        if kind == "call":
+            name, arguments = what
+            item = {"type": "function_call", "id": _id("fc"), "call_id": _id("call"), "name": name,
+                    "arguments": arguments, "status": "completed"}
+        else:
+            item = {"type": "message", "id": _id("msg"), "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": what, "annotations": []}]}
+        return self._response_object(model, [item])
+
+    def responses_events(self, body: dict):
+        kind, what = self.responses_plan(body)
+        model = body.get("model", "gpt-test")
+        seq = itertools.count()
+        response = self._response_object(model, [], status="in_progress")
+        yield "response.created", {"type": "response.created", "sequence_number": next(seq), "response": response}
+        yield "response.in_progress", {"type": "response.in_progress", "sequence_number": next(seq), "response": response}
+        if kind == "call":
+            name, arguments = what
+            item = {"type": "function_call", "id": _id("fc"), "call_id": _id("call"), "name": name,
+                    "arguments": "", "status": "in_progress"}
+            yield "response.output_item.added", {"type": "response.output_item.added", "sequence_number": next(seq),
+                                                 "output_index": 0, "item": dict(item)}
+            for piece in split_text(arguments, self.deltas):
+                yield "response.function_call_arguments.delta", {
+                    "type": "response.function_call_arguments.delta", "sequence_number": next(seq),
+                    "item_id": item["id"], "output_index": 0, "delta": piece}
+            yield "response.function_call_arguments.done", {
+                "type": "response.function_call_arguments.done", "sequence_number": next(seq),
+                "item_id": item["id"], "output_index": 0, "name": name, "arguments": arguments}
+            item.update(arguments=arguments, status="completed")
+        else:
+            item = {"type": "message", "id": _id("msg"), "status": "in_progress", "role": "assistant", "content": []}
+            yield "response.output_item.added", {"type": "response.output_item.added", "sequence_number": next(seq),
+                                                 "output_index": 0, "item": dict(item)}
+            part = {"type": "output_text", "text": "", "annotations": []}
+            yield "response.content_part.added", {"type": "response.content_part.added", "sequence_number": next(seq),
+                                                  "item_id": item["id"], "output_index": 0, "content_index": 0,
+                                                  "part": part}
+            for piece in split_text(what, self.deltas):
+                yield "response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": next(seq),
+                                                     "item_id": item["id"], "output_index": 0, "content_index": 0,
+                                                     "delta": piece, "logprobs": []}
+            yield "response.output_text.done", {"type": "response.output_text.done", "sequence_number": next(seq),
+                                                "item_id": item["id"], "output_index": 0, "content_index": 0,
+                                                "text": what, "logprobs": []}
+            part = {"type": "output_text", "text": what, "annotations": []}
+            yield "response.content_part.done", {"type": "response.content_part.done", "sequence_number": next(seq),
+                                                 "item_id": item["id"], "output_index": 0, "content_index": 0,
+                                                 "part": part}
+            item.update(status="completed", content=[part])
+        yield "response.output_item.done", {"type": "response.output_item.done", "sequence_number": next(seq),
+                                            "output_index": 0, "item": item}
+        done = dict(response, status="completed", output=[item])
+        yield "response.completed", {"type": "response.completed", "sequence_number": next(seq), "response": done}
+
+    # ---- Chat Completions ----------------------------------------------------------------------
+    def chat_plan(self, body: dict) -> tuple[str, Any]:
+        tools = self._function_tools(body)
+        tool_output = next((m.get("content") for m in body.get("messages", []) if m.get("role") == "tool"), None)
+        if tools and tool_output is None:
+            return "call", (tools[0], json.dumps(self.tool_arguments))
+        if tool_output is not None:
+            return "text", f"{self.reply_text} Tool said: {tool_output}"
+        return "text", self.reply_text
+
+    def chat_json(self, body: dict) -> dict:
+        kind, what = self.chat_plan(body)
+        if kind == "call":
+            name, arguments = what
+            message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+                {"id": _id("call"), "type": "function", "function": {"name": name, "arguments": arguments}}]}
+            finish = "tool_calls"
+        else:
+            message = {"role": "assistant", "content": what, "refusal": None}
+            finish = "stop"
+        return {"id": _id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", "gpt-test"),
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}
+
+    def chat_chunks(self, body: dict):
+        kind, what = self.chat_plan(body)
+        base = {"id": _id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": body.get("model", "gpt-test")}
+
+        def chunk(delta: dict, finish: str | None = None) -> dict:
+            return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
+
+        yield chunk({"role": "assistant", "content": ""})
+        if kind == "call":
+            name, arguments = what
+            yield chunk({"tool_calls": [{"index": 0, "id": _id("call"), "type": "function",
+                                         "function": {"name": name, "arguments": ""}}]})
+            for piece in split_text(arguments, self.deltas):
+                yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            yield chunk({}, "tool_calls")
+        else:
+            for piece in split_text(what, self.deltas):
+                yield chunk({"content": piece})
+            yield chunk({}, "stop")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield dict(base, choices=[], usage={"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19})
+
+    # ---- Embeddings ----------------------------------------------------------------------------
+    @staticmethod
+    def embeddings_json(body: dict) -> dict:
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        data = []
+        for i, text in enumerate(inputs):
+            vector = [round((len(str(text)) + k) / 10.0, 3) for k in range(4)]
+            if body.get("encoding_format") == "base64":
+                embedding: Any = base64.b64encode(struct.pack("<4f", *vector)).decode()
+            else:
+                embedding = vector
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        return {"object": "list", "data": data, "model": body.get("model", "text-embedding-test"),
+                "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "FakeOpenAIServer"
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def _send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.send_header("x-request-id", _id("req_upstream"))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_sse(self, events) -> None:
+        fake = self.server.fake
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for i, (event, payload) in enumerate(events):
+            if i and fake.event_delay:
+                time.sleep(fake.event_delay)
+            text = (f"event: {event}\n" if event else "") + f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+            data = text.encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def do_GET(self) -> None:
+        self._record(b"")
+        if self.path.rstrip("/").endswith("/models"):
+            self._send_json(200, {"object": "list", "data": [{"id": "gpt-test", "object": "model", "created": 0,
+                                                              "owned_by": "fake"}]})
+        else:
+            self._send_json(404, {"error": {"message": "not found", "type": "invalid_request_error",
+                                            "param": None, "code": "not_found"}})
+
+    def do_POST(self) -> None:
+        body_bytes = self.rfile.read(int(self.headers.get("content-length") or 0))
+        self._record(body_bytes)
+        body = json.loads(body_bytes or b"{}")
+        fake = self.server.fake
+        path = self.path.split("?")[0].rstrip("/")
+        if path.endswith("/responses"):
+            if body.get("stream"):
+                self._send_sse(fake.responses_events(body))
+            else:
+                self._send_json(200, fake.responses_json(body))
+        elif path.endswith("/chat/completions"):
+            if body.get("stream"):
+                self._send_sse([*((None, c) for c in fake.chat_chunks(body)), (None, "[DONE]")])
+            else:
+                self._send_json(200, fake.chat_json(body))
+        elif path.endswith("/embeddings"):
+            self._send_json(200, fake.embeddings_json(body))
+        else:
+            self._send_json(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error",
+                                            "param": None, "code": "not_found"}})
+
+    def _record(self, body: bytes) -> None:
+        self.server.fake.received.append(
+            ReceivedRequest(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        )
+
+
+class FakeOpenAIServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, fake: FakeOpenAI, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.fake = fake
+        self.ssl_context = ssl_context
+        self._thread: threading.Thread | None = None
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        if self.ssl_context:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True)
+        return sock, addr
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def start(self) -> "FakeOpenAIServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="fake-openai", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
