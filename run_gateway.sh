@@ -11,10 +11,13 @@ if [ "${1:-}" = "--web" ]; then
     tool=mitmweb
     shift
 fi
-# Defaults first so that the caller's arguments override them: loopback only, never an open relay.
-exec "$VENV/bin/$tool" \
-    --set confdir=certs \
-    --set listen_host=127.0.0.1 \
-    --listen-port 8080 \
-    -s addons/gateway.py \
-    "$@"
+
+# Defaults, each unless the caller set it (mitmproxy refuses an option given twice):
+# the CA lives in certs/, and the proxy listens on loopback port 8080 only: never an open relay.
+given=" $* "
+defaults=()
+[[ "$given" == *" confdir="* ]] || defaults+=(--set confdir=certs)
+[[ "$given" == *"listen_host="* || "$given" == *" --listen-host "* ]] || defaults+=(--set listen_host=127.0.0.1)
+[[ "$given" == *"listen_port="* || "$given" == *" -p "* || "$given" == *" --listen-port "* ]] || defaults+=(--listen-port 8080)
+
+exec "$VENV/bin/$tool" "${defaults[@]}" -s addons/gateway.py "$@"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mitmproxy import exceptions, http
 
-from addons.credentials import CREDENTIAL_HEADERS, bearer_token
+from addons.credentials import bearer_token, remove_credential_headers
 from addons.gateway_options import add_gateway_options, rules_dir
 from addons.identity import IDENTITIES_FILE, ServiceTokens, add_service_token, load_service_tokens
 from addons.openai_errors import is_answered, refuse
@@ -94,8 +94,7 @@ class CallerAuth:
         headers = flow.request.headers
         token = bearer_token(headers.get("authorization", "")) or headers.get("api-key", "").strip() or None
         # The caller's credentials are consumed here whatever the outcome: they never travel on.
-        for name in CREDENTIAL_HEADERS:
-            headers.pop(name, None)
+        remove_credential_headers(headers)
         identity = self.tokens.authenticate(token) if (token and self.tokens) else None
         if identity is None:
             reason = "invalid gateway token" if token else "missing gateway token (send 'Authorization: Bearer <token>')"

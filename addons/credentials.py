@@ -15,6 +15,17 @@ CREDENTIAL_HEADERS = (
 CREDENTIAL_METADATA_KEYS = ("proxyauth",)
 
 
+_CREDENTIAL_HEADER_BYTES = frozenset(h.encode() for h in CREDENTIAL_HEADERS)
+
+
+def remove_credential_headers(headers) -> None:
+    """Drop every credential header from a mitmproxy Headers object, in one pass over its fields."""
+    fields = headers.fields
+    kept = tuple(field for field in fields if field[0].lower() not in _CREDENTIAL_HEADER_BYTES)
+    if len(kept) != len(fields):
+        headers.fields = kept
+
+
 def bearer_token(authorization: str) -> str | None:
     """The token of an 'Authorization: Bearer <token>' value, or None."""
     scheme, _, token = authorization.strip().partition(" ")

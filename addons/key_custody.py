@@ -7,7 +7,7 @@ import logging
 from mitmproxy import exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from addons.credentials import CREDENTIAL_HEADERS
+from addons.credentials import remove_credential_headers
 from addons.gateway_options import add_gateway_options, rules_dir
 from addons.openai_errors import is_answered, refuse
 from addons.rules_yaml import ConfigError
@@ -67,8 +67,7 @@ class KeyCustody:
             where = upstream.key_source if upstream else "the upstream configuration"
             refuse(flow, 502, "gateway_upstream_unavailable", f"the gateway holds no key for this upstream ({where})")
             return
-        for name in CREDENTIAL_HEADERS:
-            flow.request.headers.pop(name, None)
+        remove_credential_headers(flow.request.headers)
         flow.request.headers[upstream.key_header] = upstream.auth_header_value(key)
         flow.metadata["auditgate.key_header"] = upstream.key_header
 

@@ -234,6 +234,8 @@ class FakeOpenAI:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body are separate writes; with Nagle on, delayed ACKs add ~40 ms to every reply.
+    disable_nagle_algorithm = True
     server: "FakeOpenAIServer"
 
     def log_message(self, *args) -> None:  # keep test output quiet
@@ -329,3 +331,26 @@ class FakeOpenAIServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+def main() -> None:
+    """Serve the fake upstream on its own (for benchmarks): prints 'PORT <n>' once listening."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reply-bytes", type=int, default=0, help="make the reply text about this long")
+    args = parser.parse_args()
+    fake = FakeOpenAI()
+    if args.reply_bytes:
+        words = "The quick brown fox jumps over the lazy dog. "
+        fake.reply_text = (words * (args.reply_bytes // len(words) + 1))[: args.reply_bytes]
+    server = FakeOpenAIServer(fake)
+    print(f"PORT {server.port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

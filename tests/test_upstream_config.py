@@ -1,0 +1,87 @@
+"""The upstream table: loading, validation and matching (no mitmproxy involved)."""
+
+from __future__ import annotations
+
+import pytest
+
+from addons.rules_yaml import ConfigError
+from addons.upstream_config import Upstream, load_upstreams
+
+
+def _write(tmp_path, text: str):
+    (tmp_path / "upstreams.yaml").write_text(text)
+    return tmp_path
+
+
+def test_shipped_defaults_serve_openai_only(tmp_path):
+    from tests.gateway_process import ROOT
+
+    table = load_upstreams(ROOT / "rules")
+    assert table.upstream_for("api.openai.com", 443) == Upstream("api.openai.com", 443, "OPENAI_API_KEY")
+    assert table.upstream_for("api.openai.com", 80) is None
+    assert table.upstream_for("example.com", 443) is None
+    assert table.passthrough == ()
+
+
+def test_matching_by_host_and_port(tmp_path):
+    table = load_upstreams(_write(tmp_path, """
+upstreams:
+  - host: API.example.com
+  - host: azure.example.com
+    port: 8443
+    key_file: /run/key
+    key_header: api-key
+passthrough:
+  - host: pypi.org
+"""))
+    assert table.upstream_for("api.example.com", 1234).key_env == "OPENAI_API_KEY"
+    azure = table.upstream_for("AZURE.example.com", 8443)
+    assert azure.key_source == "file:/run/key" and azure.auth_header_value("k") == "k"
+    assert table.upstream_for("azure.example.com", 443) is None
+    assert table.is_passthrough("pypi.org", 443) and not table.is_passthrough("api.example.com", 443)
+    # In reverse mode an unlisted target is the upstream, on the default key.
+    assert table.reverse_target("other.example", 443).key_source == "env:OPENAI_API_KEY"
+
+
+def test_key_sources(tmp_path, monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-from-file\n")
+    assert Upstream("h", key_env=None, key_file=str(key_file)).read_key() == "sk-from-file"
+    assert Upstream("h", key_env=None, key_file=str(tmp_path / "missing")).read_key() is None
+    assert Upstream("h", key_env="AG_TEST_KEY").read_key({"AG_TEST_KEY": " sk-env "}) == "sk-env"
+    assert Upstream("h", key_env="AG_TEST_KEY").read_key({"AG_TEST_KEY": ""}) is None
+    assert Upstream("h").auth_header_value("sk-x") == "Bearer sk-x"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("upstreams:\n  - host: a.example\n    keyenv: X\n", "unknown key(s) keyenv"),
+    ("upstream: []\n", "unknown key(s) upstream"),
+    ("upstreams:\n  - host: https://a.example\n", "'host' must be a host name"),
+    ("upstreams:\n  - host: a.example:443\n", "'host' must be a host name"),
+    ("upstreams:\n  - host: a.example\n    port: 70000\n", "'port' must be a number"),
+    ("upstreams:\n  - host: a.example\n    key_env: A\n    key_file: /k\n", "not both"),
+    ("upstreams: {host: a}\n", "must be a list of mappings"),
+    ("upstreams:\n  - host: a.example\npassthrough:\n  - host: a.example\n", "both as an upstream and as pass-through"),
+    ("upstreams: [\n", "invalid YAML"),
+    ("- just a list\n", "mapping at the top level"),
+])
+def test_invalid_files_name_the_reason(tmp_path, text, reason):
+    with pytest.raises(ConfigError) as info:
+        load_upstreams(_write(tmp_path, text))
+    assert reason in str(info.value) and "upstreams.yaml" in str(info.value)
+
+
+def test_yaml_errors_carry_a_line_number(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_upstreams(_write(tmp_path, "upstreams:\n  - host: a\n  bad: [\n"))
+    assert info.value.line is not None
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_upstreams(tmp_path)
+
+
+def test_ipv6_hosts_are_accepted(tmp_path):
+    table = load_upstreams(_write(tmp_path, "upstreams:\n  - host: '::1'\n"))
+    assert table.upstream_for("::1", 443)
