@@ -1,39 +1,21 @@
-"""The `auditgate` operator command: `auditgate token new NAME [--group G ...] [--rules DIR]`."""
+"""The `auditgate` operator command. Each `addons/*_cli.py` module adds its subcommands through `register()`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
-from pathlib import Path
 
-from addons.identity import IDENTITIES_FILE, add_service_token
-from addons.rules_yaml import ConfigError
-
-
-def _token_new(args: argparse.Namespace) -> int:
-    rules = Path(args.rules)
-    if not rules.is_dir():
-        print(f"auditgate: rules directory {rules} does not exist", file=sys.stderr)
-        return 2
-    try:
-        token = add_service_token(rules, args.name, args.group)
-    except ConfigError as e:
-        print(f"auditgate: {e}", file=sys.stderr)
-        return 2
-    print(f"auditgate: added '{args.name}' to {rules / IDENTITIES_FILE}; its token is shown this once:", file=sys.stderr)
-    print(token)
-    return 0
+import addons
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auditgate", description="Operator commands for the auditgate gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
-    token = commands.add_parser("token", help="service tokens for callers").add_subparsers(dest="action", required=True)
-    new = token.add_parser("new", help="mint a token, store its hash, print it once")
-    new.add_argument("name", help="the identity's name, as recorded with its flows")
-    new.add_argument("--group", action="append", default=[], help="a group the identity belongs to (repeatable)")
-    new.add_argument("--rules", default="rules", help="the gateway's rules directory (default: rules)")
-    new.set_defaults(handler=_token_new)
+    # Discovered rather than listed, so a capability brings its commands with its own module.
+    for module in sorted(m.name for m in pkgutil.iter_modules(addons.__path__) if m.name.endswith("_cli")):
+        importlib.import_module(f"addons.{module}").register(commands)
     return parser
 
 

@@ -26,9 +26,10 @@ class FlowRecorder:
         self.directory: Path | None = None
         self._file: BinaryIO | None = None
         self._writer: io.FlowWriter | None = None
+        self._path: Path | None = None
         self._day: str | None = None
         self._seq = 0
-        self._pending: list[http.HTTPFlow] = []
+        self._pending: list[tuple[io.FlowWriter, http.HTTPFlow]] = []
         self._drain_scheduled = False
 
     def load(self, loader) -> None:
@@ -77,7 +78,10 @@ class FlowRecorder:
         remove_credential_headers(flow.request.headers)
         for key in CREDENTIAL_METADATA_KEYS:
             flow.metadata.pop(key, None)
-        self._pending.append(flow)
+        # The file is chosen now, so later addons (the audit log) can name it in the flow's metadata.
+        writer, path = self._current_writer()
+        flow.metadata["auditgate.flow_file"] = path.name
+        self._pending.append((writer, flow))
         # Serialising a flow costs ~0.3 ms of pure Python. Done inside the hook it would delay this
         # response; scheduled for the loop's next turn it runs once the response is on the wire
         # (mitmproxy sends it in the same step that finishes the hook), and flows that finish
@@ -92,13 +96,11 @@ class FlowRecorder:
     def _drain(self) -> None:
         self._drain_scheduled = False
         pending, self._pending = self._pending, []
-        if not pending:
-            return
         try:
-            writer = self._current_writer()
-            for flow in pending:
+            for writer, flow in pending:
                 writer.add(flow)
-            self._file.flush()
+            if pending and self._file:
+                self._file.flush()
         except OSError as e:
             logger.error("could not record %d flow(s) to %s: %s", len(pending), self.directory, e)
 
@@ -106,21 +108,22 @@ class FlowRecorder:
     def _now() -> datetime:
         return datetime.now(timezone.utc)
 
-    def _current_writer(self) -> io.FlowWriter:
+    def _current_writer(self) -> tuple[io.FlowWriter, Path]:
         now = self._now()
         day = now.strftime("%Y%m%d")
         too_big = self._file is not None and self._file.tell() >= ctx.options.gateway_flows_max_mb * 1024 * 1024
         if self._writer is None or day != self._day or too_big:
+            self._drain()  # flows already assigned to the current file go there before it closes
             self._close()
             if self.directory is None:
                 raise RuntimeError("the flow recorder has no records directory")
             self._seq += 1
-            path = self.directory / f"flows-{now:%Y%m%dT%H%M%S}Z-{os.getpid()}-{self._seq:04d}.mitm"
-            self._file = open(path, "ab")
+            self._path = self.directory / f"flows-{now:%Y%m%dT%H%M%S}Z-{os.getpid()}-{self._seq:04d}.mitm"
+            self._file = open(self._path, "ab")
             self._writer = io.FlowWriter(self._file)
             self._day = day
-            logger.info("recording flows to %s", path)
-        return self._writer
+            logger.info("recording flows to %s", self._path)
+        return self._writer, self._path
 
     def _close(self) -> None:
         if self._file:

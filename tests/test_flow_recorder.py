@@ -72,3 +72,4 @@ def test_rotation_by_size_and_by_day(tmp_path, monkeypatch):
     files = sorted((tmp_path / "flows").glob("*.mitm"))
     assert [len(_read(p)) for p in files] == [2, 1, 1]
     assert files[-1].name.startswith("flows-20261126T")
+    assert [f.metadata["auditgate.flow_file"] for p in files for f in _read(p)] == [p.name for p in files for _ in _read(p)]
