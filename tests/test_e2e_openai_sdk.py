@@ -104,12 +104,13 @@ def test_sse_events_arrive_as_they_are_sent(reverse_env, upstream):
     arrivals = []
     with client.responses.stream(model="gpt-test", input="hi") as stream:
         for event in stream:
-            if event.type == "response.output_text.delta":
+            if event.type == "response.output_text.delta" and event.delta:
                 arrivals.append(time.monotonic())
         final = stream.get_final_response()
     assert final.output_text == "one two three four five six"
-    assert len(arrivals) == 6
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    # Masking may hold back the word in progress, so a delta can come one event late, but never later.
+    assert len(arrivals) >= 6
+    gaps = [b - a for a, b in zip(arrivals[:6], arrivals[1:6])]
     # Buffered, all deltas would land together at the end; streamed, they keep the upstream's spacing.
     assert min(gaps) > 0.08, gaps
     assert arrivals[-1] - arrivals[0] > 0.6

@@ -1,0 +1,165 @@
+"""Finds and masks personal data in plain text with Presidio; also the entry points of masking workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# Presidio's email recognizer calls tldextract, which would download the public suffix list on first
+# use: point it at a local cache and no URL before anything imports it (its bundled snapshot is used).
+os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
+os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(tempfile.gettempdir(), "auditgate-tldextract"))
+
+from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerResult  # noqa: E402
+from presidio_analyzer.recognizer_registry import RecognizerRegistryProvider  # noqa: E402
+from presidio_anonymizer import AnonymizerEngine  # noqa: E402
+from presidio_anonymizer.entities import OperatorConfig  # noqa: E402
+
+from addons.masking_config import MaskingSettings  # noqa: E402
+
+# Text around a trigger that a recognizer sees: wide enough for any entity the patterns describe.
+TRIGGER_RADIUS = 96
+
+
+@dataclass(frozen=True)
+class Span:
+    entity_type: str
+    start: int
+    end: int
+    score: float
+
+
+def _nlp_engine(settings: MaskingSettings):
+    if settings.nlp_model:
+        from presidio_analyzer.nlp_engine import NlpEngineProvider
+
+        # spacy.load() of an installed package name: a missing model fails here, it is never downloaded.
+        return NlpEngineProvider(nlp_configuration={
+            "nlp_engine_name": "spacy",
+            "models": [{"lang_code": settings.language, "model_name": settings.nlp_model}],
+        }).create_engine()
+    from presidio_analyzer.nlp_engine.no_op_nlp_engine import NoOpNlpEngine
+
+    engine = NoOpNlpEngine(models=[{"lang_code": settings.language, "model_name": "no_op"}])
+    engine.load()
+    return engine
+
+
+class PiiMasker:
+    """Masks PII in text: Presidio's analyzer, run only around trigger matches, then its anonymizer."""
+
+    def __init__(self, settings: MaskingSettings) -> None:
+        self.settings = settings
+        nlp = _nlp_engine(settings)
+        registry = RecognizerRegistryProvider(conf_file=settings.recognizers_file).create_recognizer_registry()
+        if settings.nlp_model:
+            from presidio_analyzer.predefined_recognizers import SpacyRecognizer
+
+            registry.add_recognizer(SpacyRecognizer(supported_language=settings.language))
+        self.analyzer = AnalyzerEngine(registry=registry, nlp_engine=nlp, supported_languages=[settings.language])
+        self.anonymizer = AnonymizerEngine()
+        self.triggers = {entity: re.compile(pattern) for entity, pattern in settings.triggers.items()}
+        self.operators = {
+            entity: OperatorConfig(spec["type"], {k: v for k, v in spec.items() if k != "type"})
+            for entity, spec in settings.operators.items()
+        }
+        self.supported = set(self.analyzer.get_supported_entities(settings.language))
+
+    def entities(self, direction: str) -> tuple[str, ...]:
+        wanted = self.settings.direction(direction).entities
+        return tuple(e for e in wanted if e in self.supported)
+
+    def may_contain(self, text: str, entities: Iterable[str]) -> bool:
+        """False only when no entity can be present: every one has a trigger and none occurs."""
+        for entity in entities:
+            trigger = self.triggers.get(entity)
+            if trigger is None or trigger.search(text):
+                return True
+        return False
+
+    def find(self, text: str, entities: Iterable[str]) -> list[Span]:
+        entities = tuple(entities)
+        untriggered = [e for e in entities if e not in self.triggers]
+        results: list[RecognizerResult] = []
+        if untriggered:
+            results += self._analyze(text, 0, len(text), untriggered)
+        for start, end, wanted in self._trigger_windows(text, [e for e in entities if e in self.triggers]):
+            results += self._analyze(text, start, end, sorted(wanted))
+        results = EntityRecognizer.remove_duplicates(results)
+        return sorted((Span(r.entity_type, r.start, r.end, r.score) for r in results), key=lambda s: (s.start, s.end))
+
+    def _trigger_windows(self, text: str, entities: list[str]) -> list[tuple[int, int, set[str]]]:
+        spans = []
+        for entity in entities:
+            for match in self.triggers[entity].finditer(text):
+                spans.append((max(0, match.start() - TRIGGER_RADIUS), min(len(text), match.end() + TRIGGER_RADIUS), entity))
+        spans.sort()
+        windows: list[list] = []
+        for start, end, entity in spans:
+            if windows and start <= windows[-1][1]:
+                windows[-1][1] = max(windows[-1][1], end)
+                windows[-1][2].add(entity)
+            else:
+                windows.append([start, end, {entity}])
+        # Widen each window to whitespace so no candidate is cut in half at its edge.
+        for window in windows:
+            while window[0] > 0 and not text[window[0] - 1].isspace() and window[0] > window[1] - 4 * TRIGGER_RADIUS - 512:
+                window[0] -= 1
+            while window[1] < len(text) and not text[window[1]].isspace() and window[1] < window[0] + 4 * TRIGGER_RADIUS + 512:
+                window[1] += 1
+        return [(s, e, w) for s, e, w in windows]
+
+    def _analyze(self, text: str, start: int, end: int, entities: list[str]) -> list[RecognizerResult]:
+        found = self.analyzer.analyze(
+            text[start:end],
+            language=self.settings.language,
+            entities=entities,
+            score_threshold=self.settings.score_threshold,
+            allow_list=list(self.settings.allow_list) or None,
+        )
+        for result in found:
+            result.start += start
+            result.end += start
+        return found
+
+    def apply(self, text: str, spans: list[Span]) -> str:
+        """Rewrite the given spans of text with their entities' operators."""
+        if not spans:
+            return text
+        results = [RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in spans]
+        return self.anonymizer.anonymize(text=text, analyzer_results=results, operators=self.operators).text
+
+    def mask(self, text: str, direction: str) -> tuple[str, list[str]]:
+        """The masked text and the entity type of every finding (values are never returned)."""
+        entities = self.entities(direction)
+        if not text or not self.may_contain(text, entities):
+            return text, []
+        spans = self.find(text, entities)
+        return self.apply(text, spans), [s.entity_type for s in spans]
+
+
+# ---- worker processes ------------------------------------------------------------------------
+# Whole bodies are masked in a process pool so a large reply never stalls mitmproxy's event loop.
+_worker_masker: PiiMasker | None = None
+
+
+def init_worker(settings: MaskingSettings) -> None:
+    global _worker_masker
+    _worker_masker = PiiMasker(settings)
+    _worker_masker.mask("warm up: jane@example.com 4111 1111 1111 1111 DE89 3704 0044 0532 0130 00", "response")
+
+
+def mask_texts_in_worker(direction: str, texts: list[str]) -> list[tuple[str, list[str]]]:
+    assert _worker_masker is not None, "masking worker was not initialised"
+    return [_worker_masker.mask(text, direction) for text in texts]
+
+
+def worker_ready(linger: float = 0.0) -> int:
+    """A no-op job; lingering a moment makes the pool hand each warm-up job to a different worker."""
+    import time
+
+    time.sleep(linger)
+    return os.getpid()

@@ -1,0 +1,292 @@
+"""The masking engine, payload walkers and stream maskers, tested directly (no mitmproxy, no network)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from addons.masking_config import load_masking_settings
+from addons.payload_masking import endpoint_kind, mask_request_payload, mask_response_payload
+from addons.pii_masking import PiiMasker
+from addons.rules_yaml import ConfigError
+from addons.stream_masking import SseStreamMasker, TextStreamMasker
+from tests.fake_openai import FakeOpenAI
+from tests.masking_fixtures import MASKED_SENTENCE, PII_SENTENCE, PII_VALUES, shipped_rules
+
+
+@pytest.fixture(scope="module")
+def masker() -> PiiMasker:
+    return PiiMasker(load_masking_settings(shipped_rules()))
+
+
+def _mask(masker):
+    def mask(text: str, path: str) -> str:
+        return masker.mask(text, "response")[0]
+    return mask
+
+
+# ---- the engine -------------------------------------------------------------------------------------
+def test_every_default_entity_is_masked(masker):
+    masked, found = masker.mask(PII_SENTENCE, "response")
+    assert masked == MASKED_SENTENCE
+    assert sorted(found) == sorted(PII_VALUES)
+
+
+@pytest.mark.parametrize("text", [
+    "Released on 2024-08-06 as version 1.2.3 of gpt-4o-2024-08-06.",
+    "The meeting is at 10:30 in room 4, call me maybe.",
+    "Order 12345 shipped; tracking 99.",
+])
+def test_ordinary_text_is_left_alone(masker, text):
+    assert masker.mask(text, "response") == (text, [])
+
+
+def test_clean_text_skips_presidio(masker, monkeypatch):
+    calls = []
+    monkeypatch.setattr(masker.analyzer, "analyze", lambda *a, **k: calls.append(1) or [])
+    assert masker.mask("No digits, no at-signs, nothing to see here.", "response")[1] == []
+    assert calls == []
+
+
+def test_operators_and_allow_list_are_data(tmp_path):
+    rules = tmp_path
+    (rules / "masking-recognizers.yaml").write_text((shipped_rules() / "masking-recognizers.yaml").read_text())
+    (rules / "masking.yaml").write_text((shipped_rules() / "masking.yaml").read_text().replace(
+        "  DEFAULT: {type: replace}",
+        "  DEFAULT: {type: replace}\n  CREDIT_CARD: {type: mask, masking_char: '*', chars_to_mask: 15, from_end: false}\n"
+        "  EMAIL_ADDRESS: {type: redact}",
+    ).replace("allow_list: []", "allow_list: ['help@example.com']"))
+    masker = PiiMasker(load_masking_settings(rules))
+    masked, found = masker.mask("card 4111 1111 1111 1111, mail jane@example.org or help@example.com", "response")
+    assert masked == "card ***************1111, mail  or help@example.com"
+    assert sorted(found) == ["CREDIT_CARD", "EMAIL_ADDRESS"]
+
+
+@pytest.mark.parametrize("change, reason", [
+    (("traces: mask", "traces: upload"), "traces must be one of"),
+    (("score_threshold: 0.45", "score_threshold: 3"), "score_threshold"),
+    (("  DEFAULT: {type: replace}", "  DEFAULT: {type: shred}"), "operators.DEFAULT"),
+    (('  EMAIL_ADDRESS: "@"', '  EMAIL_ADDRESS: "(["'), "triggers.EMAIL_ADDRESS"),
+    (("stream_holdback_chars: 64", "stream_holdback_chars: 64\nholdback: 3"), "unknown key(s) holdback"),
+])
+def test_invalid_masking_files(tmp_path, change, reason):
+    (tmp_path / "masking-recognizers.yaml").write_text((shipped_rules() / "masking-recognizers.yaml").read_text())
+    (tmp_path / "masking.yaml").write_text((shipped_rules() / "masking.yaml").read_text().replace(*change))
+    with pytest.raises(ConfigError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        load_masking_settings(tmp_path)
+
+
+def test_no_masking_file_means_masking_off(tmp_path):
+    assert load_masking_settings(tmp_path) is None
+
+
+# ---- payload walkers --------------------------------------------------------------------------------
+def test_responses_reply_masks_text_and_keeps_arguments_valid_json(masker):
+    payload = {
+        "object": "response", "id": "resp_1", "model": "gpt-4o-2024-08-06", "created_at": 1700000000,
+        "output": [
+            {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": PII_SENTENCE, "annotations": []},
+                         {"type": "refusal", "refusal": f"I won't call {PII_VALUES['PHONE_NUMBER']}"}]},
+            {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "send_mail",
+             "arguments": json.dumps({"to": PII_VALUES["EMAIL_ADDRESS"], "cc": [PII_VALUES["EMAIL_ADDRESS"]], "n": 3})},
+            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": f"user is {PII_VALUES['EMAIL_ADDRESS']}"}]},
+            {"type": "web_search_call", "id": "ws_1", "status": "completed", "results": [{"snippet": PII_VALUES["IBAN_CODE"]}]},
+        ],
+        "usage": {"input_tokens": 1234, "output_tokens": 5678},
+    }
+    out = mask_response_payload(payload, "responses", _mask(masker))
+    text = json.dumps(out)
+    assert not any(value in text for value in PII_VALUES.values())
+    assert out["output"][0]["content"][0]["text"] == MASKED_SENTENCE
+    assert json.loads(out["output"][1]["arguments"]) == {"to": "<EMAIL_ADDRESS>", "cc": ["<EMAIL_ADDRESS>"], "n": 3}
+    assert out["model"] == "gpt-4o-2024-08-06" and out["usage"] == payload["usage"] and out["id"] == "resp_1"
+
+
+def test_chat_completion_and_embeddings(masker):
+    chat = {"object": "chat.completion", "id": "c1", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": PII_SENTENCE, "tool_calls": [{"id": "t", "type": "function", "function": {
+            "name": "f", "arguments": json.dumps({"card": PII_VALUES["CREDIT_CARD"]})}}]}}]}
+    out = mask_response_payload(chat, "chat", _mask(masker))
+    assert out["choices"][0]["message"]["content"] == MASKED_SENTENCE
+    assert json.loads(out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == {"card": "<CREDIT_CARD>"}
+    embeddings = {"object": "list", "data": [{"embedding": "QUJDRDEyMzQ1Njc4OTA="}], "model": "x"}
+    assert mask_response_payload(embeddings, "embeddings", _mask(masker)) is embeddings
+
+
+def test_unknown_shapes_mask_every_string_leaf(masker):
+    payload = {"object": "batch", "notes": [PII_VALUES["EMAIL_ADDRESS"], {"deep": PII_VALUES["US_SSN"]}], "id": "b1"}
+    out = mask_response_payload(payload, "other", _mask(masker))
+    assert out == {"object": "batch", "notes": ["<EMAIL_ADDRESS>", {"deep": "<US_SSN>"}], "id": "b1"}
+
+
+def test_request_shapes(masker):
+    responses = {"model": "gpt-4o", "instructions": f"mail {PII_VALUES['EMAIL_ADDRESS']}", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": PII_SENTENCE}]},
+        {"type": "function_call_output", "call_id": "c", "output": f"ssn {PII_VALUES['US_SSN']}"}]}
+    out = mask_request_payload(responses, "responses", _mask(masker))
+    assert out["instructions"] == "mail <EMAIL_ADDRESS>"
+    assert out["input"][0]["content"][0]["text"] == MASKED_SENTENCE
+    assert out["input"][1]["output"] == "ssn <US_SSN>"
+    chat = {"model": "m", "messages": [{"role": "user", "content": PII_SENTENCE}, {"role": "tool", "content": PII_VALUES["IBAN_CODE"], "tool_call_id": "x"}]}
+    out = mask_request_payload(chat, "chat", _mask(masker))
+    assert [m["content"] for m in out["messages"]] == [MASKED_SENTENCE, "<IBAN_CODE>"]
+
+
+@pytest.mark.parametrize("path, kind", [
+    ("/v1/responses", "responses"), ("/v1/chat/completions", "chat"), ("/v1/embeddings", "embeddings"),
+    ("/v1/traces/ingest", "traces"), ("/v1/models", "models"), ("/v1/files?x=1", "other"),
+])
+def test_endpoint_kind(path, kind):
+    assert endpoint_kind(path) == kind
+
+
+# ---- the text stream masker -------------------------------------------------------------------------
+def _stream(masker, pieces: list[str], holdback: int = 64) -> tuple[str, TextStreamMasker]:
+    entities = masker.entities("response")
+    stream = TextStreamMasker(lambda t: masker.find(t, entities), masker.apply, holdback)
+    out = "".join(stream.feed(p) for p in pieces) + stream.finish()
+    return out, stream
+
+
+@pytest.mark.parametrize("entity", sorted(PII_VALUES))
+def test_every_split_point_of_every_entity(masker, entity):
+    text = f"Here it is: {PII_VALUES[entity]} - done."
+    whole = masker.mask(text, "response")[0]
+    for cut in range(1, len(text)):
+        out, _ = _stream(masker, [text[:cut], text[cut:]])
+        assert out == whole and PII_VALUES[entity] not in out, cut
+    out, _ = _stream(masker, list(text))  # one character per delta
+    assert out == whole
+
+
+_SAMPLES = [
+    PII_SENTENCE,
+    f"IBAN GB82 WEST 1234 5698 7654 32, mail:{PII_VALUES['EMAIL_ADDRESS']},tel (415) 555-0199.",
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\nabcdef\n-----END RSA PRIVATE KEY-----\nbye",
+    "v6 2001:db8::8a2e:370:7334 and 10.0.0.1\nthen +44 20 7946 0958 end",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(sample=st.sampled_from(_SAMPLES), data=st.data())
+def test_random_chunkings_equal_masking_the_whole_text(masker, sample, data):
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(sample) - 1), max_size=40)))
+    pieces = [sample[a:b] for a, b in zip([0, *cuts], [*cuts, len(sample)])]
+    out, stream = _stream(masker, pieces)
+    whole, found = masker.mask(sample, "response")
+    assert out == whole
+    assert sorted(stream.findings) == sorted(found)
+    for span in masker.find(sample, masker.entities("response")):
+        assert sample[span.start:span.end] not in out
+
+
+def test_prose_is_released_without_waiting(masker):
+    entities = masker.entities("response")
+    stream = TextStreamMasker(lambda t: masker.find(t, entities), masker.apply, 64)
+    released = [stream.feed(w + " ") for w in "The weather in Paris is sunny".split()]
+    assert released == ["The ", "weather ", "in ", "Paris ", "is ", "sunny "]
+    # A word still arriving is held back, and only it.
+    assert stream.feed("tomor") == "" and stream.held == 5
+
+
+def test_holdback_is_bounded(masker):
+    entities = masker.entities("response")
+    stream = TextStreamMasker(lambda t: masker.find(t, entities), masker.apply, 16)
+    out = stream.feed("x" * 100)
+    assert len(out) >= 84 and stream.held <= 16
+
+
+# ---- SSE streams ------------------------------------------------------------------------------------
+def _sse_masker(masker):
+    entities = masker.entities("response")
+
+    def text_masker(path):
+        return TextStreamMasker(lambda t: masker.find(t, entities), masker.apply, 64, path)
+
+    sse = SseStreamMasker(text_masker, lambda text, path: masker.mask(text, "response")[0])
+    return sse
+
+
+def _sse_bytes(events) -> bytes:
+    out = b""
+    for name, payload in events:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        out += (f"event: {name}\n" if name else "").encode() + f"data: {data}\n\n".encode()
+    return out
+
+
+def _parse(raw: bytes) -> list[dict | str]:
+    events = []
+    for block in raw.decode().split("\n\n"):
+        data = [line[6:] for line in block.split("\n") if line.startswith("data: ")]
+        if data:
+            events.append("[DONE]" if data[0] == "[DONE]" else json.loads("\n".join(data)))
+    return events
+
+
+def _feed_randomly(sse, raw: bytes, seed: int) -> bytes:
+    rng = random.Random(seed)
+    out, pos = b"", 0
+    while pos < len(raw):
+        step = rng.randint(1, 60)
+        out += sse.feed(raw[pos:pos + step])
+        pos += step
+    return out + sse.finish()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_responses_stream_is_masked_and_stays_consistent(masker, seed):
+    fake = FakeOpenAI(reply_text=PII_SENTENCE, deltas=37)
+    raw = _sse_bytes(fake.responses_events({"model": "m", "stream": True}))
+    out = _feed_randomly(_sse_masker(masker), raw, seed)
+    assert not any(v.encode() in out for v in PII_VALUES.values())
+    events = _parse(out)
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    part = next(e for e in events if e["type"] == "response.content_part.done")
+    item = next(e for e in events if e["type"] == "response.output_item.done")
+    completed = events[-1]
+    assert deltas == done["text"] == part["part"]["text"] == item["item"]["content"][0]["text"] == MASKED_SENTENCE
+    assert completed["type"] == "response.completed"
+    assert completed["response"]["output"][0]["content"][0]["text"] == MASKED_SENTENCE
+    numbers = [e["sequence_number"] for e in events]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+
+
+def test_responses_tool_call_arguments_stream(masker):
+    fake = FakeOpenAI(deltas=25, tool_arguments={"to": PII_VALUES["EMAIL_ADDRESS"], "iban": PII_VALUES["IBAN_CODE"]})
+    raw = _sse_bytes(fake.responses_events({"model": "m", "stream": True, "tools": [{"type": "function", "name": "pay"}]}))
+    events = _parse(_feed_randomly(_sse_masker(masker), raw, 7))
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+    done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+    assert deltas == done["arguments"] == events[-1]["response"]["output"][0]["arguments"]
+    assert json.loads(done["arguments"]) == {"to": "<EMAIL_ADDRESS>", "iban": "<IBAN_CODE>"}
+
+
+@pytest.mark.parametrize("tools", [False, True])
+def test_chat_stream_is_masked(masker, tools):
+    fake = FakeOpenAI(reply_text=PII_SENTENCE, deltas=31, tool_arguments={"card": PII_VALUES["CREDIT_CARD"]})
+    body = {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
+    if tools:
+        body["tools"] = [{"type": "function", "function": {"name": "charge"}}]
+    raw = _sse_bytes([*((None, c) for c in fake.chat_chunks(body)), (None, "[DONE]")])
+    out = _feed_randomly(_sse_masker(masker), raw, 3)
+    assert not any(v.encode() in out for v in PII_VALUES.values())
+    events = _parse(out)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events if isinstance(e, dict)]
+    if tools:
+        args = "".join(tc["function"].get("arguments", "") for c in chunks for ch in c["choices"]
+                       for tc in (ch["delta"].get("tool_calls") or []))
+        assert json.loads(args) == {"card": "<CREDIT_CARD>"}
+    else:
+        text = "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
+        assert text == MASKED_SENTENCE
+    # The held tail goes out before the chunk that finishes the choice.
+    finish = next(i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["finish_reason"])
+    assert all(not (c["choices"] and c["choices"][0]["finish_reason"]) for c in chunks[:finish])
