@@ -172,8 +172,8 @@ class PiiMasking:
         except MaskingFailed as e:
             self._state(flow).failed = str(e)
             decode = None
-        if decode:
-            # The client gets the masked events uncompressed.
+        if decode or self._state(flow).failed:
+            # The client gets the masked events (or our error event) uncompressed.
             flow.response.headers.pop("content-encoding", None)
             flow.response.headers.pop("content-length", None)
         state = _StreamState(self._new_sse_masker(flow), decode, endpoint_kind(flow.request.path))
@@ -225,11 +225,13 @@ class PiiMasking:
         if state.events_out < 0:
             return []
         state.events_out = -1  # the error goes out once; everything after it is swallowed
-        message = "the gateway could not mask this stream; it was ended"
+        message = "the gateway could not mask this stream, so it was ended"
+        # The openai SDK raises APIError for a streamed event whose data holds an "error" object;
+        # Responses API clients also know the "error" event type.
+        error = json.loads(error_body(502, "gateway_masking_failed", message))
         if state.kind == "chat":
-            payload = error_body(502, "gateway_masking_failed", message).decode()
-            return [f"data: {payload}\n\n".encode()]
-        event = {"type": "error", "code": "gateway_masking_failed", "message": message, "param": None}
+            return [f"data: {json.dumps(error)}\n\n".encode()]
+        event = {"type": "error", "code": "gateway_masking_failed", "message": message, "param": None, **error}
         return [f"event: error\ndata: {json.dumps(event)}\n\n".encode()]
 
     async def response(self, flow: http.HTTPFlow) -> None:

@@ -81,6 +81,7 @@ def _reset(fake: FakeOpenAI) -> FakeOpenAI:
     fresh = FakeOpenAI()
     fake.reply_text, fake.deltas, fake.event_delay = fresh.reply_text, fresh.deltas, fresh.event_delay
     fake.tool_arguments = fresh.tool_arguments
+    fake.reply_overrides, fake.json_encoding, fake.stream_encoding = {}, None, None
     fake.received.clear()
     return fake
 

@@ -4,12 +4,14 @@ a function-tool round trip, configurable reply text and event spacing, and a log
 from __future__ import annotations
 
 import base64
+import gzip
 import itertools
 import json
 import ssl
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -53,6 +55,15 @@ class FakeOpenAI:
     event_delay: float = 0.0
     tool_arguments: dict = field(default_factory=lambda: {"city": "Paris"})
     received: list[ReceivedRequest] = field(default_factory=list)
+    # A request whose body contains a marker gets that marker's reply text instead of reply_text.
+    reply_overrides: dict[str, str] = field(default_factory=dict)
+    # Content-encoding the upstream applies whatever the client asked: None, "gzip", or a bogus name.
+    json_encoding: str | None = None
+    stream_encoding: str | None = None
+
+    def text_for(self, body: dict) -> str:
+        raw = json.dumps(body)
+        return next((text for marker, text in self.reply_overrides.items() if marker in raw), self.reply_text)
 
     # ---- Responses API -------------------------------------------------------------------------
     def _response_object(self, model: str, output: list, status: str = "completed") -> dict:
@@ -106,8 +117,8 @@ class FakeOpenAI:
         if tools and tool_output is None:
             return "call", (tools[0], json.dumps(self.tool_arguments))
         if tool_output is not None:
-            return "text", f"{self.reply_text} Tool said: {tool_output}"
-        return "text", self.reply_text
+            return "text", f"{self.text_for(body)} Tool said: {tool_output}"
+        return "text", self.text_for(body)
 
     def responses_json(self, body: dict) -> dict:
         kind, what = self.responses_plan(body)
@@ -174,8 +185,8 @@ class FakeOpenAI:
         if tools and tool_output is None:
             return "call", (tools[0], json.dumps(self.tool_arguments))
         if tool_output is not None:
-            return "text", f"{self.reply_text} Tool said: {tool_output}"
-        return "text", self.reply_text
+            return "text", f"{self.text_for(body)} Tool said: {tool_output}"
+        return "text", self.text_for(body)
 
     def chat_json(self, body: dict) -> dict:
         kind, what = self.chat_plan(body)
@@ -245,6 +256,9 @@ class _Handler(BaseHTTPRequestHandler):
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
+        if self.server.fake.json_encoding:
+            data = gzip.compress(data) if self.server.fake.json_encoding == "gzip" else data
+            self.send_header("content-encoding", self.server.fake.json_encoding)
         self.send_header("content-length", str(len(data)))
         self.send_header("x-request-id", _id("req_upstream"))
         self.end_headers()
@@ -256,14 +270,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("content-type", "text/event-stream; charset=utf-8")
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
+        compressor = None
+        if fake.stream_encoding:
+            self.send_header("content-encoding", fake.stream_encoding)
+            if fake.stream_encoding == "gzip":
+                compressor = zlib.compressobj(wbits=zlib.MAX_WBITS | 16)
         self.end_headers()
         for i, (event, payload) in enumerate(events):
             if i and fake.event_delay:
                 time.sleep(fake.event_delay)
             text = (f"event: {event}\n" if event else "") + f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
             data = text.encode()
+            if compressor:  # flushed per event, so the compressed stream still streams
+                data = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
+        if compressor:
+            tail = compressor.flush()
+            self.wfile.write(f"{len(tail):x}\r\n".encode() + tail + b"\r\n")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -294,6 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(200, fake.chat_json(body))
         elif path.endswith("/embeddings"):
             self._send_json(200, fake.embeddings_json(body))
+        elif path.endswith("/traces/ingest"):
+            self._send_json(200, {"object": "trace_ingest", "accepted": len(body.get("data") or [])})
         else:
             self._send_json(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error",
                                             "param": None, "code": "not_found"}})

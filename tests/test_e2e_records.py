@@ -13,13 +13,13 @@ from tests.agent_app import run_agent
 from tests.conftest import UPSTREAM_KEY, gateway_env
 from tests.fake_openai import FakeOpenAI, FakeOpenAIServer
 from tests.gateway_process import GATEWAY_SCRIPT, GatewayProcess, run_mitmdump
-from tests.records import files_containing, flow_files, read_flows
+from tests.records import files_containing, flow_files, read_flows, wait_for_flows
 
 pytestmark = pytest.mark.e2e
 
 
-def _flows_with(records, marker: str):
-    return [f for f in read_flows(records) if f.request.content and marker.encode() in f.request.content]
+def _flows_with(records, marker: str, count: int):
+    return wait_for_flows(records, lambda f: marker.encode() in (f.request.content or b""), count)
 
 
 def test_flows_are_recorded_with_identity_and_without_credentials(reverse_env, upstream, callers, records_root):
@@ -31,7 +31,7 @@ def test_flows_are_recorded_with_identity_and_without_credentials(reverse_env, u
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(api_key=callers.alice + "x", max_retries=0).responses.create(model="gpt-test", input=f"bad {marker}")
 
-    flows = _flows_with(records_root / "reverse", marker)
+    flows = _flows_with(records_root / "reverse", marker, 3)
     assert len(flows) == 3
     plain, streamed, refused = sorted(flows, key=lambda f: f.request.timestamp_start)
     for flow in (plain, streamed):
@@ -166,7 +166,7 @@ def test_refusals_in_forward_mode_are_recorded(forward_env, records_root):
             client.get(f"https://refused-tls-{marker}.invalid/v1/models")
         except httpx.ProxyError:
             pass
-    refused = {f.request.host: f for f in read_flows(records_root / "forward") if marker in f.request.host}
+    refused = {f.request.host: f for f in wait_for_flows(records_root / "forward", lambda f: marker in f.request.host, 2)}
     assert set(refused) == {f"refused-{marker}.invalid", f"refused-tls-{marker}.invalid"}
     for flow in refused.values():
         assert flow.response.status_code == 403
