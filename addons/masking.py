@@ -317,6 +317,12 @@ class PiiMasking:
         return (masked_text.encode() if found else None), [(entity, "body") for entity in found]
 
     async def _in_pool(self, direction: str, texts: list[str]) -> list[tuple[str, list[str]]]:
+        if sum(map(len, texts)) <= self.settings.inline_max_chars:
+            # Small: cheaper here than the round trip to a worker, and too short to hold up other flows.
+            try:
+                return [self.masker.mask(text, direction) for text in texts]
+            except Exception as e:
+                raise MaskingFailed(f"{type(e).__name__}: {e}") from None
         if self.pool is None:
             raise MaskingFailed("no masking workers")
         loop = asyncio.get_running_loop()

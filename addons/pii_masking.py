@@ -14,6 +14,7 @@ os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
 os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(tempfile.gettempdir(), "auditgate-tldextract"))
 
 from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerResult  # noqa: E402
+from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer  # noqa: E402
 from presidio_analyzer.recognizer_registry import RecognizerRegistryProvider  # noqa: E402
 from presidio_anonymizer import AnonymizerEngine  # noqa: E402
 from presidio_anonymizer.entities import OperatorConfig  # noqa: E402
@@ -30,6 +31,22 @@ class Span:
     start: int
     end: int
     score: float
+
+
+class _NoContextEnhancer(ContextAwareEnhancer):
+    """Keeps recognizer scores as they are.
+
+    Presidio's default enhancer raises scores when context words stand near a finding, using the NLP
+    engine's tokens and lemmas. Without an NLP model there are none, and the default enhancer would
+    only deep-copy every result for nothing (half the cost of an analysis).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(context_similarity_factor=0, min_score_with_context_similarity=0, context_prefix_count=0,
+                         context_suffix_count=0)
+
+    def enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):
+        return raw_results
 
 
 def _nlp_engine(settings: MaskingSettings):
@@ -59,9 +76,16 @@ class PiiMasker:
             from presidio_analyzer.predefined_recognizers import SpacyRecognizer
 
             registry.add_recognizer(SpacyRecognizer(supported_language=settings.language))
-        self.analyzer = AnalyzerEngine(registry=registry, nlp_engine=nlp, supported_languages=[settings.language])
+        self.analyzer = AnalyzerEngine(
+            registry=registry, nlp_engine=nlp, supported_languages=[settings.language],
+            context_aware_enhancer=None if settings.nlp_model else _NoContextEnhancer(),
+        )
         self.anonymizer = AnonymizerEngine()
         self.triggers = {entity: re.compile(pattern) for entity, pattern in settings.triggers.items()}
+        # One scan per distinct trigger, however many entities share it.
+        self._trigger_scans: dict[re.Pattern, tuple[str, ...]] = {}
+        for entity, pattern in self.triggers.items():
+            self._trigger_scans[pattern] = (*self._trigger_scans.get(pattern, ()), entity)
         self.operators = {
             entity: OperatorConfig(spec["type"], {k: v for k, v in spec.items() if k != "type"})
             for entity, spec in settings.operators.items()
@@ -92,24 +116,29 @@ class PiiMasker:
         return sorted((Span(r.entity_type, r.start, r.end, r.score) for r in results), key=lambda s: (s.start, s.end))
 
     def _trigger_windows(self, text: str, entities: list[str]) -> list[tuple[int, int, set[str]]]:
+        wanted = set(entities)
         spans = []
-        for entity in entities:
-            for match in self.triggers[entity].finditer(text):
-                spans.append((max(0, match.start() - TRIGGER_RADIUS), min(len(text), match.end() + TRIGGER_RADIUS), entity))
-        spans.sort()
+        for pattern, sharing in self._trigger_scans.items():
+            names = wanted.intersection(sharing)
+            if names:
+                spans += [(max(0, m.start() - TRIGGER_RADIUS), min(len(text), m.end() + TRIGGER_RADIUS), names)
+                          for m in pattern.finditer(text)]
+        spans.sort(key=lambda s: s[0])
         windows: list[list] = []
-        for start, end, entity in spans:
+        for start, end, names in spans:
             if windows and start <= windows[-1][1]:
                 windows[-1][1] = max(windows[-1][1], end)
-                windows[-1][2].add(entity)
+                windows[-1][2] |= names
             else:
-                windows.append([start, end, {entity}])
-        # Widen each window to whitespace so no candidate is cut in half at its edge.
+                windows.append([start, end, set(names)])
+        # Widen each window to whitespace so no candidate is cut in half at its edge (bounded).
+        limit = 2 * TRIGGER_RADIUS
         for window in windows:
-            while window[0] > 0 and not text[window[0] - 1].isspace() and window[0] > window[1] - 4 * TRIGGER_RADIUS - 512:
-                window[0] -= 1
-            while window[1] < len(text) and not text[window[1]].isspace() and window[1] < window[0] + 4 * TRIGGER_RADIUS + 512:
-                window[1] += 1
+            lo = max(0, window[0] - limit)
+            window[0] = max(text.rfind(" ", lo, window[0]), text.rfind("\n", lo, window[0]), lo - 1) + 1 if window[0] else 0
+            hi = min(len(text), window[1] + limit)
+            ends = [i for i in (text.find(" ", window[1], hi), text.find("\n", window[1], hi)) if i >= 0]
+            window[1] = min(ends) if ends else hi
         return [(s, e, w) for s, e, w in windows]
 
     def _analyze(self, text: str, start: int, end: int, entities: list[str]) -> list[RecognizerResult]:

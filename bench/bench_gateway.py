@@ -1,12 +1,20 @@
-"""Benchmark: a ~2 KB Responses API reply direct, through bare mitmdump and through the gateway, in one run.
+"""Benchmark: the gateway against bare mitmdump and a direct call, in one run, with ratios.
 
-Run with the project's venv: .venv/bin/python bench/bench_gateway.py [--requests 500] [--concurrency 8]
-Prints p50/p99 latency of sequential requests, requests/s with concurrent clients, and gateway/bare ratios.
+Run with the project's venv: .venv/bin/python bench/bench_gateway.py [--scenario all|plain|pii|stream|analyze]
+
+- plain:   a ~2 KB Responses API reply, p50/p99 over sequential requests and requests/s with
+           concurrent clients (issue 2's target: gateway p50 <= 1.3x bare mitmdump).
+- pii:     the same with three personal data values in the reply, masked by the gateway
+           (targets: p50 <= 1.5x bare, p99 <= 2x, 8 clients >= 0.6x bare requests/s).
+- stream:  a 40-delta Responses stream spaced 25 ms apart (targets: first masked token <= direct
+           + 60 ms, total <= 1.1x direct).
+- analyze: masking cost per KB of text, ours against Presidio with all its default recognizers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -23,6 +31,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Presidio's email recognizer uses tldextract, which would download a suffix list: keep it offline.
+os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
+os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(tempfile.gettempdir(), "auditgate-tldextract"))
 
 from addons.identity import add_service_token  # noqa: E402
 
@@ -31,7 +42,7 @@ BODY = {"model": "gpt-test", "input": "Summarise the quarterly report in two par
 UPSTREAM_KEY = "sk-bench-upstream-key-0123456789abcdef"
 
 
-def _wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout: float = 30) -> re.Match:
+def _wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout: float = 60) -> re.Match:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = re.search(pattern, log.read_text(errors="replace"))
@@ -66,6 +77,34 @@ class Processes:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+class Setup:
+    """An upstream, bare mitmdump and the gateway, all in reverse mode to that upstream."""
+
+    def __init__(self, procs: Processes, workdir: Path, script: str, upstream_args: list[str]) -> None:
+        name = "-".join(a.strip("-") for a in upstream_args) or "plain"
+        port = int(procs.start(f"upstream-{name}", [sys.executable, "-m", "tests.fake_openai", *upstream_args],
+                               r"PORT (\d+)").group(1))
+        target = f"reverse:http://127.0.0.1:{port}"
+        confdir = workdir / "confdir"
+        common = ["--mode", target, "-p", "0", "--set", "listen_host=127.0.0.1", "--set", f"confdir={confdir}",
+                  "--set", "flow_detail=0", "--set", "termlog_verbosity=info"]
+        bare = int(procs.start(f"bare-{name}", [str(BIN / "mitmdump"), *common],
+                               r"listening at 127\.0\.0\.1:(\d+)").group(1))
+        rules = workdir / f"rules-{name}"
+        shutil.copytree(ROOT / "rules", rules)
+        (rules / "identities.yaml").write_text("service_tokens: []\n")
+        self.token = add_service_token(rules, "bench", ["agents"])
+        gateway = int(procs.start(
+            f"gateway-{name}", [str(BIN / "mitmdump"), *common, "-s", script, "--set", f"gateway_rules={rules}",
+                                "--set", f"gateway_records={workdir / ('records-' + name)}"],
+            r"OPENAI_BASE_URL=http://127\.0\.0\.1:(\d+)", env={"OPENAI_API_KEY": UPSTREAM_KEY}).group(1))
+        self.urls = {
+            "direct": f"http://127.0.0.1:{port}/v1/responses",
+            "bare mitmdump": f"http://127.0.0.1:{bare}/v1/responses",
+            "gateway": f"http://127.0.0.1:{gateway}/v1/responses",
+        }
 
 
 def sequential(url: str, token: str, n: int) -> list[float]:
@@ -111,58 +150,114 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
+def request_scenario(setup: Setup, args, title: str, check=None) -> None:
+    size = len(httpx.post(setup.urls["direct"], json=BODY).content)
+    print(f"\n== {title}: reply {size} bytes; {args.requests} sequential requests; "
+          f"{args.concurrency} clients x {args.per_client} requests")
+    if check:
+        check(httpx.post(setup.urls["gateway"], json=BODY, headers={"authorization": f"Bearer {setup.token}"}))
+    results = {}
+    for name, url in setup.urls.items():
+        latencies = sequential(url, setup.token, args.requests)
+        rps = concurrent(url, setup.token, args.concurrency, args.per_client)
+        results[name] = (statistics.median(latencies), percentile(latencies, 99), rps)
+        p50, p99, rps = results[name]
+        print(f"{name:14s} p50 {p50 * 1000:7.2f} ms   p99 {p99 * 1000:7.2f} ms   {rps:8.1f} req/s")
+    gp50, gp99, grps = results["gateway"]
+    bp50, bp99, brps = results["bare mitmdump"]
+    print(f"gateway/bare: p50 {gp50 / bp50:.2f}x   p99 {gp99 / bp99:.2f}x   req/s {grps / brps:.2f}x")
+
+
+def _stream_once(url: str, token: str) -> tuple[float, float]:
+    """(seconds to the first non-empty text delta, seconds to the end of the stream)."""
+    start = time.perf_counter()
+    first = None
+    with httpx.stream("POST", url, json=dict(BODY, stream=True), headers={"authorization": f"Bearer {token}"},
+                      timeout=30) as response:
+        for line in response.iter_lines():
+            if first is None and line.startswith("data: ") and '"response.output_text.delta"' in line:
+                if json.loads(line[6:]).get("delta"):
+                    first = time.perf_counter() - start
+    return first or float("nan"), time.perf_counter() - start
+
+
+def stream_scenario(setup: Setup, runs: int) -> None:
+    print(f"\n== stream: 40 deltas spaced 25 ms, three personal data values; median of {runs} runs")
+    results = {}
+    for name, url in setup.urls.items():
+        samples = [_stream_once(url, setup.token) for _ in range(runs)]
+        results[name] = (statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
+        print(f"{name:14s} first token {results[name][0] * 1000:7.1f} ms   total {results[name][1] * 1000:7.1f} ms")
+    (df, dt), (gf, gt) = results["direct"], results["gateway"]
+    print(f"gateway vs direct: first token +{(gf - df) * 1000:.1f} ms   total {gt / dt:.2f}x")
+
+
+def analyze_scenario() -> None:
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+    from presidio_analyzer.nlp_engine.no_op_nlp_engine import NoOpNlpEngine
+
+    from addons.masking_config import load_masking_settings
+    from addons.pii_masking import PiiMasker
+    from tests.fake_openai import pii_reply
+
+    ours = PiiMasker(load_masking_settings(ROOT / "rules"))
+    nlp = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "no_op"}])
+    nlp.load()
+    registry = RecognizerRegistry()
+    registry.load_predefined_recognizers(nlp_engine=nlp)
+    presidio = AnalyzerEngine(registry=registry, nlp_engine=nlp, supported_languages=["en"])
+    print("\n== analyze cost per KB (three personal data values per 2 KB; one core, this process)")
+    print(f"{'text':>8s} {'ours ms':>10s} {'ms/KB':>8s} {'presidio defaults ms':>22s} {'ms/KB':>8s}")
+    for kb in (0.2, 2, 20):
+        text = pii_reply(int(kb * 1024)) if kb >= 2 else pii_reply(2048)[: int(kb * 1024)]
+        if kb > 2:
+            text = " ".join([pii_reply(2048)] * int(kb / 2))
+        ours.mask(text, "response")
+        presidio.analyze(text, language="en")
+        n = 20 if kb < 20 else 5
+        t = time.perf_counter()
+        for _ in range(n):
+            ours.mask(text, "response")
+        mine = (time.perf_counter() - t) / n * 1000
+        t = time.perf_counter()
+        for _ in range(max(1, n // 4)):
+            presidio.analyze(text, language="en")
+        theirs = (time.perf_counter() - t) / max(1, n // 4) * 1000
+        size = len(text) / 1024
+        print(f"{size:7.1f}K {mine:10.2f} {mine / size:8.2f} {theirs:22.2f} {theirs / size:8.2f}")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=["all", "plain", "pii", "stream", "analyze"], default="all")
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=100)
+    parser.add_argument("--stream-runs", type=int, default=10)
     parser.add_argument("--reply-text-bytes", type=int, default=1400, help="1400 gives a ~2 KB JSON reply")
     parser.add_argument("--script", default=str(ROOT / "addons" / "gateway.py"), help="the bundle to measure")
     args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
 
     workdir = Path(tempfile.mkdtemp(prefix="auditgate-bench-"))
     procs = Processes(workdir)
     try:
-        upstream_port = int(procs.start(
-            "upstream", [sys.executable, "-m", "tests.fake_openai", "--reply-bytes", str(args.reply_text_bytes)],
-            r"PORT (\d+)").group(1))
-        target = f"reverse:http://127.0.0.1:{upstream_port}"
-        confdir = workdir / "confdir"
-        bare_port = int(procs.start(
-            "bare", [str(BIN / "mitmdump"), "--mode", target, "-p", "0", "--set", "listen_host=127.0.0.1",
-                     "--set", f"confdir={confdir}", "--set", "flow_detail=0", "--set", "termlog_verbosity=info"],
-            r"listening at 127\.0\.0\.1:(\d+)").group(1))
-        rules = workdir / "rules"
-        shutil.copytree(ROOT / "rules", rules)
-        (rules / "identities.yaml").write_text("service_tokens: []\n")
-        token = add_service_token(rules, "bench", ["agents"])
-        gateway_port = int(procs.start(
-            "gateway", [str(BIN / "mitmdump"), "--mode", target, "-p", "0", "--set", "listen_host=127.0.0.1",
-                        "--set", f"confdir={confdir}", "-s", args.script,
-                        "--set", f"gateway_rules={rules}", "--set", f"gateway_records={workdir / 'records'}",
-                        "--set", "flow_detail=0", "--set", "termlog_verbosity=info"],
-            r"OPENAI_BASE_URL=http://127\.0\.0\.1:(\d+)", env={"OPENAI_API_KEY": UPSTREAM_KEY}).group(1))
+        if args.scenario in ("all", "plain"):
+            setup = Setup(procs, workdir, args.script, ["--reply-bytes", str(args.reply_text_bytes)])
+            request_scenario(setup, args, "plain")
+        if args.scenario in ("all", "pii"):
+            setup = Setup(procs, workdir, args.script, ["--reply-bytes", str(args.reply_text_bytes), "--pii"])
 
-        targets = {
-            "direct": f"http://127.0.0.1:{upstream_port}/v1/responses",
-            "bare mitmdump": f"http://127.0.0.1:{bare_port}/v1/responses",
-            "gateway": f"http://127.0.0.1:{gateway_port}/v1/responses",
-        }
-        size = len(httpx.post(targets["direct"], json=BODY).content)
-        print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; reply {size} bytes; "
-              f"{args.requests} sequential requests; {args.concurrency} clients x {args.per_client} requests")
-        results = {}
-        for name, url in targets.items():
-            latencies = sequential(url, token, args.requests)
-            rps = concurrent(url, token, args.concurrency, args.per_client)
-            results[name] = (statistics.median(latencies), percentile(latencies, 99), rps)
-            p50, p99, rps = results[name]
-            print(f"{name:14s} p50 {p50 * 1000:7.2f} ms   p99 {p99 * 1000:7.2f} ms   {rps:8.1f} req/s")
-        gp50, gp99, grps = results["gateway"]
-        bp50, bp99, brps = results["bare mitmdump"]
-        print(f"gateway/bare: p50 {gp50 / bp50:.2f}x   p99 {gp99 / bp99:.2f}x   req/s {grps / brps:.2f}x")
-        recorded = sum(p.stat().st_size for p in (workdir / "records" / "flows").glob("*.mitm"))
-        print(f"gateway recorded {recorded / 1e6:.1f} MB of flows")
+            def masked(response: httpx.Response) -> None:
+                assert "jane.roe@example.org" not in response.text and "<EMAIL_ADDRESS>" in response.text
+
+            request_scenario(setup, args, "pii (masked)", masked)
+        if args.scenario in ("all", "stream"):
+            setup = Setup(procs, workdir, args.script, ["--pii", "--reply-bytes", "600", "--deltas", "40",
+                                                        "--event-delay", "0.025"])
+            stream_scenario(setup, args.stream_runs)
+        if args.scenario in ("all", "analyze"):
+            analyze_scenario()
     finally:
         procs.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -359,15 +359,29 @@ class FakeOpenAIServer(ThreadingHTTPServer):
         self.server_close()
 
 
+def pii_reply(total_bytes: int) -> str:
+    """About total_bytes of prose holding three personal data values (for benchmarks)."""
+    prose = "The quarterly report shows steady growth in all regions and the team expects more next year. "
+    filler = (prose * (total_bytes // len(prose) + 2))
+    third = max(0, total_bytes // 3 - 40)
+    return (filler[:third] + " Reach me at jane.roe@example.org. " + filler[:third]
+            + " My card is 4111 1111 1111 1111 and my phone +1 415-555-0100. " + filler[:third]).strip()
+
+
 def main() -> None:
     """Serve the fake upstream on its own (for benchmarks): prints 'PORT <n>' once listening."""
     import argparse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--reply-bytes", type=int, default=0, help="make the reply text about this long")
+    parser.add_argument("--pii", action="store_true", help="put three personal data values in the reply")
+    parser.add_argument("--deltas", type=int, default=8)
+    parser.add_argument("--event-delay", type=float, default=0.0)
     args = parser.parse_args()
-    fake = FakeOpenAI()
-    if args.reply_bytes:
+    fake = FakeOpenAI(deltas=args.deltas, event_delay=args.event_delay)
+    if args.pii:
+        fake.reply_text = pii_reply(args.reply_bytes or 1400)
+    elif args.reply_bytes:
         words = "The quick brown fox jumps over the lazy dog. "
         fake.reply_text = (words * (args.reply_bytes // len(words) + 1))[: args.reply_bytes]
     server = FakeOpenAIServer(fake)
