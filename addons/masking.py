@@ -188,8 +188,10 @@ class PiiMasking:
         holdback = self.settings.stream_holdback_chars
         sse: SseStreamMasker
 
+        words = 3 if self.settings.nlp_model else 0
+
         def text_masker(path: str) -> TextStreamMasker:
-            return TextStreamMasker(lambda text: masker.find(text, entities), masker.apply, holdback, path)
+            return TextStreamMasker(lambda text: masker.find(text, entities), masker.apply, holdback, path, words)
 
         def mask_sync(text: str, path: str) -> str:
             masked, found = masker.mask(text, "response")

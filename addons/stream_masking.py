@@ -22,9 +22,11 @@ _GROWING_TAIL = re.compile(r"(?:(?:[A-Za-z]{2}\d{2}|[\dA-Z()+\-./]+)[ \t]+)*\S*\
 class TextStreamMasker:
     """Masks one text stream delta by delta; its output always equals masking the whole text at once."""
 
-    def __init__(self, find: FindFn, apply: ApplyFn, holdback: int = 64, path: str = "") -> None:
+    def __init__(self, find: FindFn, apply: ApplyFn, holdback: int = 64, path: str = "", holdback_words: int = 0) -> None:
         self._find, self._apply = find, apply
         self.holdback = holdback
+        # With an NER model, names span words ("Jane Roe"): hold back that many whole words too.
+        self.holdback_words = holdback_words
         self.path = path
         self._context = ""  # the last raw characters already released: left context for the patterns
         self._pending = ""  # raw text not yet released
@@ -44,6 +46,9 @@ class TextStreamMasker:
         self._pending += delta
         match = _GROWING_TAIL.search(self._pending)
         hold_from = match.start() if match else len(self._pending)
+        for _ in range(self.holdback_words):
+            previous = self._pending.rstrip()[:hold_from].rstrip()
+            hold_from = max(previous.rfind(" "), previous.rfind("\n")) + 1 if previous else 0
         hold_from = max(hold_from, len(self._pending) - self.holdback)
         return self._release(hold_from) if hold_from > 0 else ""
 

