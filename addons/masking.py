@@ -80,6 +80,7 @@ class PiiMasking:
         self.pool: ProcessPoolExecutor | None = None
         self._streams: dict[str, _StreamState] = {}
         self._flows: dict[str, _FlowMasking] = {}
+        self._in_flight: set[str] = set()  # flows between their request and their end
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -136,6 +137,10 @@ class PiiMasking:
             self.pool = None
 
     # ---- requests ---------------------------------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.live:
+            self._in_flight.add(flow.id)
+
     async def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow) or self.settings is None:
             return
@@ -237,6 +242,12 @@ class PiiMasking:
         return [f"event: error\ndata: {json.dumps(event)}\n\n".encode()]
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._mask_response(flow)
+        finally:
+            self._in_flight.discard(flow.id)
+
+    async def _mask_response(self, flow: http.HTTPFlow) -> None:
         if not flow.live or self.settings is None or not flow.response:
             return
         stream = self._streams.pop(flow.id, None)
@@ -263,6 +274,7 @@ class PiiMasking:
         self._write_metadata(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._in_flight.discard(flow.id)
         self._streams.pop(flow.id, None)
         if flow.id in self._flows:
             self._write_metadata(flow)
@@ -319,8 +331,9 @@ class PiiMasking:
         return (masked_text.encode() if found else None), [(entity, "body") for entity in found]
 
     async def _in_pool(self, direction: str, texts: list[str]) -> list[tuple[str, list[str]]]:
-        if sum(map(len, texts)) <= self.settings.inline_max_chars:
-            # Small: cheaper here than the round trip to a worker, and too short to hold up other flows.
+        if sum(map(len, texts)) <= self.settings.inline_max_chars and len(self._in_flight) <= 1:
+            # Small, and no other flow is waiting on this process: cheaper here than the round trip
+            # to a worker. With other flows in flight the workers take it, so those flows keep moving.
             try:
                 return [self.masker.mask(text, direction) for text in texts]
             except Exception as e:
