@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from mitmproxy import ctx
+from mitmproxy import ctx, exceptions
+
+from addons.rules_yaml import ConfigError
+
+T = TypeVar("T")
 
 
 def add_gateway_options(loader) -> None:
@@ -23,3 +29,11 @@ def rules_dir() -> Path:
 
 def records_dir() -> Path:
     return Path(ctx.options.gateway_records).expanduser()
+
+
+def load_rules(load: Callable[[Path], T]) -> T:
+    """Load a rules file from gateway_rules; a bad file stops the start (or the option change) with its reason."""
+    try:
+        return load(rules_dir())
+    except ConfigError as e:
+        raise exceptions.OptionsError(f"auditgate: {e}") from None

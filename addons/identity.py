@@ -1,4 +1,5 @@
-"""Caller identities backed by service tokens stored only as SHA-256 hashes in rules/identities.yaml."""
+"""Caller identities, and the service tokens backing some of them (stored only as SHA-256 hashes in
+rules/identities.yaml). OIDC identities are verified in the oidc_* modules."""
 
 from __future__ import annotations
 
@@ -39,11 +40,20 @@ class Identity:
 
     name: str
     groups: tuple[str, ...] = ()
-    method: str = "service_token"
+    method: str = "service_token"  # or "oidc"
+    # OIDC identities add issuer, subject and, where the token has them, email, display_name and jti.
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def as_metadata(self) -> dict:
         return {"name": self.name, "groups": list(self.groups), "method": self.method, **self.extra}
+
+    def describe(self) -> str:
+        """One line for the log: who, how, which groups (never the credential)."""
+        who = self.name
+        if self.method == "oidc":
+            who += f" (sub {self.extra.get('subject')} of {self.extra.get('issuer')}"
+            who += f", jti {self.extra['jti']})" if "jti" in self.extra else ")"
+        return f"{who} via {self.method}, groups [{', '.join(self.groups)}]"
 
 
 @dataclass(frozen=True)
@@ -65,12 +75,37 @@ def _validate_groups(path: Path, where: str, groups: object) -> tuple[str, ...]:
     return tuple(groups)
 
 
+def read_identities_file(rules_dir: Path) -> tuple[Path, dict]:
+    """The path of identities.yaml and its top-level mapping; a missing file reads as empty."""
+    path = rules_dir / IDENTITIES_FILE
+    return path, (load_yaml_mapping(path, _TOP_LEVEL_KEYS) if path.exists() else {})
+
+
+def yaml_line(path: Path, *keys: str | int) -> int | None:
+    """The 1-based line of the node at keys (mapping keys and list indexes) in a YAML file, for error messages."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+        if node is None:
+            return None
+    return node.start_mark.line + 1
+
+
 def load_service_tokens(rules_dir: Path) -> ServiceTokens:
     """Read identities.yaml; a missing file means no identities yet."""
-    path = rules_dir / IDENTITIES_FILE
-    if not path.exists():
-        return ServiceTokens({})
-    data = load_yaml_mapping(path, _TOP_LEVEL_KEYS)
+    return service_tokens_from(*read_identities_file(rules_dir))
+
+
+def service_tokens_from(path: Path, data: dict) -> ServiceTokens:
+    """The service tokens of an identities.yaml already read with read_identities_file."""
     by_hash: dict[str, Identity] = {}
     names: set[str] = set()
     for i, entry in enumerate(require_list_of_mappings(path, "service_tokens", data.get("service_tokens"))):
@@ -100,13 +135,37 @@ def add_service_token(rules_dir: Path, name: str, groups: list[str]) -> str:
     if any(identity.name == name for identity in existing.by_hash.values()):
         raise ConfigError(path, f"an identity named {name!r} already exists")
     data = load_yaml_mapping(path, _TOP_LEVEL_KEYS) if path.exists() else {}
-    header = _leading_comments(path)
     token = mint_token()
     entries = list(data.get("service_tokens") or [])
     entries.append({"name": name, "groups": list(groups), "token_sha256": token_hash(token)})
     data["service_tokens"] = entries
-    _atomic_write(path, header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    _atomic_write(path, _with_service_tokens(path, data))
     return token
+
+
+def _with_service_tokens(path: Path, data: dict) -> str:
+    """The file's text with only its service_tokens replaced, so the comments and the hand-written
+    issuers and grants around them survive; a plain re-dump where the text cannot be spliced safely."""
+    block = yaml.safe_dump({"service_tokens": data["service_tokens"]}, sort_keys=False, default_flow_style=False)
+    text = path.read_text(encoding="utf-8") if path.exists() else _leading_comments(path)
+    root = yaml.compose(text)  # the file was validated before: it parses
+    entry = next(((k, v) for k, v in root.value if k.value == "service_tokens"), None) if root else None
+    if entry is None:  # no file, only comments, or other sections only: the tokens go at the end
+        spliced = text + ("\n" if text and not text.endswith("\n") else "") + block
+    else:
+        start, end = entry[0].start_mark.index, _node_end(entry[1])
+        spliced = text[:start] + block.rstrip("\n") + text[end:]
+    if yaml.safe_load(spliced) == data:
+        return spliced
+    return _leading_comments(path) + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def _node_end(node: yaml.Node) -> int:
+    # A block collection "ends" at the next token, past any comments after it; its last scalar does not.
+    if isinstance(node, yaml.ScalarNode) or node.flow_style or not node.value:
+        return node.end_mark.index
+    last = node.value[-1]
+    return _node_end(last[1] if isinstance(node, yaml.MappingNode) else last)
 
 
 def _leading_comments(path: Path) -> str:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from mitmproxy import exceptions, http
+from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons.credentials import remove_credential_headers
-from addons.gateway_options import add_gateway_options, rules_dir
+from addons.gateway_options import add_gateway_options, load_rules
 from addons.openai_errors import is_answered, refuse
-from addons.rules_yaml import ConfigError
 from addons.upstream_config import Upstream, UpstreamTable, load_upstreams
 
 logger = logging.getLogger(__name__)
@@ -31,10 +30,7 @@ class KeyCustody:
     def configure(self, updated: set[str]) -> None:
         if "gateway_rules" not in updated:
             return
-        try:
-            table = load_upstreams(rules_dir())
-        except ConfigError as e:
-            raise exceptions.OptionsError(f"auditgate: {e}") from None
+        table = load_rules(load_upstreams)
         self.table, self._keys = table, {}
         for upstream in table.upstreams:
             if self._key_for(upstream) is None:

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.gateway_options import add_gateway_options, rules_dir
+from addons.gateway_options import add_gateway_options, load_rules, rules_dir
 from addons.masking_config import MaskingSettings, load_masking_settings
 from addons.openai_errors import error_body, is_answered, refuse
 from addons.payload_masking import endpoint_kind, mask_request_payload, mask_response_payload
 from addons.pii_masking import PiiMasker, init_worker, mask_texts_in_worker, worker_ready
-from addons.rules_yaml import ConfigError
 from addons.sse_streaming import is_event_stream
 from addons.stream_masking import SseStreamMasker, TextStreamMasker
 
@@ -88,11 +87,9 @@ class PiiMasking:
     def configure(self, updated: set[str]) -> None:
         if "gateway_rules" not in updated:
             return
+        settings = load_rules(load_masking_settings)
         try:
-            settings = load_masking_settings(rules_dir())
             masker = PiiMasker(settings) if settings else None
-        except ConfigError as e:
-            raise exceptions.OptionsError(f"auditgate: {e}") from None
         except Exception as e:  # a bad recognizer file or a missing spaCy model
             raise exceptions.OptionsError(f"auditgate: masking engine could not be built: {e}") from None
         if settings and masker:
@@ -155,16 +152,7 @@ class PiiMasking:
             # Masking needs plain bytes; asking the upstream for them spares a decode and re-encode.
             flow.request.headers["accept-encoding"] = "identity"
         if mask_request and flow.request.raw_content:
-            try:
-                new_body, findings = await self._mask_body(flow.request, kind, "request")
-            except MaskingFailed as e:
-                self._state(flow).failed = f"request: {e}"
-                self._write_metadata(flow)
-                refuse(flow, 502, "gateway_masking_failed", "the request could not be masked; it was not sent")
-                return
-            if new_body is not None:
-                flow.request.content = new_body
-            self._state(flow).findings += [(e, p, "request") for e, p in findings]
+            await self._mask_message(flow, flow.request, kind, "request")
 
     # ---- responses --------------------------------------------------------------------------------
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -260,18 +248,8 @@ class PiiMasking:
         if "auditgate.refusal" in flow.metadata or not self.settings.response.enabled:
             self._write_metadata(flow)
             return
-        kind = endpoint_kind(flow.request.path)
-        try:
-            new_body, findings = await self._mask_body(flow.response, kind, "response")
-        except MaskingFailed as e:
-            self._state(flow).failed = f"response: {e}"
+        if await self._mask_message(flow, flow.response, endpoint_kind(flow.request.path), "response"):
             self._write_metadata(flow)
-            refuse(flow, 502, "gateway_masking_failed", "the reply could not be masked, so it was withheld")
-            return
-        if new_body is not None:
-            flow.response.content = new_body
-        self._state(flow).findings += [(e, p, "response") for e, p in findings]
-        self._write_metadata(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._in_flight.discard(flow.id)
@@ -280,6 +258,22 @@ class PiiMasking:
             self._write_metadata(flow)
 
     # ---- shared -----------------------------------------------------------------------------------
+    async def _mask_message(self, flow: http.HTTPFlow, message: http.Message, kind: str, direction: str) -> bool:
+        """Mask a request or reply body in place; False when it failed and the flow was refused instead."""
+        try:
+            new_body, findings = await self._mask_body(message, kind, direction)
+        except MaskingFailed as e:
+            self._state(flow).failed = f"{direction}: {e}"
+            self._write_metadata(flow)
+            what = "request could not be masked; it was not sent" if direction == "request" else \
+                "reply could not be masked, so it was withheld"
+            refuse(flow, 502, "gateway_masking_failed", f"the {what}")
+            return False
+        if new_body is not None:
+            message.content = new_body
+        self._state(flow).findings += [(entity, path, direction) for entity, path in findings]
+        return True
+
     def _state(self, flow: http.HTTPFlow) -> _FlowMasking:
         return self._flows.setdefault(flow.id, _FlowMasking())
 

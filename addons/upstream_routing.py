@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy import http, tls
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from addons.gateway_options import add_gateway_options, rules_dir
+from addons.gateway_options import add_gateway_options, load_rules
 from addons.openai_errors import is_answered, refuse
-from addons.rules_yaml import ConfigError
 from addons.upstream_config import UpstreamTable, load_upstreams
 
 logger = logging.getLogger(__name__)
@@ -27,10 +26,7 @@ class UpstreamRouting:
     def configure(self, updated: set[str]) -> None:
         if "gateway_rules" not in updated:
             return
-        try:
-            self.table = load_upstreams(rules_dir())
-        except ConfigError as e:
-            raise exceptions.OptionsError(f"auditgate: {e}") from None
+        self.table = load_rules(load_upstreams)
         hosts = ", ".join(f"{u.host}{':' + str(u.port) if u.port else ''}" for u in self.table.upstreams) or "none"
         logger.info("upstreams: %s; pass-through: %d host(s)", hosts, len(self.table.passthrough))
 

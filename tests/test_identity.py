@@ -1,6 +1,8 @@
-"""Service tokens: minting, hashing, storage, authentication (no mitmproxy involved)."""
+"""Service tokens (minting, hashing, storage, authentication) and the credential and identity header helpers."""
 
 from __future__ import annotations
+
+import base64
 
 import pytest
 import yaml
@@ -77,3 +79,73 @@ def test_duplicates_are_refused(tmp_path):
 ])
 def test_bearer_token(header, token):
     assert bearer_token(header) == token
+
+
+def test_identity_headers_are_removed_whatever_their_case():
+    from mitmproxy.http import Headers
+
+    from addons.credentials import remove_identity_headers
+
+    headers = Headers([(b"X-Auditgate-Identity", b'{"name":"admin"}'), (b"x-auditgate-groups", b"admins"),
+                       (b"X-Forwarded-User", b"root"), (b"x-remote-user", b"root"), (b"x-kept", b"yes"),
+                       (b"X-Forwarded-For", b"10.0.0.1")])
+    assert remove_identity_headers(headers) == ["x-auditgate-groups", "x-auditgate-identity", "x-forwarded-user",
+                                                "x-remote-user"]
+    assert headers.fields == ((b"x-kept", b"yes"), (b"X-Forwarded-For", b"10.0.0.1"))
+    assert remove_identity_headers(headers) == []
+
+
+@pytest.mark.parametrize("value, credential", [
+    ("Basic " + base64.b64encode(b"agent:eyJ.a.b").decode(), "eyJ.a.b"),
+    ("basic " + base64.b64encode(b"agt_token:").decode(), "agt_token"),
+    ("Basic " + base64.b64encode(b"agent:pass:with:colons").decode(), "pass:with:colons"),
+    ("Basic !!!", None), ("Bearer abc", None), ("", None), ("Basic " + base64.b64encode(b":").decode(), None),
+])
+def test_proxy_credential(value, credential):
+    from addons.credentials import proxy_credential
+
+    assert proxy_credential(value) == credential
+
+
+def test_yaml_line_finds_nested_nodes(tmp_path):
+    from addons.identity import yaml_line
+
+    path = tmp_path / "x.yaml"
+    path.write_text("a: 1\nlist:\n  - k: v\n  - k: w\n    other: 2\n")
+    assert yaml_line(path, "list", 1, "other") == 5
+    assert yaml_line(path, "list", 0) == 3
+    assert yaml_line(path, "missing") is None and yaml_line(path, "list", 7) is None
+
+
+def test_describe_names_the_identity_never_a_credential():
+    oidc = Identity("a@example.com", ("agents",), "oidc", {"issuer": "https://idp", "subject": "u1", "jti": "j1"})
+    assert oidc.describe() == "a@example.com (sub u1 of https://idp, jti j1) via oidc, groups [agents]"
+    assert Identity("svc", ()).describe() == "svc via service_token, groups []"
+
+
+def test_minting_keeps_the_comments_and_sections_around_the_tokens(tmp_path):
+    original = (
+        "# header\nservice_tokens:\n  - name: old\n    token_sha256: sha256:" + "2" * 64 + "\n"
+        "# a comment about issuers\nissuers:\n  - issuer: https://idp.example  # the workforce IdP\n"
+        "    audience: gw\n# authorization:\n#   grants: []\n"
+    )
+    (tmp_path / "identities.yaml").write_text(original)
+    token = add_service_token(tmp_path, "new", ["agents"])
+    text = (tmp_path / "identities.yaml").read_text()
+    for kept in ("# header\n", "# a comment about issuers\n", "  # the workforce IdP\n", "# authorization:\n"):
+        assert kept in text
+    data = yaml.safe_load(text)
+    assert [e["name"] for e in data["service_tokens"]] == ["old", "new"]
+    assert data["issuers"] == [{"issuer": "https://idp.example", "audience": "gw"}]
+    assert load_service_tokens(tmp_path).authenticate(token).name == "new"
+
+
+def test_the_shipped_file_keeps_its_documentation_after_the_first_mint(tmp_path):
+    from tests.gateway_process import ROOT
+
+    shipped = (ROOT / "rules" / "identities.yaml").read_text()
+    (tmp_path / "identities.yaml").write_text(shipped)
+    add_service_token(tmp_path, "operator", ["admins"])
+    text = (tmp_path / "identities.yaml").read_text()
+    assert "# issuers:" in text and "# authorization:" in text
+    assert text.count("\n") > shipped.count("\n")
