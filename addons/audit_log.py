@@ -1,0 +1,446 @@
+"""Appends one hash-chained entry per recorded flow, and per gateway event, to <records>/audit/; fails closed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy import version as mitmproxy_version
+
+from addons.audit_chain import (
+    AUDIT_SUBDIR,
+    PUBLIC_KEY_FILE,
+    AuditWriteError,
+    AuditWriter,
+    BrokenLogError,
+    WriterSettings,
+    json_safe,
+    load_or_create_private_key,
+    load_private_key_file,
+    public_key_pem,
+    public_key_record,
+    sha256_hex,
+    utc_timestamp,
+    write_atomically,
+)
+from addons.gateway_options import add_gateway_options, records_dir, rules_dir
+from addons.openai_errors import is_answered, refuse
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KEY_NAME = "audit-signing-key.pem"
+PENDING_KEY_SUFFIX = ".next"  # `auditgate audit rotate-key` leaves the new key here for the gateway to adopt
+UNAVAILABLE_CODE = "gateway_audit_unavailable"
+FSYNC_POLICIES = ("entry", "checkpoint", "never")
+TICK_SECONDS = 1.0
+RULES_CHECK_SECONDS = 2.0
+MAX_UNAUDITED_IDS = 10_000
+_MODEL_JSON_LIMIT = 256 * 1024
+_MODEL_PATTERN = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+
+_active: AuditLog | None = None
+
+
+class AuditUnavailable(RuntimeError):
+    """The audit log cannot take an entry; whoever asked must refuse what it was about to allow."""
+
+
+def record_approval(*, flow_id: str | None, requester: str | None, approver: str | None, decision: str,
+                    reason: str | None = None, **details) -> dict:
+    """Append an approval decision to the audit log (for the approval addon). Raises AuditUnavailable."""
+    if _active is None:
+        raise AuditUnavailable("the audit log addon is not running")
+    fields = {"flow_id": flow_id, "requester": requester, "approver": approver, "decision": decision,
+              "reason": reason, "details": json_safe(details)}
+    return _active.append_event("approval", fields)
+
+
+def request_model(request: http.Request) -> str | None:
+    """The "model" of a JSON request body, if there is one."""
+    raw = request.raw_content
+    if not raw or raw.lstrip()[:1] != b"{":
+        return None
+    if len(raw) <= _MODEL_JSON_LIMIT:
+        try:
+            body = json.loads(raw if "content-encoding" not in request.headers else request.get_content(strict=False))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        model = body.get("model") if isinstance(body, dict) else None
+        return model[:256] if isinstance(model, str) else None
+    # A large body (a long conversation) is not parsed inside the response hook; its first "model" is taken.
+    match = _MODEL_PATTERN.search(raw)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def flow_fields(flow: http.HTTPFlow, now: float) -> dict:
+    request, response, metadata = flow.request, flow.response, flow.metadata
+    peer = flow.client_conn.peername if flow.client_conn else None
+    return {
+        "flow_id": flow.id,
+        "identity": json_safe(metadata.get("auditgate.identity")),
+        "client": peer[0] if peer else None,
+        "upstream": json_safe(metadata.get("auditgate.upstream")),
+        "method": request.method,
+        "host": request.pretty_host,
+        "port": request.port,
+        "path": request.path.partition("?")[0],  # a query string may carry a key; the flow file has it all
+        "model": request_model(request),
+        "status": response.status_code if response else None,
+        "error": flow.error.msg if flow.error else None,
+        "streamed": bool(response and response.stream),
+        "latency_us": max(0, int((now - request.timestamp_start) * 1_000_000)),
+        "policy": json_safe(metadata.get("auditgate.policy")),
+        "approval": json_safe(metadata.get("auditgate.approval")),
+        "masking": json_safe(metadata.get("auditgate.masking")),
+        "refusal": json_safe(metadata.get("auditgate.refusal")),
+        "request_sha256": sha256_hex(request.raw_content),
+        "response_sha256": sha256_hex(response.raw_content) if response else None,
+        "flow_file": metadata.get("auditgate.flow_file"),
+    }
+
+
+def rules_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file below the rules directory (hidden files, e.g. half-written temporaries, aside)."""
+    digests = {}
+    if directory.is_dir():
+        for path in sorted(directory.rglob("*")):
+            relative = path.relative_to(directory)
+            if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+                digests[relative.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+def _rules_signature(directory: Path) -> tuple:
+    try:
+        return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in directory.rglob("*") if p.is_file()))
+    except OSError:
+        return ()
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AuditLog:
+    """Writes the tamper-evident audit log: a chained entry per flow, signed checkpoints; refuses when it cannot."""
+
+    def __init__(self) -> None:
+        self.writer: AuditWriter | None = None
+        self.key_path: Path | None = None
+        self.unavailable: str | None = None
+        self._unavailable_since: str | None = None
+        self._refused_while_unavailable = 0
+        self._unaudited: list[str] = []
+        self._started = False
+        self._flows_this_run = 0
+        self._task: asyncio.Task | None = None
+        self._rules_signature: tuple | None = None
+        self._next_rules_check = 0.0
+        self._sync_future: asyncio.Future | None = None
+        self._synced_seq = 0
+
+    # ---- options and lifecycle ----------------------------------------------------------------------
+    def load(self, loader) -> None:
+        add_gateway_options(loader)
+        loader.add_option(
+            "gateway_audit_key", str, "",
+            f"Ed25519 private key that signs audit checkpoints; created (mode 0600) at first start. "
+            f"Must lie outside the records directory. Default: <confdir>/{DEFAULT_KEY_NAME}.",
+        )
+        loader.add_option(
+            "gateway_audit_fsync", str, "checkpoint",
+            "When the audit log is fsynced: 'entry' (each flow waits for its entry to reach the disk; concurrent "
+            "flows share one fsync), 'checkpoint' (at each signed checkpoint) or 'never' (left to the OS). "
+            "Every entry is written to the OS before the client receives the response's end in all three.",
+            choices=FSYNC_POLICIES,
+        )
+        loader.add_option(
+            "gateway_audit_checkpoint_entries", int, 100, "Sign the audit chain's head after this many entries."
+        )
+        loader.add_option(
+            "gateway_audit_checkpoint_seconds", int, 10,
+            "Sign the audit chain's head when it has been unsigned this many seconds.",
+        )
+        loader.add_option("gateway_audit_max_mb", int, 64, "Start a new audit file once the current one reaches this size.")
+
+    def configure(self, updated: set[str]) -> None:
+        for name in ("gateway_audit_checkpoint_entries", "gateway_audit_checkpoint_seconds", "gateway_audit_max_mb"):
+            if name in updated and getattr(ctx.options, name) < 1:
+                raise exceptions.OptionsError(f"auditgate: {name} must be at least 1")
+        settings = WriterSettings(
+            checkpoint_entries=ctx.options.gateway_audit_checkpoint_entries,
+            checkpoint_seconds=ctx.options.gateway_audit_checkpoint_seconds,
+            max_bytes=ctx.options.gateway_audit_max_mb * 1024 * 1024,
+            fsync=ctx.options.gateway_audit_fsync,
+        )
+        if self.writer is not None and not updated & {"gateway_records", "gateway_audit_key", "confdir"}:
+            self.writer.settings = settings
+            return
+        key_path = self._key_path()
+        audit_dir = records_dir().expanduser().absolute() / AUDIT_SUBDIR
+        if key_path.absolute().is_relative_to(records_dir().expanduser().absolute()):
+            raise exceptions.OptionsError(
+                f"auditgate: gateway_audit_key={key_path} lies inside the records directory; the signing key must "
+                "be kept apart from what it signs"
+            )
+        try:
+            key, created = load_or_create_private_key(key_path)
+            if key_path.stat().st_mode & 0o077:
+                logger.warning("the audit signing key %s is readable by other users; chmod 600 it", key_path)
+            self._shutdown_writer()
+            writer = AuditWriter(audit_dir, key, settings)
+            write_atomically(audit_dir / PUBLIC_KEY_FILE, public_key_pem(key.public_key()))
+        except BrokenLogError as e:
+            raise exceptions.OptionsError(f"auditgate: the audit log cannot be continued: {e}") from None
+        except (OSError, ValueError) as e:
+            raise exceptions.OptionsError(f"auditgate: audit log {audit_dir} / key {key_path}: {e}") from None
+        self.writer, self.key_path, self._started = writer, key_path, False
+        logger.info(
+            "audit log: %s (continuing after seq %d%s); signing key %s %s (id %s…), public key in %s",
+            audit_dir, writer.seq, "" if writer.tail.clean else ", after an unclean stop",
+            key_path, "created" if created else "loaded", writer.key_id[:16], audit_dir / PUBLIC_KEY_FILE,
+        )
+        global _active
+        _active = self
+
+    def _key_path(self) -> Path:
+        if ctx.options.gateway_audit_key:
+            return Path(ctx.options.gateway_audit_key).expanduser()
+        return Path(ctx.options.confdir).expanduser() / DEFAULT_KEY_NAME
+
+    def running(self) -> None:
+        self._ensure_started()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._shutdown_writer()
+
+    def _shutdown_writer(self) -> None:
+        global _active
+        if self.writer is None:
+            return
+        try:
+            if self._started and not self.unavailable:
+                self.writer.append("gateway_stop", {"pid": os.getpid(), "flows": self._flows_this_run})
+            self.writer.close()
+        except AuditWriteError as e:
+            logger.error("the audit log could not be closed cleanly: %s", e)
+        self.writer, self._started = None, False
+        if _active is self:
+            _active = None
+
+    def _ensure_started(self) -> None:
+        """The run's first entries: gateway_start (with the signing key), the config digests, a checkpoint."""
+        if self._started or self.writer is None or self.unavailable:
+            return
+        try:
+            self._write_start_entries()
+        except AuditWriteError as e:
+            self._fail(e)
+
+    def _write_start_entries(self) -> None:
+        self.writer.append("gateway_start", {
+            "pid": os.getpid(),
+            "mitmproxy": mitmproxy_version.VERSION,
+            "modes": list(ctx.options.mode),
+            "signing_key": public_key_record(self.writer.signing_key.public_key()),
+        })
+        self._check_rules(force=True)
+        self._adopt_pending_key()
+        self.writer.checkpoint("start")
+        self._started = True
+        self._after_write()
+
+    # ---- flows --------------------------------------------------------------------------------------
+    def request(self, flow: http.HTTPFlow) -> None:
+        if self.unavailable and flow.live and not is_answered(flow):
+            self._refused_while_unavailable += 1
+            refuse(flow, 503, UNAVAILABLE_CODE,
+                   "the gateway cannot write its audit log, so it serves no request until it can")
+
+    def http_connect(self, flow: http.HTTPFlow):
+        # Mirrors the flow recorder: a refused CONNECT is recorded, and never reaches the response hook.
+        if flow.live and flow.response and flow.response.status_code >= 400:
+            return self._audit_flow(flow)
+
+    def response(self, flow: http.HTTPFlow):
+        # mitmproxy sends the response (or a streamed response's end) only once this hook returns.
+        if flow.live:
+            return self._audit_flow(flow)
+
+    def error(self, flow: http.HTTPFlow):
+        if flow.live:
+            return self._audit_flow(flow)
+
+    def _audit_flow(self, flow: http.HTTPFlow):
+        if self.writer is None:
+            return None
+        self._ensure_started()
+        if self.unavailable:
+            self._note_unaudited(flow)
+            return None
+        try:
+            entry = self.writer.append("flow", flow_fields(flow, time.time()), sanitized=True)
+        except AuditWriteError as e:
+            self._fail(e)
+            response = flow.response
+            if response is not None and not response.stream and flow.request.method != "CONNECT":
+                # Not sent yet: the caller gets the refusal instead of an unrecorded answer (and the flow
+                # recorder, which serialises on the loop's next turn, records the refusal).
+                refuse(flow, 503, UNAVAILABLE_CODE, "the gateway could not write its audit log for this request")
+            self._note_unaudited(flow)
+            return None
+        self._flows_this_run += 1
+        self._after_write()
+        if self.writer.settings.fsync == "entry":
+            return self._durable(entry["seq"])
+        return None
+
+    def _note_unaudited(self, flow: http.HTTPFlow) -> None:
+        refusal = flow.metadata.get("auditgate.refusal") or {}
+        if refusal.get("code") != UNAVAILABLE_CODE and len(self._unaudited) < MAX_UNAUDITED_IDS:
+            self._unaudited.append(flow.id)
+
+    # ---- other entries ------------------------------------------------------------------------------
+    def append_event(self, kind: str, fields: dict) -> dict:
+        if self.writer is None:
+            raise AuditUnavailable("the audit log is not configured")
+        self._ensure_started()
+        if self.unavailable:
+            raise AuditUnavailable(self.unavailable)
+        try:
+            entry = self.writer.append(kind, fields)
+        except AuditWriteError as e:
+            self._fail(e)
+            raise AuditUnavailable(str(e)) from None
+        self._after_write()
+        return entry
+
+    def _check_rules(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_rules_check:
+            return
+        self._next_rules_check = now + RULES_CHECK_SECONDS
+        directory = rules_dir()
+        signature = _rules_signature(directory)
+        if not force and signature == self._rules_signature:
+            return
+        self._rules_signature = signature
+        # Built from strings only; not passed through json_safe, which would drop a file named like a credential.
+        self.writer.append("config", {"reason": "start" if force else "changed", "rules_dir": str(directory),
+                                      "files": rules_digests(directory)}, sanitized=True)
+
+    def _adopt_pending_key(self) -> None:
+        pending = self.key_path.with_name(self.key_path.name + PENDING_KEY_SUFFIX)
+        if not pending.exists():
+            return
+        try:
+            new_key = load_private_key_file(pending)
+        except (OSError, ValueError) as e:
+            logger.error("ignoring the pending audit key %s: %s", pending, e)
+            pending.rename(pending.with_name(pending.name + ".rejected"))
+            return
+        old_id = self.writer.key_id
+        self.writer.rotate_key(new_key)
+        os.replace(pending, self.key_path)  # the old private key is gone; its public key stays in the log
+        write_atomically(self.writer.directory / PUBLIC_KEY_FILE, public_key_pem(new_key.public_key()))
+        logger.info("audit signing key rotated: %s… → %s…", old_id[:16], self.writer.key_id[:16])
+
+    # ---- the periodic tick: interval checkpoints, config changes, key rotation, recovery ----------------
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self.tick()
+
+    def tick(self) -> None:
+        if self.writer is None:
+            return
+        try:
+            if self.unavailable:
+                self._try_resume()
+                return
+            self._ensure_started()
+            self._adopt_pending_key()
+            self._check_rules()
+            if self.writer.checkpoint_due():
+                self.writer.checkpoint("interval")
+            self._after_write()
+        except AuditWriteError as e:
+            self._fail(e)
+
+    def _fail(self, error: Exception) -> None:
+        if not self.unavailable:
+            logger.error("audit log unavailable, refusing new requests with 503 %s: %s", UNAVAILABLE_CODE, error)
+            self._unavailable_since = utc_timestamp()
+        self.unavailable = str(error)
+
+    def _try_resume(self) -> None:
+        fields = {"unavailable_since": self._unavailable_since, "reason": self.unavailable,
+                  "refused_requests": self._refused_while_unavailable, "unaudited_flows": list(self._unaudited)}
+        try:
+            if not self._started:  # the log failed before this run's first entries: they come first
+                self._write_start_entries()
+            self.writer.append("audit_resumed", fields)
+            self.writer.checkpoint("resumed")
+        except AuditWriteError as e:
+            self.unavailable = str(e)
+            return
+        logger.warning("audit log writable again after refusing %d request(s); serving again",
+                       self._refused_while_unavailable)
+        self.unavailable, self._unavailable_since = None, None
+        self._refused_while_unavailable, self._unaudited = 0, []
+        self._after_write()
+
+    # ---- durability -----------------------------------------------------------------------------------
+    def _after_write(self) -> None:
+        if not self.writer.sync_wanted:
+            return
+        fd = self.writer.dup_for_sync()
+        if fd is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            _fsync_and_close(fd)
+            return
+        loop.run_in_executor(None, _fsync_and_close, fd).add_done_callback(self._sync_done)
+
+    def _sync_done(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._fail(future.exception())
+
+    async def _durable(self, seq: int) -> None:
+        """Group commit: wait until an fsync that started after entry `seq` was written has finished."""
+        while self._synced_seq < seq and self.writer is not None and not self.unavailable:
+            if self._sync_future is None:
+                self._sync_future = asyncio.ensure_future(self._sync_now())
+            await asyncio.shield(self._sync_future)
+
+    async def _sync_now(self) -> None:
+        target = self.writer.seq
+        fd = self.writer.dup_for_sync()
+        try:
+            if fd is not None:
+                await asyncio.to_thread(_fsync_and_close, fd)
+        except OSError as e:
+            self._fail(e)
+        finally:
+            self._synced_seq = max(self._synced_seq, target)
+            self._sync_future = None
+
+
+addons = [AuditLog()]

@@ -1,0 +1,186 @@
+"""Tampering with a real audit log: each change is detected, at the entry where it was made."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+from mitmproxy import io
+
+from addons.audit_chain import create_private_key_file, load_private_key_file, read_tail
+from addons.audit_verify import verify
+from tests.audit_logs import BuiltLog, build_log, rechain, rewrite_line, run_gateway_once
+from tests.gateway_process import ROOT
+
+
+@pytest.fixture
+def log(tmp_path) -> BuiltLog:
+    return build_log(tmp_path)
+
+
+def _failures(result):
+    return [(f.kind, f.seq) for f in result.findings if f.severity == "failed"]
+
+
+def _cli(log, *extra):
+    return subprocess.run([sys.executable, "-m", "addons.audit_cli", "verify", str(log.records), "--pubkey",
+                           str(log.pubkey), *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_an_untouched_log_verifies(log):
+    result = verify(log.records, [log.pubkey])
+    assert result.status == "verified", result.summary()
+    assert result.findings == []
+    assert len(log.files()) == 2 and result.signed_upto == result.last_seq
+    assert result.flows_matched == 12
+    done = _cli(log)
+    assert done.returncode == 0 and "VERIFIED" in done.stdout
+
+
+def test_an_edited_field_is_detected_at_that_entry(log):
+    seq = log.seqs_of_kind("flow")[3]
+    path, index = log.locate(seq)
+    rewrite_line(path, index, lambda e: e.update(status=500))
+    result = verify(log.records, [log.pubkey])
+    assert _failures(result) == [("modified", seq)]
+    done = _cli(log)
+    assert done.returncode == 1 and f"seq {seq}" in done.stdout
+
+
+def test_an_edit_with_the_chain_recomputed_is_caught_by_the_signatures(log):
+    seq = log.seqs_of_kind("flow")[1]
+    path, index = log.locate(seq)
+    rewrite_line(path, index, lambda e: e.update(identity={"name": "mallory", "groups": [], "method": "service_token"}))
+    rechain(log)  # every hash and prev consistent again; the attacker has no signing key
+    result = verify(log.records, [log.pubkey])
+    first_checkpoint_after = min(s for s in log.seqs_of_kind("checkpoint") if s > seq)
+    assert result.status == "failed"
+    assert result.first_break.kind == "forged" and result.first_break.seq == first_checkpoint_after
+
+
+def test_a_replaced_entry_is_detected_at_that_entry(log):
+    seq = log.seqs_of_kind("flow")[2]
+    path, index = log.locate(seq)
+
+    def replace(entry):
+        entry["status"] = 403
+        entry.pop("hash")
+        from addons.audit_chain import entry_hash
+        entry["hash"] = entry_hash(entry)  # re-hashed, but its successor still links to the original
+
+    rewrite_line(path, index, replace)
+    assert _failures(verify(log.records, [log.pubkey]))[0] == ("replaced", seq)
+
+
+def test_a_deleted_entry_is_detected_where_it_is_missing(log):
+    seq = log.seqs_of_kind("flow")[2]
+    path, index = log.locate(seq)
+    lines = log.lines(path)
+    del lines[index]
+    path.write_bytes(b"".join(lines))
+    result = verify(log.records, [log.pubkey])
+    assert ("deleted", seq + 1) in _failures(result)
+    assert result.first_break.kind == "deleted" and f"seq {seq} missing" in result.first_break.message
+
+
+def test_an_inserted_entry_is_detected_at_the_insertion(log):
+    seq = log.seqs_of_kind("flow")[2]
+    before = log.entry(seq - 1)
+    path, index = log.locate(seq)
+    forged = dict(log.entry(seq), flow_id="forged-flow", prev=before["hash"])
+    forged.pop("hash")
+    from addons.audit_chain import seal
+    _, line = seal(forged)  # a well-formed entry that links to its predecessor
+    lines = log.lines(path)
+    lines.insert(index, line)
+    path.write_bytes(b"".join(lines))
+    result = verify(log.records, [log.pubkey])
+    assert result.first_break.kind == "inserted" and result.first_break.seq == seq
+    assert result.first_break.where == f"{path.name}:{index + 1} (seq {seq})"
+
+
+def test_two_swapped_entries_are_detected_as_reordered(log):
+    seq = log.seqs_of_kind("flow")[1]
+    path, index = log.locate(seq)
+    lines = log.lines(path)
+    lines[index], lines[index + 1] = lines[index + 1], lines[index]
+    path.write_bytes(b"".join(lines))
+    result = verify(log.records, [log.pubkey])
+    assert result.first_break.kind == "reordered" and result.first_break.seq == seq + 1
+    assert {kind for kind, _ in _failures(result)} == {"reordered"}
+
+
+def test_a_file_cut_mid_line_is_reported_as_truncation(log):
+    newest = log.files()[-1]
+    data = newest.read_bytes()
+    last_complete = data.rstrip(b"\n").rfind(b"\n") + 1
+    newest.write_bytes(data[: last_complete + 25])  # the last entry is cut in the middle
+    last_seq = json.loads(data[last_complete:])["seq"]
+    result = verify(log.records, [log.pubkey])
+    truncated = [f for f in result.findings if f.kind == "truncated"]
+    assert truncated and truncated[0].seq == last_seq and "partial line of 25 bytes" in truncated[0].message
+    assert result.status != "verified"
+    assert _cli(log).returncode == 3
+
+
+def test_an_older_file_cut_at_a_line_boundary_breaks_the_chain(log):
+    older = log.files()[0]
+    lines = log.lines(older)
+    cut_seq = json.loads(lines[-2])["seq"]
+    older.write_bytes(b"".join(lines[:-2]))
+    result = verify(log.records, [log.pubkey])
+    assert result.status == "failed"
+    assert ("deleted", cut_seq + 2) in _failures(result)  # the next file's first entry no longer links
+    assert any(kind == "truncated" for kind, _ in _failures(result))
+
+
+def test_a_whole_file_replaced_by_a_forged_run_is_detected(log, tmp_path):
+    # The attacker replaces the second run's file with one of their own, chained from the real first file
+    # and signed with their own key.
+    second = log.files()[1]
+    first_seq = json.loads(log.lines(second)[0])["seq"]
+    second.unlink()
+    assert read_tail(log.audit_dir).seq == first_seq - 1
+    mallory = create_private_key_file(tmp_path / "mallory.pem")
+    run_gateway_once(log.records, mallory, 9, 2)
+    result = verify(log.records, [log.pubkey])
+    assert result.status == "failed"
+    untrusted = [f for f in result.findings if f.kind == "untrusted key"]
+    assert untrusted and untrusted[0].seq > first_seq
+    assert any(f.kind == "unaudited flow" for f in result.findings)  # the real run's flows lost their entries
+
+
+def test_a_forged_checkpoint_is_detected_at_that_checkpoint(log):
+    seq = log.seqs_of_kind("checkpoint")[2]
+    path, index = log.locate(seq)
+    rewrite_line(path, index, lambda e: e.update(signature=base64.b64encode(b"\x01" * 64).decode()))
+    rechain(log)
+    result = verify(log.records, [log.pubkey])
+    assert _failures(result)[0] == ("forged", seq)
+
+
+def test_a_changed_flow_record_is_detected(log):
+    flow_file = log.records / "flows" / "flows-run2.mitm"
+    with open(flow_file, "rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    flows[1].response.content = b'{"output": "something else"}'
+    with open(flow_file, "wb") as f:
+        writer = io.FlowWriter(f)
+        for flow in flows:
+            writer.add(flow)
+    result = verify(log.records, [log.pubkey])
+    changed = [f for f in result.findings if f.kind == "flow modified"]
+    assert len(changed) == 1 and flows[1].id in changed[0].message and "response" in changed[0].message
+
+
+def test_a_log_signed_only_by_another_key_fails(log, tmp_path):
+    other = tmp_path / "other.pem"
+    from addons.audit_chain import public_key_pem
+    other.write_bytes(public_key_pem(load_private_key_file(log.key).public_key()))
+    assert verify(log.records, [other]).status == "verified"  # the same key, another copy: fine
+    stranger = create_private_key_file(tmp_path / "stranger-key.pem")
+    other.write_bytes(public_key_pem(stranger.public_key()))
+    assert verify(log.records, [other]).status == "failed"
