@@ -166,7 +166,7 @@ class CallerAuth:
             refuse(flow, 401, "gateway_unauthenticated", failure.reason)
             return
         flow.metadata["auditgate.identity"] = result.as_metadata()
-        logger.info("caller %s: %s %s%s", result.describe(), flow.request.method, flow.request.pretty_host,
+        logger.debug("caller %s: %s %s%s", result.describe(), flow.request.method, flow.request.pretty_host,
                     flow.request.path.split("?", 1)[0])  # fmt: skip
 
 
