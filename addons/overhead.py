@@ -36,6 +36,7 @@ class OverheadHeader:
             overhead = now - request_in
         else:
             overhead = (ready - request_in) + max(0.0, now - upstream_done)
+        overhead -= (flow.metadata.get("auditgate.approval") or {}).get("waited_s", 0.0)  # a human's time, not ours
         overhead_ms = round(max(0.0, overhead) * 1000, 3)
         flow.metadata["auditgate.overhead_ms"] = overhead_ms
         flow.response.headers[HEADER] = f"{overhead_ms:.3f}"

@@ -1,0 +1,189 @@
+"""Approvals without mitmproxy: four-eyes checks, request keys, and the SQLite store (attach, reuse, expiry)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from addons.approval_rules import DecisionRefused, check_decider, request_key, same_person
+from addons.approval_store import APPROVED, DENIED, EXPIRED, PENDING, Approval, SqliteApprovalStore, new_approval_id
+
+ALICE = {"name": "alice", "groups": ["agents"], "method": "service_token"}
+BOB = {"name": "bob", "groups": ["agents", "approvers"], "method": "service_token"}
+MALLORY = {"name": "mallory", "groups": ["agents"], "method": "service_token"}
+
+
+# ---- four-eyes ---------------------------------------------------------------------------------------
+def _check(decider: dict, decision: str = "approve", requester: dict = ALICE, status: str = PENDING) -> None:
+    check_decider(requester=requester, approver_groups=["approvers", "security"], status=status, decider=decider,
+                  decision=decision)
+
+
+def test_an_approver_who_is_someone_else_may_decide():
+    _check(BOB)
+    _check(BOB, "deny")
+
+
+def test_nobody_approves_their_own_request_whatever_their_groups():
+    requester = {"name": "root", "groups": ["approvers", "security", "admins"]}
+    with pytest.raises(DecisionRefused) as info:
+        _check(requester, requester=requester)
+    assert (info.value.status, info.value.code) == (403, "self_approval_refused")
+
+
+@pytest.mark.parametrize("requester, decider", [
+    ({"name": "Alice"}, {"name": "alice ", "groups": ["approvers"]}),  # same name, other spelling
+    ({"name": "alice", "email": "A@corp.example"}, {"name": "alice-oidc", "email": "a@corp.example",
+                                                    "groups": ["approvers"]}),
+    ({"name": "x", "issuer": "https://idp", "subject": "42"}, {"name": "y", "issuer": "https://idp", "subject": "42",
+                                                               "groups": ["approvers"]}),
+])
+def test_the_same_person_under_another_credential_is_still_the_requester(requester, decider):
+    assert same_person(requester, decider)
+    with pytest.raises(DecisionRefused, match="self_approval_refused"):
+        _check(decider, requester=requester)
+
+
+def test_an_approver_must_be_in_one_of_the_rules_approver_groups():
+    with pytest.raises(DecisionRefused) as info:
+        _check(MALLORY)
+    assert (info.value.status, info.value.code) == (403, "not_an_approver")
+    with pytest.raises(DecisionRefused, match="not_an_approver"):
+        _check(MALLORY, "deny")
+
+
+def test_a_requester_may_withdraw_but_not_approve():
+    _check(ALICE, "deny")
+    with pytest.raises(DecisionRefused, match="self_approval_refused"):
+        _check(ALICE, "approve")
+
+
+def test_a_decided_request_cannot_be_decided_again():
+    with pytest.raises(DecisionRefused) as info:
+        _check(BOB, status=APPROVED)
+    assert (info.value.status, info.value.code) == (409, "already_decided")
+
+
+def test_request_key_is_the_same_for_a_retry_and_differs_for_anything_else():
+    base = ("alice", "POST", "api.openai.com", 443, "/v1/responses", b'{"input": "x"}')
+    key, body_hash = request_key(*base)
+    assert request_key(*base) == (key, body_hash)
+    assert request_key("ALICE".lower(), "post", "API.openai.com", 443, "/v1/responses", b'{"input": "x"}')[0] == key
+    for changed in (("bob",) + base[1:], base[:4] + ("/v1/chat/completions", base[5]), base[:5] + (b'{"input": "y"}',)):
+        assert request_key(*changed)[0] != key
+
+
+# ---- the store -----------------------------------------------------------------------------------------
+def candidate(key: str = "k1", now: float = 1000.0, timeout: float = 60, reuse: float = 0, instance: str = "i1",
+              rule: str = "r") -> Approval:
+    return Approval(id=new_approval_id(), key=key, rule=rule, requester=ALICE, approver_groups=["approvers"],
+                    created_at=now, expires_at=now + timeout, reuse_seconds=reuse, instance=instance,
+                    body_sha256="b" * 64, preview="hello <EMAIL_ADDRESS>")
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SqliteApprovalStore(tmp_path / "approvals.sqlite3")
+    yield s
+    s.close()
+
+
+def test_a_retry_attaches_to_the_pending_approval(store):
+    first, how = store.hold(candidate(), "flow-1", 1000)
+    assert how == "created" and first.status == PENDING
+    again, how = store.hold(candidate(), "flow-2", 1005)
+    assert how == "attached" and again.id == first.id
+    assert store.get(first.id).flows == ["flow-1", "flow-2"]
+    assert [a.id for a in store.list(PENDING)] == [first.id]
+
+
+def test_other_requests_get_their_own_approval(store):
+    a, _ = store.hold(candidate("k1"), "f1", 1000)
+    b, how = store.hold(candidate("k2"), "f2", 1000)
+    c, how_c = store.hold(candidate("k1", rule="other"), "f3", 1000)
+    assert how == how_c == "created" and len({a.id, b.id, c.id}) == 3
+
+
+def test_an_approval_whose_flow_gave_up_goes_to_the_retry_once(store):
+    held, _ = store.hold(candidate(), "f1", 1000)
+    store.decide(held.id, APPROVED, BOB, "fine", 1010)
+    retry, how = store.hold(candidate(), "f2", 1011)  # the original's client timed out before the decision
+    assert (retry.id, how) == (held.id, "attached")
+    assert store.claim(held.id, "f2", 1011)
+    assert not store.claim(held.id, "f1", 1011)  # one approval, one request upstream
+    # Used now, and no reuse window: an identical request needs a new approval.
+    later, how = store.hold(candidate(), "f3", 1012)
+    assert how == "created" and later.id != held.id
+
+
+def test_reuse_window_lets_identical_requests_through_until_it_ends(store):
+    held, _ = store.hold(candidate(reuse=30), "f1", 1000)
+    store.decide(held.id, APPROVED, BOB, None, 1010)
+    assert store.claim(held.id, "f1", 1010)
+    reused, how = store.hold(candidate(reuse=30), "f2", 1039)
+    assert (reused.id, how) == (held.id, "reused") and store.claim(held.id, "f2", 1039)
+    fresh, how = store.hold(candidate(reuse=30), "f3", 1041)
+    assert how == "created" and fresh.id != held.id
+
+
+def test_a_denied_or_expired_approval_is_not_reused(store):
+    for status in (DENIED, EXPIRED):
+        held, _ = store.hold(candidate(key=status, reuse=30), "f1", 1000)
+        store.decide(held.id, status, BOB if status == DENIED else None, "no", 1001)
+        assert not store.claim(held.id, "f1", 1001)
+        again, how = store.hold(candidate(key=status, reuse=30), "f2", 1002)
+        assert how == "created" and again.id != held.id
+
+
+def test_an_expired_pending_approval_is_not_attached_to(store):
+    held, _ = store.hold(candidate(timeout=5), "f1", 1000)
+    again, how = store.hold(candidate(timeout=5), "f2", 1006)
+    assert how == "created" and again.id != held.id
+
+
+def test_decide_once_only_even_when_racing(store):
+    held, _ = store.hold(candidate(), "f1", 1000)
+    results = []
+
+    def decide(status):
+        try:
+            results.append(store.decide(held.id, status, BOB, None, 1001).status)
+        except DecisionRefused as e:
+            results.append(e.code)
+
+    threads = [threading.Thread(target=decide, args=(s,)) for s in (APPROVED, DENIED) * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results).count("already_decided") == 7 and store.get(held.id).status in (APPROVED, DENIED)
+    with pytest.raises(DecisionRefused) as info:
+        store.decide("apr_missing", APPROVED, BOB, None, 1)
+    assert info.value.code == "not_found"
+
+
+def test_after_a_restart_approvals_whose_flows_are_gone_are_closed_as_expired(tmp_path):
+    path = tmp_path / "approvals.sqlite3"
+    before = SqliteApprovalStore(path)
+    gone, _ = before.hold(candidate("k1", instance="old"), "f1", 1000)
+    decided, _ = before.hold(candidate("k2", instance="old"), "f2", 1000)
+    before.decide(decided.id, APPROVED, BOB, "ok", 1001)
+    before.close()
+    after = SqliteApprovalStore(path)
+    try:
+        assert after.expire_orphans("new", 1002) == 1
+        closed = after.get(gone.id)
+        assert closed.status == EXPIRED and "stopped" in closed.reason
+        assert after.get(decided.id).status == APPROVED  # history is kept as it was
+        mine, _ = after.hold(candidate("k3", instance="new"), "f3", 1003)
+        assert after.expire_orphans("new", 1004) == 0 and after.get(mine.id).status == PENDING
+    finally:
+        after.close()
+
+
+def test_refusals_are_kept_with_the_approval_and_the_file_is_private(store, tmp_path):
+    held, _ = store.hold(candidate(), "f1", 1000)
+    store.add_refusal(held.id, {"by": {"name": "alice"}, "code": "self_approval_refused"})
+    assert store.get(held.id).refusals == [{"by": {"name": "alice"}, "code": "self_approval_refused"}]
+    assert (tmp_path / "approvals.sqlite3").stat().st_mode & 0o077 == 0
