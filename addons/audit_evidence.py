@@ -241,7 +241,7 @@ def _inline(mapping: dict) -> str:
 
 def render_markdown(pack: dict) -> str:
     v = pack["verification"]
-    out = [f"# AI gateway evidence pack — ISO/IEC 27001:2022", "",
+    out = ["# AI gateway evidence pack — ISO/IEC 27001:2022", "",
            f"Records: `{pack['records_dir']}`  ",
            f"Period: {pack['period']['from']} .. {pack['period']['to']}  ",
            f"Generated: {pack['generated']}", "",
@@ -300,7 +300,7 @@ def render_html(pack: dict) -> str:
     e = html.escape
     v = pack["verification"]
     colour = {"verified": "#2e7d32", "incomplete": "#ef6c00", "failed": "#c62828"}[v["status"]]
-    body = [f"<h1>AI gateway evidence pack — ISO/IEC 27001:2022</h1>",
+    body = ["<h1>AI gateway evidence pack — ISO/IEC 27001:2022</h1>",
             f"<p>Records: <code>{e(pack['records_dir'])}</code><br>Period: {e(str(pack['period']['from']))} .. "
             f"{e(str(pack['period']['to']))}<br>Generated: {e(pack['generated'])}</p>",
             f'<p class="verdict" style="border-color:{colour}"><strong>Audit log verification: {e(v["status"].upper())}</strong>'

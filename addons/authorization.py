@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
-from pathlib import Path
 
 from mitmproxy import exceptions, http
 
 from addons.authorization_rules import Authorization, authorization_from
+from addons.file_watch import ChangedFile
 from addons.gateway_options import add_gateway_options, rules_dir
 from addons.identity import IDENTITIES_FILE, read_identities_file
 from addons.openai_errors import is_answered, refuse
@@ -18,7 +16,6 @@ from addons.rules_yaml import ConfigError
 
 logger = logging.getLogger(__name__)
 
-RELOAD_CHECK_SECONDS = 1.0
 
 
 def requested_model(request: http.Request) -> str | None:
@@ -42,9 +39,7 @@ class GroupAuthorization:
 
     def __init__(self) -> None:
         self.rules: Authorization | None = None  # None: no authorization section, every caller may use every upstream
-        self._path: Path | None = None
-        self._mtime: float | None = None
-        self._next_check = 0.0
+        self._watch: ChangedFile | None = None
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -56,8 +51,7 @@ class GroupAuthorization:
             self.rules = authorization_from(*read_identities_file(rules_dir()))
         except ConfigError as e:
             raise exceptions.OptionsError(f"auditgate: {e}") from None
-        self._path = rules_dir() / IDENTITIES_FILE
-        self._mtime = self._stat()
+        self._watch = ChangedFile(rules_dir() / IDENTITIES_FILE)
         self._log_loaded("authorization")
 
     def _log_loaded(self, what: str) -> None:
@@ -66,23 +60,11 @@ class GroupAuthorization:
         else:
             logger.info("%s: %d grant(s); anything not granted is refused", what, len(self.rules.grants))
 
-    def _stat(self) -> float | None:
-        try:
-            return os.stat(self._path).st_mtime if self._path else None
-        except OSError:
-            return None
-
     def _reload_if_changed(self) -> None:
-        now = time.monotonic()
-        if now < self._next_check:
+        if self._watch is None or not self._watch.changed():
             return
-        self._next_check = now + RELOAD_CHECK_SECONDS
-        mtime = self._stat()
-        if mtime == self._mtime or self._path is None:
-            return
-        self._mtime = mtime
         try:
-            self.rules = authorization_from(*read_identities_file(self._path.parent))
+            self.rules = authorization_from(*read_identities_file(self._watch.path.parent))
             self._log_loaded("authorization reloaded")
         except ConfigError as e:
             logger.error("keeping the previous authorization: %s", e)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import time
 import weakref
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from addons.credentials import (
     remove_credential_headers,
     remove_identity_headers,
 )
+from addons.file_watch import ChangedFile
 from addons.gateway_options import add_gateway_options, rules_dir
 from addons.identity import IDENTITIES_FILE, add_service_token
 from addons.oidc_authenticator import AuthFailure, CallerAuthenticator
@@ -27,7 +26,6 @@ from addons.rules_yaml import ConfigError
 logger = logging.getLogger(__name__)
 
 FIRST_IDENTITY = "operator"
-RELOAD_CHECK_SECONDS = 1.0
 
 
 class CallerAuth:
@@ -35,9 +33,7 @@ class CallerAuth:
 
     def __init__(self) -> None:
         self.authenticator: CallerAuthenticator | None = None
-        self._path: Path | None = None
-        self._mtime: float | None = None
-        self._next_check = 0.0
+        self._watch: ChangedFile | None = None
         # Forward mode: the credential from a connection's CONNECT (HTTPS_PROXY=http://user:<token>@...),
         # in memory only, for that connection's lifetime. It is verified again on every request.
         self._connect_credentials: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
@@ -55,8 +51,7 @@ class CallerAuth:
                 authenticator = self._mint_first_identity(directory)
         except (ConfigError, OSError) as e:
             raise exceptions.OptionsError(f"auditgate: {e}") from None
-        self._path = directory / IDENTITIES_FILE
-        self._mtime = self._stat()
+        self._watch = ChangedFile(directory / IDENTITIES_FILE)
         self.authenticator = authenticator
         self._log_loaded("caller identities")
 
@@ -85,25 +80,13 @@ class CallerAuth:
         )
         return CallerAuthenticator.from_rules(directory)
 
-    def _stat(self) -> float | None:
-        try:
-            return os.stat(self._path).st_mtime if self._path else None
-        except OSError:
-            return None
-
     def _reload_if_changed(self) -> None:
         # Tokens minted with `auditgate token new` and edited issuers take effect without a restart; an
         # invalid file keeps the identities already loaded. Unchanged issuers keep their cached keys.
-        now = time.monotonic()
-        if now < self._next_check:
+        if self._watch is None or not self._watch.changed():
             return
-        self._next_check = now + RELOAD_CHECK_SECONDS
-        mtime = self._stat()
-        if mtime == self._mtime or self._path is None:
-            return
-        self._mtime = mtime
         try:
-            self.authenticator = CallerAuthenticator.from_rules(self._path.parent, previous=self.authenticator)
+            self.authenticator = CallerAuthenticator.from_rules(self._watch.path.parent, previous=self.authenticator)
             self.authenticator.prefetch()
             self._log_loaded("caller identities reloaded")
         except ConfigError as e:

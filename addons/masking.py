@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import exceptions, http
 
 from addons.gateway_options import add_gateway_options, load_rules, rules_dir
 from addons.masking_config import MaskingSettings, load_masking_settings

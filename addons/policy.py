@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
+from addons.file_watch import ChangedFile
 from addons.gateway_options import add_gateway_options, rules_dir
 from addons.openai_errors import is_answered, refuse
 from addons.payload_masking import endpoint_kind, mask_request_payload
@@ -20,7 +20,6 @@ from addons.rules_yaml import ConfigError
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = "auditgate.policy"
-RELOAD_CHECK_SECONDS = 1.0
 MARKS = {"block": ":no_entry:", "log": ":eyes:", "require_approval": ":hourglass_flowing_sand:"}
 
 
@@ -136,8 +135,7 @@ class PolicyRules:
         self.policy: Policy | None = None
         self.pii: PiiTypes | None = None
         self._path: Path | None = None
-        self._mtime: float | None = None
-        self._next_check = 0.0
+        self._watch: ChangedFile | None = None
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -150,7 +148,7 @@ class PolicyRules:
         except ConfigError as e:
             raise exceptions.OptionsError(f"auditgate: {e}") from None
         self._path = rules_dir() / POLICY_FILE
-        self._mtime = self._stat()
+        self._watch = ChangedFile(self._path)
         self._log_loaded("policy")
 
     def _log_loaded(self, what: str) -> None:
@@ -160,28 +158,16 @@ class PolicyRules:
             logger.info("%s: %d rule(s) from %s, default %s (%s)", what, len(self.policy.rules), self._path,
                         self.policy.default, self.policy.digest)
 
-    def _stat(self) -> float | None:
-        try:
-            return os.stat(self._path).st_mtime_ns if self._path else None
-        except OSError:
-            return None
-
     @command.command("auditgate.policy.reload")
     def reload(self) -> None:
         """Re-read policy.yaml now; an invalid file keeps the rules already loaded."""
-        self._next_check = 0.0
-        self._mtime = -1
+        if self._watch:
+            self._watch.check_now()
         self._reload_if_changed()
 
     def _reload_if_changed(self) -> None:
-        now = time.monotonic()
-        if now < self._next_check or self._path is None:
+        if self._watch is None or not self._watch.changed():
             return
-        self._next_check = now + RELOAD_CHECK_SECONDS
-        mtime = self._stat()
-        if mtime == self._mtime:
-            return
-        self._mtime = mtime
         try:
             self.policy, self.pii = load(self._path.parent)
             self._log_loaded("policy reloaded")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from addons.identity import token_hash
-from tests.conftest import UPSTREAM_KEY, gateway_env, make_rules
+from tests.conftest import gateway_env, make_rules
 from tests.gateway_process import GATEWAY_SCRIPT, ROOT, GatewayProcess, run_mitmdump
 
 pytestmark = pytest.mark.e2e
