@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import logging
 
-from mitmproxy import exceptions, http
+from mitmproxy import http
 
 from addons.authorization_rules import Authorization, authorization_from
 from addons.file_watch import ChangedFile
-from addons.gateway_options import add_gateway_options, rules_dir
+from addons.gateway_options import add_gateway_options, load_rules, rules_dir
 from addons.identity import IDENTITIES_FILE, read_identities_file
 from addons.openai_errors import is_answered, refuse
 from addons.rules_yaml import ConfigError
@@ -47,10 +47,7 @@ class GroupAuthorization:
     def configure(self, updated: set[str]) -> None:
         if "gateway_rules" not in updated:
             return
-        try:
-            self.rules = authorization_from(*read_identities_file(rules_dir()))
-        except ConfigError as e:
-            raise exceptions.OptionsError(f"auditgate: {e}") from None
+        self.rules = load_rules(lambda directory: authorization_from(*read_identities_file(directory)))
         self._watch = ChangedFile(rules_dir() / IDENTITIES_FILE)
         self._log_loaded("authorization")
 

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, ctx, http
 
 from addons.file_watch import ChangedFile
-from addons.gateway_options import add_gateway_options, rules_dir
+from addons.gateway_options import add_gateway_options, load_rules, rules_dir
 from addons.openai_errors import is_answered, refuse
 from addons.payload_masking import endpoint_kind, mask_request_payload
 from addons.policy_rules import POLICY_FILE, Decision, Policy, RequestFacts, load_policy, tool_names
@@ -143,10 +143,7 @@ class PolicyRules:
     def configure(self, updated: set[str]) -> None:
         if "gateway_rules" not in updated:
             return
-        try:
-            self.policy, self.pii = load(rules_dir())
-        except ConfigError as e:
-            raise exceptions.OptionsError(f"auditgate: {e}") from None
+        self.policy, self.pii = load_rules(load)
         self._path = rules_dir() / POLICY_FILE
         self._watch = ChangedFile(self._path)
         self._log_loaded("policy")
