@@ -7,16 +7,18 @@ import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
 
-from mitmproxy import ctx, exceptions, http, io
+from mitmproxy import ctx, exceptions, http
 
 from addons.credentials import CREDENTIAL_METADATA_KEYS, remove_credential_headers
+from addons.flow_file_writer import FlowFileWriter
 from addons.gateway_options import add_gateway_options, records_dir
 
 logger = logging.getLogger(__name__)
 
 FLOWS_SUBDIR = "flows"
+FLUSH_SECONDS = 0.05
+FLUSH_BYTES = 256 * 1024
 
 
 class FlowRecorder:
@@ -24,13 +26,16 @@ class FlowRecorder:
 
     def __init__(self) -> None:
         self.directory: Path | None = None
-        self._file: BinaryIO | None = None
-        self._writer: io.FlowWriter | None = None
+        self._writer = FlowFileWriter()
         self._path: Path | None = None
+        self._bytes = 0  # handed to the writer for the current file
         self._day: str | None = None
         self._seq = 0
-        self._pending: list[tuple[io.FlowWriter, http.HTTPFlow]] = []
+        self._pending: list[tuple[Path, http.HTTPFlow]] = []  # finished, state not yet taken
         self._drain_scheduled = False
+        self._batch: list[tuple[str, dict]] = []  # states taken, not yet handed to the writer
+        self._batch_bytes = 0
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -49,12 +54,15 @@ class FlowRecorder:
                     raise PermissionError(f"{directory} is not writable")
             except OSError as e:
                 raise exceptions.OptionsError(f"auditgate: gateway_records={ctx.options.gateway_records!r}: {e}") from None
-            self._close()
+            self._drain()
+            self._flush()
+            self._path = None
             self.directory = directory
 
     def running(self) -> None:
         # Without this mitmproxy keeps no copy of a streamed body, and the record would lose it.
         ctx.options.update(store_streamed_bodies=True)
+        self._writer.start()  # now rather than on the first flow, which would wait for the spawn
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # A refused CONNECT (forward mode, host not served) never reaches the response hook.
@@ -71,7 +79,8 @@ class FlowRecorder:
 
     def done(self) -> None:
         self._drain()
-        self._close()
+        self._flush()
+        self._writer.close()
 
     def record(self, flow: http.HTTPFlow) -> None:
         # Defence in depth: the addons before us already took credentials off; make sure.
@@ -79,56 +88,72 @@ class FlowRecorder:
         for key in CREDENTIAL_METADATA_KEYS:
             flow.metadata.pop(key, None)
         # The file is chosen now, so later addons (the audit log) can name it in the flow's metadata.
-        writer, path = self._current_writer()
+        path = self._current_path()
         flow.metadata["auditgate.flow_file"] = path.name
-        self._pending.append((writer, flow))
-        # Serialising a flow costs ~0.3 ms of pure Python. Done inside the hook it would delay this
-        # response; scheduled for the loop's next turn it runs once the response is on the wire
-        # (mitmproxy sends it in the same step that finishes the hook), and flows that finish
-        # together are written in one go.
+        self._pending.append((path, flow))
+        # Taking a flow's state costs ~0.2 ms. Done inside the hook it would delay this response;
+        # scheduled for the loop's next turn it runs once the response is on the wire (mitmproxy
+        # sends it in the same step that finishes the hook).
         if not self._drain_scheduled:
             try:
                 asyncio.get_running_loop().call_soon(self._drain)
                 self._drain_scheduled = True
             except RuntimeError:  # no event loop (never the case inside mitmproxy): write now
                 self._drain()
+                self._flush()
 
     def _drain(self) -> None:
         self._drain_scheduled = False
         pending, self._pending = self._pending, []
+        for path, flow in pending:
+            self._batch.append((str(path), flow.get_state()))
+            self._batch_bytes += len(flow.request.raw_content or b"") + len(
+                flow.response.raw_content or b"" if flow.response else b"") + 2048
+        # Each hand-over wakes the writer process, which costs this process more than the pickling:
+        # batches go over every FLUSH_SECONDS or once they are big. A flow reaches its file at most
+        # that much later; on shutdown everything is written first.
+        if self._batch_bytes >= FLUSH_BYTES:
+            self._flush()
+        elif self._batch and self._flush_timer is None:
+            try:
+                self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush)
+            except RuntimeError:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if not batch:
+            return
         try:
-            for writer, flow in pending:
-                writer.add(flow)
-            if pending and self._file:
-                self._file.flush()
+            size = self._writer.write(batch)
         except OSError as e:
-            logger.error("could not record %d flow(s) to %s: %s", len(pending), self.directory, e)
+            logger.error("could not record %d flow(s) to %s: %s", len(batch), self.directory, e)
+            return
+        current = str(self._path)
+        self._bytes += size * sum(path == current for path, _ in batch) // len(batch)
 
     @staticmethod
     def _now() -> datetime:
         return datetime.now(timezone.utc)
 
-    def _current_writer(self) -> tuple[io.FlowWriter, Path]:
+    def _current_path(self) -> Path:
         now = self._now()
         day = now.strftime("%Y%m%d")
-        too_big = self._file is not None and self._file.tell() >= ctx.options.gateway_flows_max_mb * 1024 * 1024
-        if self._writer is None or day != self._day or too_big:
-            self._drain()  # flows already assigned to the current file go there before it closes
-            self._close()
+        too_big = self._bytes >= ctx.options.gateway_flows_max_mb * 1024 * 1024
+        if self._path is None or day != self._day or too_big:
+            self._drain()  # flows already assigned to the current file go there first
+            self._flush()
             if self.directory is None:
                 raise RuntimeError("the flow recorder has no records directory")
             self._seq += 1
             self._path = self.directory / f"flows-{now:%Y%m%dT%H%M%S}Z-{os.getpid()}-{self._seq:04d}.mitm"
-            self._file = open(self._path, "ab")
-            self._writer = io.FlowWriter(self._file)
+            self._bytes = 0
             self._day = day
             logger.info("recording flows to %s", self._path)
-        return self._writer, self._path
-
-    def _close(self) -> None:
-        if self._file:
-            self._file.close()
-        self._file, self._writer = None, None
+        return self._path
 
 
 addons = [FlowRecorder()]

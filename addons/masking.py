@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import multiprocessing
 import os
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from mitmproxy import exceptions, http
@@ -19,8 +16,10 @@ from mitmproxy import exceptions, http
 from addons.gateway_options import add_gateway_options, load_rules, rules_dir
 from addons.masking_config import MaskingSettings, load_masking_settings
 from addons.openai_errors import error_body, is_answered, refuse
-from addons.payload_masking import endpoint_kind, mask_request_payload, mask_response_payload
-from addons.pii_masking import PiiMasker, init_worker, mask_texts_in_worker, worker_ready
+from addons.body_masking import BodyNotMaskable, mask_body
+from addons.masking_workers import MaskingWorkerError, MaskingWorkers
+from addons.payload_masking import endpoint_kind
+from addons.pii_masking import PiiMasker
 from addons.sse_streaming import is_event_stream
 from addons.stream_masking import SseStreamMasker, TextStreamMasker
 
@@ -71,15 +70,14 @@ def _stream_decoder(encoding: str) -> Callable[[bytes], bytes] | None:
 
 
 class PiiMasking:
-    """Masks PII in JSON and text bodies (in a process pool) and in SSE streams (as they pass)."""
+    """Masks PII in JSON and text bodies (in worker processes) and in SSE streams (as they pass)."""
 
     def __init__(self) -> None:
         self.settings: MaskingSettings | None = None
-        self.masker: PiiMasker | None = None  # in this process: streams and small leftovers
-        self.pool: ProcessPoolExecutor | None = None
+        self.masker: PiiMasker | None = None  # in this process: streams and small bodies
+        self.workers: MaskingWorkers | None = None
         self._streams: dict[str, _StreamState] = {}
         self._flows: dict[str, _FlowMasking] = {}
-        self._in_flight: set[str] = set()  # flows between their request and their end
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -99,45 +97,40 @@ class PiiMasking:
                     raise exceptions.OptionsError(
                         f"auditgate: masking.yaml {direction}.entities: no recognizer for {', '.join(sorted(unknown))}"
                     )
-        self._stop_pool()
+        self._stop_workers()
         self.settings, self.masker = settings, masker
         if settings is None:
             logger.warning("PII masking is off: %s has no masking.yaml", rules_dir())
             return
-        workers = settings.workers or os.cpu_count() or 1
-        # spawn, not fork: mitmproxy runs threads and an event loop that a forked child must not inherit.
-        self.pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker, initargs=(settings,),
-        )
+        self.workers = MaskingWorkers(settings, settings.workers or os.cpu_count() or 1)
         logger.info(
             "PII masking: responses %s, requests %s; %d worker process(es)",
-            "on" if settings.response.enabled else "off", "on" if settings.request.enabled else "off", workers,
+            "on" if settings.response.enabled else "off", "on" if settings.request.enabled else "off",
+            self.workers.count,
         )
 
     async def running(self) -> None:
         # Start every worker (Presidio takes a second or two to import) before serving, so the first
         # request is not the one that waits and times out.
-        if self.pool is None:
+        if self.workers is None:
             return
-        loop = asyncio.get_running_loop()
-        workers = self.pool._max_workers
-        await asyncio.gather(*(loop.run_in_executor(self.pool, worker_ready, 0.3) for _ in range(workers)))
+        try:
+            await self.workers.start()
+        except MaskingWorkerError as e:
+            # Every body that needs a worker will be refused (fail closed); say why at once.
+            logger.error("PII masking workers could not start: %s", e)
+            return
         logger.info("PII masking workers ready")
 
     def done(self) -> None:
-        self._stop_pool()
+        self._stop_workers()
 
-    def _stop_pool(self) -> None:
-        if self.pool:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
+    def _stop_workers(self) -> None:
+        if self.workers:
+            self.workers.close()
+            self.workers = None
 
     # ---- requests ---------------------------------------------------------------------------------
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.live:
-            self._in_flight.add(flow.id)
-
     async def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow) or self.settings is None:
             return
@@ -230,12 +223,6 @@ class PiiMasking:
         return [f"event: error\ndata: {json.dumps(event)}\n\n".encode()]
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        try:
-            await self._mask_response(flow)
-        finally:
-            self._in_flight.discard(flow.id)
-
-    async def _mask_response(self, flow: http.HTTPFlow) -> None:
         if not flow.live or self.settings is None or not flow.response:
             return
         stream = self._streams.pop(flow.id, None)
@@ -252,7 +239,6 @@ class PiiMasking:
             self._write_metadata(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._in_flight.discard(flow.id)
         self._streams.pop(flow.id, None)
         if flow.id in self._flows:
             self._write_metadata(flow)
@@ -279,7 +265,6 @@ class PiiMasking:
 
     async def _mask_body(self, message: http.Message, kind: str, direction: str) -> tuple[bytes | None, list]:
         """The masked body (None when nothing changed) and the findings as (entity, path)."""
-        entities = self.masker.entities(direction)
         try:
             body = message.get_content()
         except ValueError as e:
@@ -287,62 +272,22 @@ class PiiMasking:
         if not body:
             return None, []
         content_type = message.headers.get("content-type", "").split(";")[0].strip().lower()
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            if content_type.startswith("text/") or "json" in content_type:
-                raise MaskingFailed("a text body that is not UTF-8") from None
-            return None, []  # binary (audio, images): nothing to mask as text
-        if "json" in content_type or (not content_type and text.lstrip()[:1] in "{["):
+        if len(body) <= self.settings.inline_max_bytes and not self.settings.nlp_model:
+            # Tiny and pattern-only: cheaper here than the hand-over to a worker.
             try:
-                payload = json.loads(text)
-            except ValueError:
-                payload = None
-            if payload is not None:
-                walk = mask_response_payload if direction == "response" else mask_request_payload
-                candidates: dict[str, str] = {}
-
-                def collect(value: str, path: str) -> str:
-                    if self.masker.may_contain(value, entities):
-                        candidates[path] = value
-                    return value
-
-                walk(payload, kind, collect)
-                if not candidates:
-                    return None, []
-                results = await self._in_pool(direction, list(candidates.values()))
-                masked = dict(zip(candidates, results))
-                new_payload = walk(payload, kind, lambda value, path: masked[path][0] if path in masked else value)
-                findings = [(entity, path) for path, (_, found) in masked.items() for entity in found]
-                if not findings:
-                    return None, []
-                return json.dumps(new_payload, ensure_ascii=False).encode(), findings
-        if not (content_type.startswith("text/") or "json" in content_type or not content_type):
-            return None, []
-        if not self.masker.may_contain(text, entities):
-            return None, []
-        [(masked_text, found)] = await self._in_pool(direction, [text])
-        return (masked_text.encode() if found else None), [(entity, "body") for entity in found]
-
-    async def _in_pool(self, direction: str, texts: list[str]) -> list[tuple[str, list[str]]]:
-        if sum(map(len, texts)) <= self.settings.inline_max_chars and len(self._in_flight) <= 1:
-            # Small, and no other flow is waiting on this process: cheaper here than the round trip
-            # to a worker. With other flows in flight the workers take it, so those flows keep moving.
-            try:
-                return [self.masker.mask(text, direction) for text in texts]
+                return mask_body(self.masker, body, content_type, kind, direction)
+            except BodyNotMaskable as e:
+                raise MaskingFailed(str(e)) from None
             except Exception as e:
                 raise MaskingFailed(f"{type(e).__name__}: {e}") from None
-        if self.pool is None:
+        # Everything else is parsed, walked and masked by a worker process: this process, which
+        # carries every flow, only hands the bytes over and takes the answer back.
+        if self.workers is None:
             raise MaskingFailed("no masking workers")
-        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self.pool, mask_texts_in_worker, direction, texts), self.settings.timeout_seconds
-            )
-        except TimeoutError:
-            raise MaskingFailed(f"timed out after {self.settings.timeout_seconds:g}s") from None
-        except Exception as e:
-            raise MaskingFailed(f"{type(e).__name__}: {e}") from None
+            return await self.workers.mask(direction, kind, content_type, body, self.settings.timeout_seconds)
+        except MaskingWorkerError as e:
+            raise MaskingFailed(str(e)) from None
 
     def _write_metadata(self, flow: http.HTTPFlow, **extra) -> None:
         state = self._flows.pop(flow.id, None) or _FlowMasking()

@@ -13,7 +13,7 @@ OPERATOR_TYPES = {"replace", "mask", "hash", "redact"}
 TRACE_ACTIONS = {"mask", "refuse", "pass"}
 _TOP_KEYS = {
     "recognizers_file", "language", "score_threshold", "nlp_model", "timeout_seconds", "workers", "traces",
-    "triggers", "response", "request", "operators", "allow_list", "stream_holdback_chars", "inline_max_chars",
+    "triggers", "response", "request", "operators", "allow_list", "stream_holdback_chars", "inline_max_bytes",
 }
 _DIRECTION_KEYS = {"enabled", "entities"}
 
@@ -41,7 +41,7 @@ class MaskingSettings:
     operators: dict[str, dict] = field(default_factory=lambda: {"DEFAULT": {"type": "replace"}})
     allow_list: tuple[str, ...] = ()
     stream_holdback_chars: int = 64
-    inline_max_chars: int = 4096
+    inline_max_bytes: int = 512
 
     def direction(self, name: str) -> DirectionSettings:
         return self.response if name == "response" else self.request
@@ -87,9 +87,9 @@ def load_masking_settings(rules_dir: Path) -> MaskingSettings | None:
     holdback = data.get("stream_holdback_chars", 64)
     if not isinstance(holdback, int) or not 8 <= holdback <= 4096:
         raise ConfigError(path, "stream_holdback_chars must be a whole number from 8 to 4096")
-    inline_max = data.get("inline_max_chars", 4096)
+    inline_max = data.get("inline_max_bytes", 512)
     if not isinstance(inline_max, int) or inline_max < 0:
-        raise ConfigError(path, "inline_max_chars must be a whole number (0: always use the workers)")
+        raise ConfigError(path, "inline_max_bytes must be a whole number (0: every body goes to the workers)")
     nlp_model = data.get("nlp_model")
     if nlp_model is not None and (not isinstance(nlp_model, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", nlp_model)):
         raise ConfigError(path, "nlp_model must be the name of an installed spaCy model package, or null")
@@ -125,5 +125,5 @@ def load_masking_settings(rules_dir: Path) -> MaskingSettings | None:
         operators=operators,
         allow_list=tuple(allow_list),
         stream_holdback_chars=holdback,
-        inline_max_chars=inline_max,
+        inline_max_bytes=inline_max,
     )

@@ -40,6 +40,10 @@ class Span:
     score: float
 
 
+class ModelNotInstalled(RuntimeError):
+    """masking.yaml names an NLP model that is not installed."""
+
+
 class _NoContextEnhancer(ContextAwareEnhancer):
     """Keeps recognizer scores as they are.
 
@@ -58,9 +62,15 @@ class _NoContextEnhancer(ContextAwareEnhancer):
 
 def _nlp_engine(settings: MaskingSettings):
     if settings.nlp_model:
+        import spacy.util
         from presidio_analyzer.nlp_engine import NlpEngineProvider
 
-        # spacy.load() of an installed package name: a missing model fails here, it is never downloaded.
+        # Presidio downloads a spaCy model that is not installed: never at run time, here.
+        if not spacy.util.is_package(settings.nlp_model):
+            raise ModelNotInstalled(
+                f"spaCy model package {settings.nlp_model!r} is not installed (models are never downloaded at "
+                f"run time: install it into the gateway's environment, or set nlp_model: null)"
+            )
         return NlpEngineProvider(nlp_configuration={
             "nlp_engine_name": "spacy",
             "models": [{"lang_code": settings.language, "model_name": settings.nlp_model}],
@@ -98,6 +108,21 @@ class PiiMasker:
             for entity, spec in settings.operators.items()
         }
         self.supported = set(self.analyzer.get_supported_entities(settings.language))
+        self._allowed = frozenset(settings.allow_list)
+        # Without an NLP model each recognizer is called directly (see _analyze); the engine's per-call
+        # set-up (recognizer lookup, empty NLP artifacts, result bookkeeping) would cost about as
+        # much as the recognizers themselves on the small windows around triggers.
+        self._direct = not settings.nlp_model
+        self._recognizers: dict[str, tuple[EntityRecognizer, ...]] = {}
+        if self._direct:
+            self._no_nlp = self.analyzer.nlp_engine.process_text("", settings.language)
+            for entity in self.supported:
+                found = self.analyzer.registry.get_recognizers(language=settings.language, entities=[entity])
+                for recognizer in found:
+                    if not recognizer.is_loaded:
+                        recognizer.load()
+                        recognizer.is_loaded = True
+                self._recognizers[entity] = tuple(found)
 
     def entities(self, direction: str) -> tuple[str, ...]:
         wanted = self.settings.direction(direction).entities
@@ -149,17 +174,36 @@ class PiiMasker:
         return [(s, e, w) for s, e, w in windows]
 
     def _analyze(self, text: str, start: int, end: int, entities: list[str]) -> list[RecognizerResult]:
-        found = self.analyzer.analyze(
-            text[start:end],
-            language=self.settings.language,
-            entities=entities,
-            score_threshold=self.settings.score_threshold,
-            allow_list=list(self.settings.allow_list) or None,
-        )
+        if self._direct:
+            found = self._run_recognizers(text[start:end], entities)
+        else:
+            found = self.analyzer.analyze(
+                text[start:end],
+                language=self.settings.language,
+                entities=entities,
+                score_threshold=self.settings.score_threshold,
+                allow_list=list(self.settings.allow_list) or None,
+            )
         for result in found:
             result.start += start
             result.end += start
         return found
+
+    def _run_recognizers(self, text: str, entities: list[str]) -> list[RecognizerResult]:
+        """What AnalyzerEngine.analyze returns for pattern recognizers without NLP: each recognizer's
+        findings of the wanted entities, at or above the score threshold, not on the allow-list
+        (exact match), duplicates removed."""
+        results: list[RecognizerResult] = []
+        ran: set[int] = set()
+        for entity in entities:
+            for recognizer in self._recognizers.get(entity, ()):
+                if id(recognizer) not in ran:
+                    ran.add(id(recognizer))
+                    results += recognizer.analyze(text=text, entities=entities, nlp_artifacts=self._no_nlp)
+        threshold, allowed = self.settings.score_threshold, self._allowed
+        kept = [r for r in results if r.entity_type in entities and r.score >= threshold
+                and text[r.start:r.end] not in allowed]
+        return EntityRecognizer.remove_duplicates(kept)
 
     def apply(self, text: str, spans: list[Span]) -> str:
         """Rewrite the given spans of text with their entities' operators."""
@@ -175,27 +219,3 @@ class PiiMasker:
             return text, []
         spans = self.find(text, entities)
         return self.apply(text, spans), [s.entity_type for s in spans]
-
-
-# ---- worker processes ------------------------------------------------------------------------
-# Whole bodies are masked in a process pool so a large reply never stalls mitmproxy's event loop.
-_worker_masker: PiiMasker | None = None
-
-
-def init_worker(settings: MaskingSettings) -> None:
-    global _worker_masker
-    _worker_masker = PiiMasker(settings)
-    _worker_masker.mask("warm up: jane@example.com 4111 1111 1111 1111 DE89 3704 0044 0532 0130 00", "response")
-
-
-def mask_texts_in_worker(direction: str, texts: list[str]) -> list[tuple[str, list[str]]]:
-    assert _worker_masker is not None, "masking worker was not initialised"
-    return [_worker_masker.mask(text, direction) for text in texts]
-
-
-def worker_ready(linger: float = 0.0) -> int:
-    """A no-op job; lingering a moment makes the pool hand each warm-up job to a different worker."""
-    import time
-
-    time.sleep(linger)
-    return os.getpid()

@@ -150,22 +150,33 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def request_scenario(setup: Setup, args, title: str, check=None) -> None:
+def request_scenario(setup: Setup, args, title: str, check=None) -> dict:
     size = len(httpx.post(setup.urls["direct"], json=BODY).content)
-    print(f"\n== {title}: reply {size} bytes; {args.requests} sequential requests; "
-          f"{args.concurrency} clients x {args.per_client} requests")
+    print(f"\n== {title}: reply {size} bytes; {args.rounds} rounds of {args.requests} sequential requests and "
+          f"{args.concurrency} clients x {args.per_client} requests, the three targets in turn each round")
     if check:
         check(httpx.post(setup.urls["gateway"], json=BODY, headers={"authorization": f"Bearer {setup.token}"}))
-    results = {}
-    for name, url in setup.urls.items():
-        latencies = sequential(url, setup.token, args.requests)
-        rps = concurrent(url, setup.token, args.concurrency, args.per_client)
-        results[name] = (statistics.median(latencies), percentile(latencies, 99), rps)
-        p50, p99, rps = results[name]
-        print(f"{name:14s} p50 {p50 * 1000:7.2f} ms   p99 {p99 * 1000:7.2f} ms   {rps:8.1f} req/s")
-    gp50, gp99, grps = results["gateway"]
-    bp50, bp99, brps = results["bare mitmdump"]
-    print(f"gateway/bare: p50 {gp50 / bp50:.2f}x   p99 {gp99 / bp99:.2f}x   req/s {grps / brps:.2f}x")
+    latencies: dict[str, list[float]] = {name: [] for name in setup.urls}
+    rates: dict[str, list[float]] = {name: [] for name in setup.urls}
+    # Rounds take turns, so a slow spell of this shared machine weighs on every target alike; the
+    # throughput ratio is the median of the rounds' ratios.
+    for _ in range(args.rounds):
+        for name, url in setup.urls.items():
+            latencies[name] += sequential(url, setup.token, args.requests)
+            rates[name].append(concurrent(url, setup.token, args.concurrency, args.per_client))
+    for name in setup.urls:
+        lat = latencies[name]
+        print(f"{name:14s} p50 {statistics.median(lat) * 1000:7.2f} ms   p99 {percentile(lat, 99) * 1000:7.2f} ms   "
+              f"req/s by round {' '.join(f'{r:6.1f}' for r in rates[name])}")
+    ratio = {
+        "p50": statistics.median(latencies["gateway"]) / statistics.median(latencies["bare mitmdump"]),
+        "p99": percentile(latencies["gateway"], 99) / percentile(latencies["bare mitmdump"], 99),
+        "req/s": statistics.median(g / b for g, b in zip(rates["gateway"], rates["bare mitmdump"])),
+    }
+    print(f"gateway/bare: p50 {ratio['p50']:.2f}x   p99 {ratio['p99']:.2f}x   "
+          f"req/s {ratio['req/s']:.2f}x (rounds: "
+          f"{' '.join(f'{g / b:.2f}' for g, b in zip(rates['gateway'], rates['bare mitmdump']))})")
+    return ratio
 
 
 def _stream_once(url: str, token: str) -> tuple[float, float]:
@@ -230,9 +241,10 @@ def analyze_scenario() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=["all", "plain", "pii", "stream", "analyze"], default="all")
-    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=300, help="sequential requests per round")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--per-client", type=int, default=100)
+    parser.add_argument("--per-client", type=int, default=60, help="requests per client per round")
     parser.add_argument("--stream-runs", type=int, default=10)
     parser.add_argument("--reply-text-bytes", type=int, default=1400, help="1400 gives a ~2 KB JSON reply")
     parser.add_argument("--script", default=str(ROOT / "addons" / "gateway.py"), help="the bundle to measure")

@@ -73,3 +73,31 @@ def test_rotation_by_size_and_by_day(tmp_path, monkeypatch):
     assert [len(_read(p)) for p in files] == [2, 1, 1]
     assert files[-1].name.startswith("flows-20261126T")
     assert [f.metadata["auditgate.flow_file"] for p in files for f in _read(p)] == [p.name for p in files for _ in _read(p)]
+
+
+def test_the_writer_process_is_outside_the_gateways_group_and_is_restarted_if_killed(tmp_path):
+    import os
+    import signal
+    import time
+
+    recorder = FlowRecorder()
+    with taddons.context(recorder) as tctx:
+        tctx.configure(recorder, gateway_records=str(tmp_path))
+        recorder.record(_flow(b"first"))
+        recorder._drain()
+        recorder._flush()
+        child = recorder._writer._process
+        # A Ctrl-C to the gateway's process group must not reach it while it still holds flows.
+        assert os.getpgid(child.pid) != os.getpgid(0)
+        deadline = time.monotonic() + 10
+        while not any(p.stat().st_size for p in (tmp_path / "flows").glob("*.mitm")) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the writer has written the first flow
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(5)
+        recorder.record(_flow(b"second"))
+        recorder._drain()
+        recorder._flush()  # the pipe is broken: a new writer is started and takes the batch
+        assert recorder._writer._process is not child
+        recorder.done()
+    [path] = (tmp_path / "flows").glob("*.mitm")
+    assert [f.response.content for f in _read(path)] == [b"first", b"second"]

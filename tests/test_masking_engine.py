@@ -317,3 +317,50 @@ def test_ner_names_split_across_deltas_stay_masked(ner_masker):
         stream = TextStreamMasker(lambda t: ner_masker.find(t, entities), ner_masker.apply, 64, "", 3)
         out = stream.feed(text[:cut]) + stream.feed(text[cut:]) + stream.finish()
         assert "John" not in out and "Smith" not in out and "Berlin" not in out, (cut, out)
+
+
+def _real_private_key() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+_LETTERS_ONLY_PEM = "-----BEGIN PRIVATE KEY-----\n" + "\n".join(
+    ("MIIEvQIBADANBgkqhkiG" if i == 0 else "") + "QWERTYUIOPasdfghjklZXCVBNMqwertyuiopASDFGHJKLzxcvbnm+/QWERTYUIOPasd"[:64 - (20 if i == 0 else 0)]
+    for i in range(26)) + "\n-----END PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize("pem", [_LETTERS_ONLY_PEM, _real_private_key()], ids=["letters-only body", "real 2048-bit key"])
+def test_a_whole_pem_private_key_is_masked_not_just_its_first_lines(masker, pem):
+    # A 2048-bit key is ~1.7 KB over 28 lines: far longer than the window around a trigger. (The
+    # letters-only body has no digits, so no other trigger's window can happen to cover it.)
+    body_lines = pem.strip().splitlines()[1:-1]
+    text = f"Here is the key you asked for:\n{pem}\nKeep it safe."
+    out, found = masker.mask(text, "response")
+    assert found == ["PRIVATE_KEY"]
+    assert not [line for line in body_lines if line in out]
+    assert out.startswith("Here is the key you asked for:\n<PRIVATE_KEY>")
+
+    # Streamed in chunks of several sizes: nothing of the key is released.
+    for size in (1, 7, 64, 97):
+        streamed, _ = _stream(masker, [text[i:i + size] for i in range(0, len(text), size)])
+        assert streamed == out, size
+
+
+def test_a_configured_model_that_is_not_installed_is_an_error_never_a_download(monkeypatch):
+    import dataclasses
+
+    import spacy.cli
+
+    from addons.pii_masking import ModelNotInstalled
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a model download was attempted")
+
+    monkeypatch.setattr(spacy.cli, "download", no_download)
+    settings = dataclasses.replace(load_masking_settings(shipped_rules()), nlp_model="no_such_spacy_model_package")
+    with pytest.raises(ModelNotInstalled, match="'no_such_spacy_model_package' is not installed"):
+        PiiMasker(settings)

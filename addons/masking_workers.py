@@ -1,0 +1,233 @@
+"""Worker processes that mask whole bodies, each on its own pipe, answered through the event loop (no mitmproxy).
+
+Why not concurrent.futures.ProcessPoolExecutor: it moves every job through a feeder thread and a
+manager thread in the proxy process, and each hop wakes a thread and takes the GIL. Under load those
+hand-offs cost the proxy's only event-loop thread more than the masking itself. Here a job is one
+pipe write, its answer one read that the event loop is told about (add_reader): no threads.
+
+A job that outlives the timeout has its worker killed and replaced, so a pathological body cannot
+keep a worker busy for the next ones. Workers run in their own session (see child_process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from addons.child_process import child_ends, start_child, stop_child
+from addons.masking_config import MaskingSettings
+
+logger = logging.getLogger(__name__)
+
+WARM_UP_TEXT = "warm up: jane@example.com 4111 1111 1111 1111 DE89 3704 0044 0532 0130 00 +1 415-555-0100"
+
+
+class MaskingWorkerError(RuntimeError):
+    """A job could not be masked: an error in the worker, a timeout, or a worker that died."""
+
+
+# ---- in the worker process -------------------------------------------------------------------------
+def serve_jobs(jobs: Connection, answers: Connection) -> None:
+    """A worker's life: settings in, build the masker, say ready, then answer (direction, kind, content
+    type, body) jobs until the gateway closes the pipe."""
+    from addons.body_masking import mask_body
+    from addons.pii_masking import PiiMasker
+
+    try:
+        masker = PiiMasker(pickle.loads(jobs.recv_bytes()))
+        masker.mask(WARM_UP_TEXT, "response")
+    except EOFError:
+        return
+    except Exception as e:
+        answers.send_bytes(pickle.dumps(("error", f"{type(e).__name__}: {e}")))
+        return
+    answers.send_bytes(pickle.dumps(("ready", os.getpid())))
+    while True:
+        try:
+            direction, kind, content_type, body = pickle.loads(jobs.recv_bytes())
+        except EOFError:
+            return
+        try:
+            answer = ("ok", mask_body(masker, body, content_type, kind, direction))
+        except Exception as e:  # reported to the gateway, which fails the flow closed
+            answer = ("error", f"{type(e).__name__}: {e}")
+        try:
+            answers.send_bytes(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:  # the gateway is gone
+            return
+
+
+# ---- in the proxy process ----------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Worker:
+    process: subprocess.Popen
+    jobs: Connection
+    answers: Connection
+    answer: asyncio.Future | None = None  # the answer to the job in hand, or to the start-up
+    ready: bool = False
+
+
+@dataclass(eq=False)
+class MaskingWorkers:
+    """A fixed number of masking worker processes; jobs wait in line when all are busy."""
+
+    settings: MaskingSettings
+    count: int
+    start_timeout: float = 120.0
+    _workers: list[_Worker] = field(default_factory=list)
+    _idle: collections.deque = field(default_factory=collections.deque)
+    _waiting: collections.deque = field(default_factory=collections.deque)  # futures wanting a worker
+    _closed: bool = False
+
+    async def start(self) -> None:
+        """Spawn every worker and wait until each has built its masker (Presidio takes a second or two)."""
+        loop = asyncio.get_running_loop()
+        workers = [self._spawn(loop) for _ in range(self.count)]
+        await asyncio.gather(*(self._await_ready(w) for w in workers))
+
+    async def mask(self, direction: str, kind: str, content_type: str, body: bytes, timeout: float):
+        """(masked body or None, findings), from a worker within timeout seconds; else MaskingWorkerError."""
+        try:
+            return await asyncio.wait_for(self._run(direction, kind, content_type, body), timeout)
+        except TimeoutError:
+            raise MaskingWorkerError(f"timed out after {timeout:g}s") from None
+
+    def close(self) -> None:
+        self._closed = True
+        for worker in list(self._workers):
+            self._retire(worker, reason="the gateway is stopping")
+        for waiter in self._waiting:
+            if not waiter.done():
+                waiter.set_exception(MaskingWorkerError("the gateway is stopping"))
+        self._waiting.clear()
+
+    # ---- internals -----------------------------------------------------------------------------------
+    async def _run(self, direction: str, kind: str, content_type: str, body: bytes):
+        loop = asyncio.get_running_loop()
+        worker = await self._acquire(loop)
+        worker.answer = loop.create_future()
+        try:
+            worker.jobs.send_bytes(pickle.dumps((direction, kind, content_type, body),
+                                                protocol=pickle.HIGHEST_PROTOCOL))
+            status, value = await worker.answer
+        except asyncio.CancelledError:
+            # Timed out (or the flow went away) mid-job: the worker may be stuck on it, and its late
+            # answer would be taken for the next job's. Replace it.
+            self._retire(worker, reason="a job timed out")
+            self._spawn_replacement(loop)
+            raise
+        except OSError as e:
+            self._retire(worker, reason=f"its pipe failed: {e}")
+            self._spawn_replacement(loop)
+            raise MaskingWorkerError(f"masking worker failed: {e}") from None
+        worker.answer = None
+        self._release(worker)
+        if status != "ok":
+            raise MaskingWorkerError(value)
+        return value
+
+    async def _acquire(self, loop) -> _Worker:
+        if self._closed:
+            raise MaskingWorkerError("the gateway is stopping")
+        while self._idle:
+            worker = self._idle.popleft()
+            if worker in self._workers:
+                return worker
+        waiter = loop.create_future()
+        self._waiting.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())  # handed a worker just as the wait was given up
+            raise
+
+    def _release(self, worker: _Worker) -> None:
+        if worker not in self._workers:
+            return
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(worker)
+                return
+        self._idle.append(worker)
+
+    def _spawn(self, loop) -> _Worker:
+        process, jobs, answers = start_child(__name__)
+        worker = _Worker(process, jobs, answers, answer=loop.create_future())
+        self._workers.append(worker)
+        loop.add_reader(answers.fileno(), self._on_readable, worker)
+        try:
+            jobs.send_bytes(pickle.dumps(self.settings))
+        except OSError:
+            pass  # it is already gone: its end of the pipe reads EOF, and _on_readable retires it
+        return worker
+
+    async def _await_ready(self, worker: _Worker) -> None:
+        try:
+            status, value = await asyncio.wait_for(worker.answer, self.start_timeout)
+        except TimeoutError:
+            self._retire(worker, reason="it did not start in time")
+            raise MaskingWorkerError(f"a masking worker did not start within {self.start_timeout:g}s") from None
+        if status != "ready":
+            self._retire(worker, reason="it could not start")
+            raise MaskingWorkerError(f"a masking worker could not start: {value}")
+        worker.answer, worker.ready = None, True
+        self._release(worker)
+
+    def _spawn_replacement(self, loop) -> None:
+        if self._closed:
+            return
+        worker = self._spawn(loop)
+
+        async def ready() -> None:
+            try:
+                await self._await_ready(worker)
+            except MaskingWorkerError as e:
+                logger.error("%s", e)
+
+        loop.create_task(ready())
+
+    def _on_readable(self, worker: _Worker) -> None:
+        try:
+            message = pickle.loads(worker.answers.recv_bytes())
+        except (EOFError, OSError):
+            message = None
+        if message is None:  # the worker is gone (killed, crashed)
+            self._retire(worker, reason="it ended unexpectedly")
+            if worker.ready:  # one that never started is not replaced: it would fail again, forever
+                self._spawn_replacement(asyncio.get_running_loop())
+            return
+        if worker.answer is not None and not worker.answer.done():
+            worker.answer.set_result(message)
+
+    def _retire(self, worker: _Worker, reason: str) -> None:
+        if worker not in self._workers:
+            return
+        self._workers.remove(worker)
+        try:
+            asyncio.get_running_loop().remove_reader(worker.answers.fileno())
+        except (RuntimeError, ValueError, OSError):
+            pass
+        if worker.answer is not None and not worker.answer.done():
+            worker.answer.set_exception(MaskingWorkerError(f"the masking worker was stopped: {reason}"))
+        worker.jobs.close()  # a healthy worker ends on its own when its input closes
+        worker.answers.close()
+        if self._closed:
+            stop_child(worker.process, 1)
+        else:
+            worker.process.kill()
+            worker.process.wait(5)
+        if not self._closed:
+            logger.warning("masking worker %s replaced: %s", worker.process.pid, reason)
+
+
+if __name__ == "__main__":
+    serve_jobs(*child_ends(sys.argv))

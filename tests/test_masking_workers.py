@@ -1,0 +1,133 @@
+"""The masking worker processes (real child processes, no mitmproxy): answers, timeouts, deaths, start-up errors."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+
+import pytest
+
+from addons.body_masking import mask_body
+from addons.masking_config import load_masking_settings
+from addons.masking_workers import MaskingWorkerError, MaskingWorkers
+from addons.pii_masking import PiiMasker
+from tests.masking_fixtures import PII_SENTENCE, PII_VALUES, shipped_rules
+
+
+def _reply(text: str) -> bytes:
+    return json.dumps({"object": "response", "id": "resp_1", "output": [{"type": "message", "role": "assistant",
+                       "content": [{"type": "output_text", "text": text}]}]}).encode()
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_masking_settings(shipped_rules())
+
+
+def _run(scenario):
+    return asyncio.run(scenario())
+
+
+def test_a_worker_masks_a_body_exactly_as_this_process_would(settings):
+    body = _reply(PII_SENTENCE)
+    expected = mask_body(PiiMasker(settings), body, "application/json", "responses", "response")
+
+    async def scenario():
+        workers = MaskingWorkers(settings, 2)
+        await workers.start()
+        try:
+            return await asyncio.gather(*(workers.mask("response", "responses", "application/json", body, 30)
+                                          for _ in range(5)))  # more jobs than workers: they wait in line
+        finally:
+            workers.close()
+
+    answers = _run(scenario)
+    assert all(answer == expected for answer in answers)
+    new_body, findings = answers[0]
+    assert new_body and not [v for v in PII_VALUES.values() if v.encode() in new_body]
+    assert ("EMAIL_ADDRESS", "output[0].content[0].text") in findings
+
+
+def test_a_job_that_times_out_fails_and_its_worker_is_replaced(settings):
+    big = _reply(" ".join([PII_SENTENCE] * 3000))
+
+    async def scenario():
+        workers = MaskingWorkers(settings, 1)
+        await workers.start()
+        try:
+            [first] = workers._workers
+            with pytest.raises(MaskingWorkerError, match="timed out"):
+                await workers.mask("response", "responses", "application/json", big, 0.01)
+            assert first.process.wait(5) is not None  # the busy worker was ended, not left to finish
+            # A new worker takes the next job.
+            new_body, findings = await workers.mask("response", "responses", "application/json",
+                                                    _reply(PII_SENTENCE), 60)
+            assert findings and workers._workers[0] is not first
+        finally:
+            workers.close()
+
+    _run(scenario)
+
+
+def test_a_worker_killed_from_outside_fails_its_job_and_is_replaced(settings):
+    big = _reply(" ".join([PII_SENTENCE] * 3000))
+
+    async def scenario():
+        workers = MaskingWorkers(settings, 1)
+        await workers.start()
+        try:
+            [first] = workers._workers
+            job = asyncio.ensure_future(workers.mask("response", "responses", "application/json", big, 60))
+            await asyncio.sleep(0.2)
+            os.kill(first.process.pid, signal.SIGKILL)
+            with pytest.raises(MaskingWorkerError, match="stopped"):
+                await job
+            _, findings = await workers.mask("response", "responses", "application/json", _reply(PII_SENTENCE), 60)
+            assert findings
+        finally:
+            workers.close()
+
+    _run(scenario)
+
+
+def test_workers_run_outside_the_gateways_process_group(settings):
+    # A Ctrl-C (SIGINT to the whole group) must not kill them before the gateway has shut down.
+    async def scenario():
+        workers = MaskingWorkers(settings, 1)
+        await workers.start()
+        try:
+            return os.getpgid(workers._workers[0].process.pid)
+        finally:
+            workers.close()
+
+    assert _run(scenario) != os.getpgid(0)
+
+
+def test_a_worker_that_cannot_start_says_why(settings):
+    broken = dataclasses.replace(settings, nlp_model="no_such_spacy_model_package")
+
+    async def scenario():
+        workers = MaskingWorkers(broken, 1, start_timeout=60)
+        try:
+            await workers.start()
+        finally:
+            workers.close()
+
+    with pytest.raises(MaskingWorkerError, match="could not start.*'no_such_spacy_model_package' is not installed"):
+        _run(scenario)
+
+
+def test_an_undecodable_text_body_is_an_error_not_a_pass(settings):
+    async def scenario():
+        workers = MaskingWorkers(settings, 1)
+        await workers.start()
+        try:
+            await workers.mask("response", "other", "text/plain", b"\xff\xfe not utf-8", 30)
+        finally:
+            workers.close()
+
+    with pytest.raises(MaskingWorkerError, match="not UTF-8"):
+        _run(scenario)
