@@ -1,7 +1,5 @@
 """Holds requests that policy.yaml sends for approval until a second person decides, or the rule's timeout passes."""
 
-from __future__ import annotations
-
 import asyncio
 import hashlib
 import json

@@ -1,6 +1,5 @@
 """The auditgate bundle: every addon, listed in the order a request passes through them."""
 
-import logging
 from addons.approval import ApprovalGate
 from addons.audit_log import AuditLog
 from addons.authorization import GroupAuthorization
@@ -14,11 +13,6 @@ from addons.policy import PolicyRules
 from addons.sse_streaming import SseStreaming
 from addons.transport_errors import OpenAIShapedTransportErrors
 from addons.upstream_routing import UpstreamRouting
-
-# Under mitmproxy every log record, whatever its level, is dispatched to every loaded addon: costly
-# on the per-request path. Our per-request lines are debug lines; capping our loggers at INFO skips
-# them before a record is made (set termlog_verbosity=debug and lower this to see them).
-logging.getLogger("addons").setLevel(logging.INFO)
 
 # mitmproxy calls each hook on these in list order. A request hook that answers a flow (a refusal)
 # leaves the later request hooks nothing to do; the response side then runs as usual.

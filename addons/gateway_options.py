@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -11,6 +12,12 @@ from mitmproxy import ctx, exceptions
 from addons.rules_yaml import ConfigError
 
 T = TypeVar("T")
+
+# Under mitmproxy every log record, whatever its level, becomes an event dispatched to every loaded
+# addon (mitmdump sets the root logger to DEBUG). Our per-request lines are debug lines; capping our
+# loggers at INFO skips them before a record is made. Here, because every addon imports this module,
+# alone or in the bundle. (Set termlog_verbosity=debug and lower this to see them.)
+logging.getLogger("addons").setLevel(logging.INFO)
 
 
 def add_gateway_options(loader) -> None:

@@ -1,7 +1,5 @@
 """Masks personal data in replies (and, where configured, requests) with Presidio, streamed replies included."""
 
-from __future__ import annotations
-
 import json
 import logging
 import os
@@ -78,6 +76,7 @@ class PiiMasking:
         self.workers: MaskingWorkers | None = None
         self._streams: dict[str, _StreamState] = {}
         self._flows: dict[str, _FlowMasking] = {}
+        self._in_flight: set[str] = set()  # flows between their request headers and their end
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -131,6 +130,10 @@ class PiiMasking:
             self.workers = None
 
     # ---- requests ---------------------------------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.live:
+            self._in_flight.add(flow.id)
+
     async def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow) or self.settings is None:
             return
@@ -223,6 +226,12 @@ class PiiMasking:
         return [f"event: error\ndata: {json.dumps(event)}\n\n".encode()]
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._mask_response(flow)
+        finally:
+            self._in_flight.discard(flow.id)
+
+    async def _mask_response(self, flow: http.HTTPFlow) -> None:
         if not flow.live or self.settings is None or not flow.response:
             return
         stream = self._streams.pop(flow.id, None)
@@ -239,6 +248,7 @@ class PiiMasking:
             self._write_metadata(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._in_flight.discard(flow.id)
         self._streams.pop(flow.id, None)
         if flow.id in self._flows:
             self._write_metadata(flow)
@@ -272,8 +282,10 @@ class PiiMasking:
         if not body:
             return None, []
         content_type = message.headers.get("content-type", "").split(";")[0].strip().lower()
-        if len(body) <= self.settings.inline_max_bytes and not self.settings.nlp_model:
-            # Tiny and pattern-only: cheaper here than the hand-over to a worker.
+        if len(body) <= self.settings.inline_max_bytes and len(self._in_flight) <= 1 and not self.settings.nlp_model:
+            # Small, pattern-only, and no other flow is waiting on this process: quicker here than
+            # the round trip to a worker. With other flows in flight the workers take it, so those
+            # flows keep moving.
             try:
                 return mask_body(self.masker, body, content_type, kind, direction)
             except BodyNotMaskable as e:

@@ -41,7 +41,7 @@ class MaskingSettings:
     operators: dict[str, dict] = field(default_factory=lambda: {"DEFAULT": {"type": "replace"}})
     allow_list: tuple[str, ...] = ()
     stream_holdback_chars: int = 64
-    inline_max_bytes: int = 512
+    inline_max_bytes: int = 4096
 
     def direction(self, name: str) -> DirectionSettings:
         return self.response if name == "response" else self.request
@@ -87,7 +87,7 @@ def load_masking_settings(rules_dir: Path) -> MaskingSettings | None:
     holdback = data.get("stream_holdback_chars", 64)
     if not isinstance(holdback, int) or not 8 <= holdback <= 4096:
         raise ConfigError(path, "stream_holdback_chars must be a whole number from 8 to 4096")
-    inline_max = data.get("inline_max_bytes", 512)
+    inline_max = data.get("inline_max_bytes", 4096)
     if not isinstance(inline_max, int) or inline_max < 0:
         raise ConfigError(path, "inline_max_bytes must be a whole number (0: every body goes to the workers)")
     nlp_model = data.get("nlp_model")

@@ -115,7 +115,7 @@ class PiiTypes:
         return found
 
 
-def load(directory: Path) -> tuple[Policy | None, PiiTypes | None]:
+def load_policy_dir(directory: Path) -> tuple[Policy | None, PiiTypes | None]:
     """The policy of a rules directory (None without policy.yaml) and, if its rules need it, the PII finder."""
     path = directory / POLICY_FILE
     if not path.exists():
@@ -143,7 +143,7 @@ class PolicyRules:
     def configure(self, updated: set[str]) -> None:
         if "gateway_rules" not in updated:
             return
-        self.policy, self.pii = load_rules(load)
+        self.policy, self.pii = load_rules(load_policy_dir)
         self._path = rules_dir() / POLICY_FILE
         self._watch = ChangedFile(self._path)
         self._log_loaded("policy")
@@ -166,7 +166,7 @@ class PolicyRules:
         if self._watch is None or not self._watch.changed():
             return
         try:
-            self.policy, self.pii = load(self._path.parent)
+            self.policy, self.pii = load_policy_dir(self._path.parent)
             self._log_loaded("policy reloaded")
         except ConfigError as e:
             logger.error("keeping the previous policy: %s", e)

@@ -82,7 +82,8 @@ class Processes:
 class Setup:
     """An upstream, bare mitmdump and the gateway, all in reverse mode to that upstream."""
 
-    def __init__(self, procs: Processes, workdir: Path, script: str, upstream_args: list[str]) -> None:
+    def __init__(self, procs: Processes, workdir: Path, script: str, upstream_args: list[str],
+                 masking_alone: bool = False) -> None:
         name = "-".join(a.strip("-") for a in upstream_args) or "plain"
         port = int(procs.start(f"upstream-{name}", [sys.executable, "-m", "tests.fake_openai", *upstream_args],
                                r"PORT (\d+)").group(1))
@@ -105,6 +106,14 @@ class Setup:
             "bare mitmdump": f"http://127.0.0.1:{bare}/v1/responses",
             "gateway": f"http://127.0.0.1:{gateway}/v1/responses",
         }
+        if masking_alone:
+            # The masking addon on its own (it loads alone, like every addon of the bundle): what
+            # masking costs, apart from authentication, policy, recording and the audit log.
+            procs.start(f"masking-{name}", [str(BIN / "mitmdump"), *common, "-s", str(ROOT / "addons" / "masking.py"),
+                                            "--set", f"gateway_rules={rules}"], r"PII masking workers ready")
+            masking = int(_wait_for(r"listening at 127\.0\.0\.1:(\d+)", procs.workdir / f"masking-{name}.log",
+                                    procs.procs[-1]).group(1))
+            self.urls["masking addon"] = f"http://127.0.0.1:{masking}/v1/responses"
 
 
 def sequential(url: str, token: str, n: int) -> list[float]:
@@ -150,7 +159,7 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def request_scenario(setup: Setup, args, title: str, check=None) -> dict:
+def request_scenario(setup: Setup, args, title: str, check=None) -> None:
     size = len(httpx.post(setup.urls["direct"], json=BODY).content)
     print(f"\n== {title}: reply {size} bytes; {args.rounds} rounds of {args.requests} sequential requests and "
           f"{args.concurrency} clients x {args.per_client} requests, the three targets in turn each round")
@@ -168,15 +177,12 @@ def request_scenario(setup: Setup, args, title: str, check=None) -> dict:
         lat = latencies[name]
         print(f"{name:14s} p50 {statistics.median(lat) * 1000:7.2f} ms   p99 {percentile(lat, 99) * 1000:7.2f} ms   "
               f"req/s by round {' '.join(f'{r:6.1f}' for r in rates[name])}")
-    ratio = {
-        "p50": statistics.median(latencies["gateway"]) / statistics.median(latencies["bare mitmdump"]),
-        "p99": percentile(latencies["gateway"], 99) / percentile(latencies["bare mitmdump"], 99),
-        "req/s": statistics.median(g / b for g, b in zip(rates["gateway"], rates["bare mitmdump"])),
-    }
-    print(f"gateway/bare: p50 {ratio['p50']:.2f}x   p99 {ratio['p99']:.2f}x   "
-          f"req/s {ratio['req/s']:.2f}x (rounds: "
-          f"{' '.join(f'{g / b:.2f}' for g, b in zip(rates['gateway'], rates['bare mitmdump']))})")
-    return ratio
+    for name in [n for n in setup.urls if n not in ("direct", "bare mitmdump")]:
+        lat, base = latencies[name], latencies["bare mitmdump"]
+        rounds = [g / b for g, b in zip(rates[name], rates["bare mitmdump"])]
+        print(f"{name + '/bare:':21s} p50 {statistics.median(lat) / statistics.median(base):.2f}x   "
+              f"p99 {percentile(lat, 99) / percentile(base, 99):.2f}x   req/s {statistics.median(rounds):.2f}x "
+              f"(rounds: {' '.join(f'{r:.2f}' for r in rounds)})")
 
 
 def _stream_once(url: str, token: str) -> tuple[float, float]:
@@ -258,7 +264,8 @@ def main() -> None:
             setup = Setup(procs, workdir, args.script, ["--reply-bytes", str(args.reply_text_bytes)])
             request_scenario(setup, args, "plain")
         if args.scenario in ("all", "pii"):
-            setup = Setup(procs, workdir, args.script, ["--reply-bytes", str(args.reply_text_bytes), "--pii"])
+            setup = Setup(procs, workdir, args.script, ["--reply-bytes", str(args.reply_text_bytes), "--pii"],
+                          masking_alone=True)
 
             def masked(response: httpx.Response) -> None:
                 assert "jane.roe@example.org" not in response.text and "<EMAIL_ADDRESS>" in response.text
