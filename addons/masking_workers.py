@@ -85,9 +85,15 @@ class MaskingWorkers:
     _idle: collections.deque = field(default_factory=collections.deque)
     _waiting: collections.deque = field(default_factory=collections.deque)  # futures wanting a worker
     _closed: bool = False
+    _starting: asyncio.Future | None = None
 
     async def start(self) -> None:
         """Spawn every worker and wait until each has built its masker (Presidio takes a second or two)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start_all())
+        await asyncio.shield(self._starting)
+
+    async def _start_all(self) -> None:
         loop = asyncio.get_running_loop()
         workers = [self._spawn(loop) for _ in range(self.count)]
         await asyncio.gather(*(self._await_ready(w) for w in workers))
@@ -95,6 +101,13 @@ class MaskingWorkers:
     async def mask(self, direction: str, kind: str, content_type: str, body: bytes, timeout: float):
         """(masked body or None, findings), from a worker within timeout seconds; else MaskingWorkerError."""
         try:
+            if self._starting is None or not self._starting.done():
+                # Started before serving (running hook); this covers a pool made later, on a new
+                # configuration. Workers that failed to start were reported then; the others serve.
+                try:
+                    await asyncio.wait_for(self.start(), timeout)
+                except MaskingWorkerError:
+                    pass
             return await asyncio.wait_for(self._run(direction, kind, content_type, body), timeout)
         except TimeoutError:
             raise MaskingWorkerError(f"timed out after {timeout:g}s") from None
@@ -136,6 +149,8 @@ class MaskingWorkers:
     async def _acquire(self, loop) -> _Worker:
         if self._closed:
             raise MaskingWorkerError("the gateway is stopping")
+        if not self._workers:
+            raise MaskingWorkerError("no masking worker is running (see the log for why)")
         while self._idle:
             worker = self._idle.popleft()
             if worker in self._workers:

@@ -18,6 +18,25 @@ from tests.fake_openai import FakeOpenAI, FakeOpenAIServer
 from tests.gateway_process import ROOT, GatewayProcess
 from tests.tls_material import TlsFiles, make_tls_files
 
+
+
+def _taddons_context_exit_uninstalls_its_log_handler() -> None:
+    """mitmproxy's taddons.context closes its event loop on exit but leaves its log handler on the root
+    logger, so an INFO record from a later context (our loggers are capped at INFO, not above) would
+    be sent to that closed loop. Make the test harness take its handler with it."""
+    from mitmproxy.test import taddons
+
+    original_exit = taddons.context.__exit__
+
+    def exit_(self, *exc_info):
+        self.master._legacy_log_events.uninstall()
+        return original_exit(self, *exc_info)
+
+    taddons.context.__exit__ = exit_
+
+
+_taddons_context_exit_uninstalls_its_log_handler()
+
 # Presidio's email recognizer pulls in tldextract, which would download a suffix list: keep it local.
 _TLD_CACHE = Path(tempfile.gettempdir()) / "auditgate-tldextract-cache"
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")

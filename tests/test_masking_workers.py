@@ -131,3 +131,35 @@ def test_an_undecodable_text_body_is_an_error_not_a_pass(settings):
 
     with pytest.raises(MaskingWorkerError, match="not UTF-8"):
         _run(scenario)
+
+
+def test_a_pool_not_started_explicitly_starts_on_its_first_job(settings):
+    # As after a configuration change at run time, when the running hook has already passed.
+    async def scenario():
+        workers = MaskingWorkers(settings, 1)
+        try:
+            return await workers.mask("response", "responses", "application/json", _reply(PII_SENTENCE), 60)
+        finally:
+            workers.close()
+
+    _, findings = _run(scenario)
+    assert findings
+
+
+def test_with_no_worker_running_a_job_fails_at_once(settings):
+    broken = dataclasses.replace(settings, nlp_model="no_such_spacy_model_package")
+
+    async def scenario():
+        workers = MaskingWorkers(broken, 1)
+        with pytest.raises(MaskingWorkerError):
+            await workers.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            with pytest.raises(MaskingWorkerError, match="no masking worker is running"):
+                await workers.mask("response", "responses", "application/json", _reply(PII_SENTENCE), 30)
+        finally:
+            workers.close()
+        return loop.time() - started
+
+    assert _run(scenario) < 5  # not the whole timeout: nothing could ever take the job
