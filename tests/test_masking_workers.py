@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,18 +32,25 @@ def _run(scenario):
     return asyncio.run(scenario())
 
 
+@contextlib.asynccontextmanager
+async def _pool(settings, count: int = 1, start: bool = True):
+    workers = MaskingWorkers(settings, count)
+    try:
+        if start:
+            await workers.start()
+        yield workers
+    finally:
+        workers.close()
+
+
 def test_a_worker_masks_a_body_exactly_as_this_process_would(settings):
     body = _reply(PII_SENTENCE)
     expected = mask_body(PiiMasker(settings), body, "application/json", "responses", "response")
 
     async def scenario():
-        workers = MaskingWorkers(settings, 2)
-        await workers.start()
-        try:
+        async with _pool(settings, 2) as workers:
             return await asyncio.gather(*(workers.mask("response", "responses", "application/json", body, 30)
                                           for _ in range(5)))  # more jobs than workers: they wait in line
-        finally:
-            workers.close()
 
     answers = _run(scenario)
     assert all(answer == expected for answer in answers)
@@ -55,9 +63,7 @@ def test_a_job_that_times_out_fails_and_its_worker_is_replaced(settings):
     big = _reply(" ".join([PII_SENTENCE] * 3000))
 
     async def scenario():
-        workers = MaskingWorkers(settings, 1)
-        await workers.start()
-        try:
+        async with _pool(settings, 1) as workers:
             [first] = workers._workers
             with pytest.raises(MaskingWorkerError, match="timed out"):
                 await workers.mask("response", "responses", "application/json", big, 0.01)
@@ -66,8 +72,6 @@ def test_a_job_that_times_out_fails_and_its_worker_is_replaced(settings):
             new_body, findings = await workers.mask("response", "responses", "application/json",
                                                     _reply(PII_SENTENCE), 60)
             assert findings and workers._workers[0] is not first
-        finally:
-            workers.close()
 
     _run(scenario)
 
@@ -76,9 +80,7 @@ def test_a_worker_killed_from_outside_fails_its_job_and_is_replaced(settings):
     big = _reply(" ".join([PII_SENTENCE] * 3000))
 
     async def scenario():
-        workers = MaskingWorkers(settings, 1)
-        await workers.start()
-        try:
+        async with _pool(settings, 1) as workers:
             [first] = workers._workers
             job = asyncio.ensure_future(workers.mask("response", "responses", "application/json", big, 60))
             await asyncio.sleep(0.2)
@@ -87,8 +89,6 @@ def test_a_worker_killed_from_outside_fails_its_job_and_is_replaced(settings):
                 await job
             _, findings = await workers.mask("response", "responses", "application/json", _reply(PII_SENTENCE), 60)
             assert findings
-        finally:
-            workers.close()
 
     _run(scenario)
 
@@ -96,12 +96,8 @@ def test_a_worker_killed_from_outside_fails_its_job_and_is_replaced(settings):
 def test_workers_run_outside_the_gateways_process_group(settings):
     # A Ctrl-C (SIGINT to the whole group) must not kill them before the gateway has shut down.
     async def scenario():
-        workers = MaskingWorkers(settings, 1)
-        await workers.start()
-        try:
+        async with _pool(settings, 1) as workers:
             return os.getpgid(workers._workers[0].process.pid)
-        finally:
-            workers.close()
 
     assert _run(scenario) != os.getpgid(0)
 
@@ -110,11 +106,8 @@ def test_a_worker_that_cannot_start_says_why(settings):
     broken = dataclasses.replace(settings, nlp_model="no_such_spacy_model_package")
 
     async def scenario():
-        workers = MaskingWorkers(broken, 1, start_timeout=60)
-        try:
-            await workers.start()
-        finally:
-            workers.close()
+        async with _pool(broken, 1):
+            pass
 
     with pytest.raises(MaskingWorkerError, match="could not start.*'no_such_spacy_model_package' is not installed"):
         _run(scenario)
@@ -122,12 +115,8 @@ def test_a_worker_that_cannot_start_says_why(settings):
 
 def test_an_undecodable_text_body_is_an_error_not_a_pass(settings):
     async def scenario():
-        workers = MaskingWorkers(settings, 1)
-        await workers.start()
-        try:
+        async with _pool(settings, 1) as workers:
             await workers.mask("response", "other", "text/plain", b"\xff\xfe not utf-8", 30)
-        finally:
-            workers.close()
 
     with pytest.raises(MaskingWorkerError, match="not UTF-8"):
         _run(scenario)
@@ -136,11 +125,8 @@ def test_an_undecodable_text_body_is_an_error_not_a_pass(settings):
 def test_a_pool_not_started_explicitly_starts_on_its_first_job(settings):
     # As after a configuration change at run time, when the running hook has already passed.
     async def scenario():
-        workers = MaskingWorkers(settings, 1)
-        try:
+        async with _pool(settings, 1, start=False) as workers:
             return await workers.mask("response", "responses", "application/json", _reply(PII_SENTENCE), 60)
-        finally:
-            workers.close()
 
     _, findings = _run(scenario)
     assert findings
@@ -150,16 +136,13 @@ def test_with_no_worker_running_a_job_fails_at_once(settings):
     broken = dataclasses.replace(settings, nlp_model="no_such_spacy_model_package")
 
     async def scenario():
-        workers = MaskingWorkers(broken, 1)
-        with pytest.raises(MaskingWorkerError):
-            await workers.start()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
+        async with _pool(broken, 1, start=False) as workers:
+            with pytest.raises(MaskingWorkerError):
+                await workers.start()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             with pytest.raises(MaskingWorkerError, match="no masking worker is running"):
                 await workers.mask("response", "responses", "application/json", _reply(PII_SENTENCE), 30)
-        finally:
-            workers.close()
-        return loop.time() - started
+            return loop.time() - started
 
     assert _run(scenario) < 5  # not the whole timeout: nothing could ever take the job
