@@ -48,12 +48,17 @@ def child_ends(argv: list[str]) -> tuple[Connection, Connection]:
     return Connection(int(argv[1]), writable=False), Connection(int(argv[2]), readable=False)
 
 
-def stop_child(process: subprocess.Popen, wait: float) -> bool:
-    """Wait for a child whose input was closed; kill it if it takes longer. True if it ended by itself."""
+def stop_child(process: subprocess.Popen, wait: float) -> int | None:
+    """Wait for a child whose input was closed, killing it if it takes longer.
+
+    Its exit code when it ended by itself (0: all done; anything else: it failed), None if it was killed.
+    """
     try:
-        process.wait(wait)
-        return True
+        return process.wait(wait)
     except subprocess.TimeoutExpired:
         process.kill()
-        process.wait(5)
-        return False
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        return None

@@ -10,6 +10,7 @@ given: a gateway that is interrupted, or killed, loses no flow it had already ha
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -34,18 +35,36 @@ def write_batches(jobs: Connection, answers: Connection) -> None:
                 break
             by_path: dict[str, list[bytes]] = {}
             for path, state in pickle.loads(data):
-                by_path.setdefault(path, []).append(tnetstring.dumps(state))
-            for path, encoded in by_path.items():
                 try:
-                    if path not in files:
+                    by_path.setdefault(path, []).append(tnetstring.dumps(state))
+                except (TypeError, ValueError) as e:  # one flow that cannot be encoded loses only itself
+                    answers.send(f"could not record flow {state.get('id')} to {path}: {e}")
+            for path, encoded in by_path.items():
+                file, size = files.get(path), None
+                try:
+                    if file is None:
                         for old in files.values():  # the gateway has moved on to a new file
                             old.close()
                         files.clear()
-                        files[path] = open(path, "ab", buffering=0)
-                    # One write per batch: a reader sees whole flows, or the file as it was.
-                    files[path].write(b"".join(encoded))
+                        file = files[path] = open(path, "ab")
+                    size = file.tell()
+                    # One buffered write and a flush per batch: all of it, or an error.
+                    file.write(b"".join(encoded))
+                    file.flush()
                 except OSError as e:
                     answers.send(f"could not record {len(encoded)} flow(s) to {path}: {e}")
+                    # Cut a half-written batch off, so what follows can still be read back.
+                    if file is not None:
+                        try:
+                            if size is not None:
+                                os.ftruncate(file.fileno(), size)
+                        except OSError:
+                            pass
+                        files.pop(path, None)
+                        try:
+                            file.close()
+                        except OSError:
+                            pass
     finally:
         for file in files.values():
             file.close()
@@ -94,8 +113,12 @@ class FlowFileWriter:
     def _stop(self, wait: float) -> None:
         if self._jobs is not None:
             self._jobs.close()  # the child writes what it has, then sees the end of its input
-        if self._process is not None and not stop_child(self._process, wait):
-            logger.error("the flow file writer did not finish within %gs; it was ended", wait)
+        if self._process is not None:
+            code = stop_child(self._process, wait)
+            if code is None:
+                logger.error("the flow file writer did not finish within %gs; it was ended", wait)
+            elif code != 0:
+                logger.error("the flow file writer failed (exit code %d); flows handed to it may be missing", code)
         self.report_errors()
         if self._answers is not None:
             self._answers.close()

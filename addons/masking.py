@@ -148,7 +148,10 @@ class PiiMasking:
             # Masking needs plain bytes; asking the upstream for them spares a decode and re-encode.
             flow.request.headers["accept-encoding"] = "identity"
         if mask_request and flow.request.raw_content:
-            await self._mask_message(flow, flow.request, kind, "request")
+            try:
+                await self._mask_message(flow, flow.request, kind, "request")
+            except Exception as e:  # escaping, it would let the request go upstream unmasked
+                self._fail_unexpectedly(flow, "request", e)
 
     # ---- responses --------------------------------------------------------------------------------
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -228,8 +231,17 @@ class PiiMasking:
     async def response(self, flow: http.HTTPFlow) -> None:
         try:
             await self._mask_response(flow)
+        except Exception as e:
+            # An error escaping this hook would let mitmproxy send the reply as it is: unmasked.
+            self._fail_unexpectedly(flow, "response", e)
         finally:
             self._in_flight.discard(flow.id)
+
+    def _fail_unexpectedly(self, flow: http.HTTPFlow, direction: str, error: Exception) -> None:
+        logger.error("masking the %s failed: %s", direction, error, exc_info=True)
+        self._state(flow).failed = f"{direction}: {type(error).__name__}: {error}"
+        self._write_metadata(flow)
+        refuse(flow, 502, "gateway_masking_failed", f"the {direction} could not be masked, so it was withheld")
 
     async def _mask_response(self, flow: http.HTTPFlow) -> None:
         if not flow.live or self.settings is None or not flow.response:
@@ -300,6 +312,9 @@ class PiiMasking:
             return await self.workers.mask(direction, kind, content_type, body, self.settings.timeout_seconds)
         except MaskingWorkerError as e:
             raise MaskingFailed(str(e)) from None
+        except Exception as e:  # out of processes or descriptors...: whatever it is, nothing passes unmasked
+            logger.error("masking workers failed: %s", e, exc_info=True)
+            raise MaskingFailed(f"{type(e).__name__}: {e}") from None
 
     def _write_metadata(self, flow: http.HTTPFlow, **extra) -> None:
         state = self._flows.pop(flow.id, None) or _FlowMasking()

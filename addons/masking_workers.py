@@ -18,6 +18,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -72,6 +73,7 @@ class _Worker:
     answers: Connection
     answer: asyncio.Future | None = None  # the answer to the job in hand, or to the start-up
     ready: bool = False
+    late: asyncio.TimerHandle | None = None  # set while an abandoned job's answer is still to come
 
 
 @dataclass(eq=False)
@@ -89,40 +91,57 @@ class MaskingWorkers:
 
     async def start(self) -> None:
         """Spawn every worker and wait until each has built its masker (Presidio takes a second or two)."""
+        if self._closed:
+            raise MaskingWorkerError("the gateway is stopping")
         if self._starting is None:
             self._starting = asyncio.ensure_future(self._start_all())
         await asyncio.shield(self._starting)
-
-    async def _start_all(self) -> None:
-        loop = asyncio.get_running_loop()
-        workers = [self._spawn(loop) for _ in range(self.count)]
-        await asyncio.gather(*(self._await_ready(w) for w in workers))
 
     async def mask(self, direction: str, kind: str, content_type: str, body: bytes, timeout: float):
         """(masked body or None, findings), from a worker within timeout seconds; else MaskingWorkerError."""
         try:
             if self._starting is None or not self._starting.done():
-                # Started before serving (running hook); this covers a pool made later, on a new
-                # configuration. Workers that failed to start were reported then; the others serve.
+                # Started when the gateway starts (running hook); a job that comes first, or to a pool
+                # made later on a new configuration, waits for it. Workers that failed to start were
+                # reported then; the others serve.
                 try:
                     await asyncio.wait_for(self.start(), timeout)
                 except MaskingWorkerError:
                     pass
-            return await asyncio.wait_for(self._run(direction, kind, content_type, body), timeout)
+            return await asyncio.wait_for(self._run(direction, kind, content_type, body, timeout), timeout)
         except TimeoutError:
             raise MaskingWorkerError(f"timed out after {timeout:g}s") from None
 
-    def close(self) -> None:
+    def close(self, wait: float = 2.0) -> None:
+        """Close every worker's pipes (they end on their own), then wait for them together, killing stragglers."""
         self._closed = True
-        for worker in list(self._workers):
-            self._retire(worker, reason="the gateway is stopping")
+        workers = list(self._workers)
+        for worker in workers:
+            self._retire(worker, reason="the gateway is stopping", kill=False)
         for waiter in self._waiting:
             if not waiter.done():
                 waiter.set_exception(MaskingWorkerError("the gateway is stopping"))
         self._waiting.clear()
+        deadline = time.monotonic() + wait
+        for worker in workers:
+            stop_child(worker.process, max(0.0, deadline - time.monotonic()))
 
     # ---- internals -----------------------------------------------------------------------------------
-    async def _run(self, direction: str, kind: str, content_type: str, body: bytes):
+    async def _start_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        workers, errors = [], []
+        for _ in range(self.count):
+            try:
+                workers.append(self._spawn(loop))
+            except OSError as e:  # out of processes or file descriptors
+                errors.append(MaskingWorkerError(f"a masking worker could not be started: {e}"))
+                break
+        results = await asyncio.gather(*(self._await_ready(w) for w in workers), return_exceptions=True)
+        errors += [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def _run(self, direction: str, kind: str, content_type: str, body: bytes, timeout: float):
         loop = asyncio.get_running_loop()
         worker = await self._acquire(loop)
         worker.answer = loop.create_future()
@@ -131,14 +150,15 @@ class MaskingWorkers:
                                                 protocol=pickle.HIGHEST_PROTOCOL))
             status, value = await worker.answer
         except asyncio.CancelledError:
-            # Timed out (or the flow went away) mid-job: the worker may be stuck on it, and its late
-            # answer would be taken for the next job's. Replace it.
-            self._retire(worker, reason="a job timed out")
-            self._spawn_replacement(loop)
+            # Given up on (timed out, most often after waiting in line) while the worker has it: its
+            # answer, when it comes, is dropped and the worker goes back to work. One that is still
+            # busy a whole timeout later is stuck and is replaced.
+            worker.answer = None
+            if worker in self._workers:
+                worker.late = loop.call_later(timeout, self._replace, worker, "a job ran far past the timeout")
             raise
         except OSError as e:
-            self._retire(worker, reason=f"its pipe failed: {e}")
-            self._spawn_replacement(loop)
+            self._replace(worker, f"its pipe failed: {e}")
             raise MaskingWorkerError(f"masking worker failed: {e}") from None
         worker.answer = None
         self._release(worker)
@@ -197,14 +217,20 @@ class MaskingWorkers:
         worker.answer, worker.ready = None, True
         self._release(worker)
 
-    def _spawn_replacement(self, loop) -> None:
-        if self._closed:
+    def _replace(self, worker: _Worker, reason: str) -> None:
+        """Retire a worker that was serving and start another in its place."""
+        if not self._retire(worker, reason) or self._closed:
             return
-        worker = self._spawn(loop)
+        loop = asyncio.get_running_loop()
+        try:
+            fresh = self._spawn(loop)
+        except OSError as e:
+            logger.error("masking worker could not be replaced: %s", e)
+            return
 
         async def ready() -> None:
             try:
-                await self._await_ready(worker)
+                await self._await_ready(fresh)
             except MaskingWorkerError as e:
                 logger.error("%s", e)
 
@@ -216,17 +242,26 @@ class MaskingWorkers:
         except (EOFError, OSError):
             message = None
         if message is None:  # the worker is gone (killed, crashed)
-            self._retire(worker, reason="it ended unexpectedly")
-            if worker.ready:  # one that never started is not replaced: it would fail again, forever
-                self._spawn_replacement(asyncio.get_running_loop())
+            if worker.ready:
+                self._replace(worker, "it ended unexpectedly")
+            else:  # one that never started is not replaced: it would fail again, forever
+                self._retire(worker, reason="it ended during start-up")
+            return
+        if worker.late is not None:  # the answer to a job given up on: dropped
+            worker.late.cancel()
+            worker.late = None
+            self._release(worker)
             return
         if worker.answer is not None and not worker.answer.done():
             worker.answer.set_result(message)
 
-    def _retire(self, worker: _Worker, reason: str) -> None:
+    def _retire(self, worker: _Worker, reason: str, kill: bool = True) -> bool:
+        """Take a worker out of service; False if it already was."""
         if worker not in self._workers:
-            return
+            return False
         self._workers.remove(worker)
+        if worker.late is not None:
+            worker.late.cancel()
         try:
             asyncio.get_running_loop().remove_reader(worker.answers.fileno())
         except (RuntimeError, ValueError, OSError):
@@ -235,13 +270,14 @@ class MaskingWorkers:
             worker.answer.set_exception(MaskingWorkerError(f"the masking worker was stopped: {reason}"))
         worker.jobs.close()  # a healthy worker ends on its own when its input closes
         worker.answers.close()
-        if self._closed:
-            stop_child(worker.process, 1)
-        else:
+        if kill:
             worker.process.kill()
-            worker.process.wait(5)
-        if not self._closed:
-            logger.warning("masking worker %s replaced: %s", worker.process.pid, reason)
+            try:
+                worker.process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass  # reaped later; it cannot take jobs any more
+            logger.warning("masking worker %s stopped: %s", worker.process.pid, reason)
+        return True
 
 
 if __name__ == "__main__":

@@ -101,3 +101,26 @@ def test_the_writer_process_is_outside_the_gateways_group_and_is_restarted_if_ki
         recorder.done()
     [path] = (tmp_path / "flows").glob("*.mitm")
     assert [f.response.content for f in _read(path)] == [b"first", b"second"]
+
+
+def test_a_write_the_disk_refuses_is_reported_and_what_was_written_stays_readable(tmp_path, caplog):
+    import logging
+    import time
+
+    from addons.flow_file_writer import FlowFileWriter
+
+    good = tmp_path / "good.mitm"
+    writer = FlowFileWriter()
+    try:
+        writer.write([(str(good), _flow(b"kept").get_state())])
+        writer.write([("/dev/full", _flow(b"lost").get_state())])  # every write fails: ENOSPC
+        writer.write([(str(good), _flow(b"after").get_state())])
+        deadline = time.monotonic() + 10
+        with caplog.at_level(logging.ERROR, logger="addons.flow_file_writer"):
+            while "could not record" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+                writer.report_errors()
+    finally:
+        writer.close()
+    assert "could not record 1 flow(s) to /dev/full" in caplog.text
+    assert [f.response.content for f in _read(good)] == [b"kept", b"after"]

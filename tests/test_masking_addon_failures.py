@@ -1,0 +1,60 @@
+"""The masking addon fails closed when its worker processes cannot serve (mitmproxy's test harness, faults injected)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+
+import pytest
+from mitmproxy.test import taddons, tflow
+
+import addons.masking_workers
+from addons.masking import PiiMasking
+from addons.masking_workers import MaskingWorkers
+from tests.masking_fixtures import PII_SENTENCE, PII_VALUES, shipped_rules
+
+
+def _big_reply_flow():
+    flow = tflow.tflow(resp=True)
+    flow.request.path = "/v1/responses"
+    flow.response.headers["content-type"] = "application/json"
+    text = " ".join([PII_SENTENCE] * 60)  # past inline_max_bytes: a job for the workers
+    flow.response.content = json.dumps({"object": "response", "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": text}]}]}).encode()
+    return flow
+
+
+def _masked_response(monkeypatch_fault) -> bytes:
+    async def scenario():
+        addon = PiiMasking()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, gateway_rules=str(shipped_rules()))
+            monkeypatch_fault()
+            flow = _big_reply_flow()
+            addon.requestheaders(flow)
+            addon._in_flight.add("another flow")  # others in flight: no inline masking
+            await addon.response(flow)
+            addon.done()
+            return flow
+
+    flow = asyncio.run(scenario())
+    body = flow.response.content
+    assert flow.response.status_code == 502 and json.loads(body)["error"]["code"] == "gateway_masking_failed"
+    assert flow.metadata["auditgate.masking"]["status"] == "failed"
+    assert not [v for v in PII_VALUES.values() if v.encode() in body]
+    return body
+
+
+def test_workers_that_cannot_be_started_mean_a_502_not_an_unmasked_reply(monkeypatch):
+    def no_processes(module):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    _masked_response(lambda: monkeypatch.setattr(addons.masking_workers, "start_child", no_processes))
+
+
+def test_any_unexpected_error_on_the_way_means_a_502_not_an_unmasked_reply(monkeypatch):
+    async def broken(self, *args, **kwargs):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    _masked_response(lambda: monkeypatch.setattr(MaskingWorkers, "mask", broken))
