@@ -54,8 +54,7 @@ class FlowRecorder:
                     raise PermissionError(f"{directory} is not writable")
             except OSError as e:
                 raise exceptions.OptionsError(f"auditgate: gateway_records={ctx.options.gateway_records!r}: {e}") from None
-            self._drain()
-            self._flush()
+            self._write_out()
             self._path = None
             self.directory = directory
 
@@ -78,8 +77,7 @@ class FlowRecorder:
             self.record(flow)
 
     def done(self) -> None:
-        self._drain()
-        self._flush()
+        self._write_out()
         self._writer.close()
 
     def record(self, flow: http.HTTPFlow) -> None:
@@ -99,8 +97,12 @@ class FlowRecorder:
                 asyncio.get_running_loop().call_soon(self._drain)
                 self._drain_scheduled = True
             except RuntimeError:  # no event loop (never the case inside mitmproxy): write now
-                self._drain()
-                self._flush()
+                self._write_out()
+
+    def _write_out(self) -> None:
+        """Everything pending, to the writer now."""
+        self._drain()
+        self._flush()
 
     def _drain(self) -> None:
         self._drain_scheduled = False
@@ -144,8 +146,7 @@ class FlowRecorder:
         day = now.strftime("%Y%m%d")
         too_big = self._bytes >= ctx.options.gateway_flows_max_mb * 1024 * 1024
         if self._path is None or day != self._day or too_big:
-            self._drain()  # flows already assigned to the current file go there first
-            self._flush()
+            self._write_out()  # flows already assigned to the current file go there first
             if self.directory is None:
                 raise RuntimeError("the flow recorder has no records directory")
             self._seq += 1

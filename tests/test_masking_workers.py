@@ -28,6 +28,19 @@ def settings():
     return load_masking_settings(shipped_rules())
 
 
+@pytest.fixture(scope="module")
+def unstartable(settings):
+    """Settings no worker can start with: an NLP model that is not installed."""
+    return dataclasses.replace(settings, nlp_model="no_such_spacy_model_package")
+
+
+
+
+def _big_reply() -> bytes:
+    """Seconds of masking work: a job still running when a test times it out or kills its worker."""
+    return _reply(" ".join([PII_SENTENCE] * 3000))
+
+
 def _run(scenario):
     return asyncio.run(scenario())
 
@@ -60,13 +73,11 @@ def test_a_worker_masks_a_body_exactly_as_this_process_would(settings):
 
 
 def test_a_job_that_times_out_fails_and_a_worker_stuck_on_it_is_replaced(settings):
-    big = _reply(" ".join([PII_SENTENCE] * 3000))
-
     async def scenario():
         async with _pool(settings, 1) as workers:
             [first] = workers._workers
             with pytest.raises(MaskingWorkerError, match="timed out"):
-                await workers.mask("response", "responses", "application/json", big, 0.01)
+                await workers.mask("response", "responses", "application/json", _big_reply(), 0.01)
             # Still busy a whole timeout later: stuck, so it is killed rather than left to finish.
             for _ in range(200):
                 if first.process.poll() is not None:
@@ -82,12 +93,10 @@ def test_a_job_that_times_out_fails_and_a_worker_stuck_on_it_is_replaced(setting
 
 
 def test_a_worker_killed_from_outside_fails_its_job_and_is_replaced(settings):
-    big = _reply(" ".join([PII_SENTENCE] * 3000))
-
     async def scenario():
         async with _pool(settings, 1) as workers:
             [first] = workers._workers
-            job = asyncio.ensure_future(workers.mask("response", "responses", "application/json", big, 60))
+            job = asyncio.ensure_future(workers.mask("response", "responses", "application/json", _big_reply(), 60))
             await asyncio.sleep(0.2)
             os.kill(first.process.pid, signal.SIGKILL)
             with pytest.raises(MaskingWorkerError, match="stopped"):
@@ -107,11 +116,9 @@ def test_workers_run_outside_the_gateways_process_group(settings):
     assert _run(scenario) != os.getpgid(0)
 
 
-def test_a_worker_that_cannot_start_says_why(settings):
-    broken = dataclasses.replace(settings, nlp_model="no_such_spacy_model_package")
-
+def test_a_worker_that_cannot_start_says_why(unstartable):
     async def scenario():
-        async with _pool(broken, 1):
+        async with _pool(unstartable, 1):
             pass
 
     with pytest.raises(MaskingWorkerError, match="could not start.*'no_such_spacy_model_package' is not installed"):
@@ -137,11 +144,9 @@ def test_a_pool_not_started_explicitly_starts_on_its_first_job(settings):
     assert findings
 
 
-def test_with_no_worker_running_a_job_fails_at_once(settings):
-    broken = dataclasses.replace(settings, nlp_model="no_such_spacy_model_package")
-
+def test_with_no_worker_running_a_job_fails_at_once(unstartable):
     async def scenario():
-        async with _pool(broken, 1, start=False) as workers:
+        async with _pool(unstartable, 1, start=False) as workers:
             with pytest.raises(MaskingWorkerError):
                 await workers.start()
             loop = asyncio.get_running_loop()
