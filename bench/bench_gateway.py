@@ -166,24 +166,26 @@ def request_scenario(setup: Setup, args, title: str, check=None) -> None:
           f"{args.concurrency} clients x {args.per_client} requests, the three targets in turn each round")
     if check:
         check(httpx.post(setup.urls["gateway"], json=BODY, headers={"authorization": f"Bearer {setup.token}"}))
-    latencies: dict[str, list[float]] = {name: [] for name in setup.urls}
+    latencies: dict[str, list[list[float]]] = {name: [] for name in setup.urls}
     rates: dict[str, list[float]] = {name: [] for name in setup.urls}
-    # Rounds take turns, so a slow spell of this shared machine weighs on every target alike; the
-    # throughput ratio is the median of the rounds' ratios.
+    # Rounds take turns, so a slow spell of this shared machine weighs on every target alike; the p50
+    # and throughput ratios are the medians of the rounds' own ratios (p99 needs all samples).
     for _ in range(args.rounds):
         for name, url in setup.urls.items():
-            latencies[name] += sequential(url, setup.token, args.requests)
+            latencies[name].append(sequential(url, setup.token, args.requests))
             rates[name].append(concurrent(url, setup.token, args.concurrency, args.per_client))
+    pooled = {name: [x for round_ in rounds for x in round_] for name, rounds in latencies.items()}
     for name in setup.urls:
-        lat = latencies[name]
+        lat = pooled[name]
         print(f"{name:14s} p50 {statistics.median(lat) * 1000:7.2f} ms   p99 {percentile(lat, 99) * 1000:7.2f} ms   "
               f"req/s by round {' '.join(f'{r:6.1f}' for r in rates[name])}")
     for name in [n for n in setup.urls if n not in ("direct", "bare mitmdump")]:
-        lat, base = latencies[name], latencies["bare mitmdump"]
+        p50s = [statistics.median(t) / statistics.median(b) for t, b in zip(latencies[name], latencies["bare mitmdump"])]
         rounds = [g / b for g, b in zip(rates[name], rates["bare mitmdump"])]
-        print(f"{name + '/bare:':21s} p50 {statistics.median(lat) / statistics.median(base):.2f}x   "
-              f"p99 {percentile(lat, 99) / percentile(base, 99):.2f}x   req/s {statistics.median(rounds):.2f}x "
-              f"(rounds: {' '.join(f'{r:.2f}' for r in rounds)})")
+        print(f"{name + '/bare:':21s} p50 {statistics.median(p50s):.2f}x   "
+              f"p99 {percentile(pooled[name], 99) / percentile(pooled['bare mitmdump'], 99):.2f}x   "
+              f"req/s {statistics.median(rounds):.2f}x   "
+              f"(rounds: p50 {' '.join(f'{r:.2f}' for r in p50s)}; req/s {' '.join(f'{r:.2f}' for r in rounds)})")
 
 
 def _stream_once(url: str, token: str) -> tuple[float, float]:
@@ -244,10 +246,10 @@ def analyze_scenario() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=["all", "plain", "pii", "stream", "analyze"], default="all")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=300, help="sequential requests per round")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=100, help="sequential requests per round")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--per-client", type=int, default=60, help="requests per client per round")
+    parser.add_argument("--per-client", type=int, default=25, help="requests per client per round")
     parser.add_argument("--stream-runs", type=int, default=10)
     parser.add_argument("--reply-text-bytes", type=int, default=1400, help="1400 gives a ~2 KB JSON reply")
     parser.add_argument("--script", default=str(ROOT / "addons" / "gateway.py"), help="the bundle to measure")
