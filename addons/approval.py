@@ -2,68 +2,60 @@
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import secrets
 import socket
 import time
-import urllib.request
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mitmproxy import connection, ctx, exceptions, hooks, http
 
-from addons.approval_rules import DecisionRefused, check_decider, request_key
-from addons.approval_store import (
-    APPROVED, DENIED, EXPIRED, PENDING, STORE_FILE, Approval, ApprovalStore, SqliteApprovalStore, new_approval_id,
+from auditgate.approval.admin import parse_listen
+from auditgate.approval.rules import (
+    DecisionRefused,
+    check_decider,
+    name_of,
+    request_key,
+    who,
 )
-from addons.gateway_options import add_gateway_options, records_dir, rules_dir
-from addons.identity import IDENTITIES_FILE
-from addons.oidc_authenticator import AuthFailure, CallerAuthenticator
-from addons.openai_errors import is_answered, refuse
-from addons.payload_masking import endpoint_kind
-from addons.policy import json_payload, prompt_texts
-from addons.policy_rules import tool_names
-from addons.rules_yaml import ConfigError
+from auditgate.approval.store import (
+    APPROVED,
+    DENIED,
+    EXPIRED,
+    PENDING,
+    STORE_FILE,
+    Approval,
+    ApprovalStore,
+    SqliteApprovalStore,
+    new_approval_id,
+    public_view,
+)
+from auditgate.approval.webhook import post_webhook, webhook_message
+from auditgate.audit.chain import json_safe
+from auditgate.core.config import ConfigError
+from auditgate.core.flow_contract import (
+    APPROVAL,
+    IDENTITY,
+    POLICY,
+    UPSTREAM,
+    AuditUnavailable,
+    services,
+)
+from auditgate.core.options import add_gateway_options, records_dir, rules_dir
+from auditgate.core.refusal import is_answered, refuse
+from auditgate.core.request_facts import facts_of
+from auditgate.identity.authenticator import AuthFailure
+from auditgate.identity.identities_file import IdentitiesFile, identities_file
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("auditgate.addons.approval")
 
-METADATA_KEY = "auditgate.approval"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8181"
 POLL_SECONDS = 1.0  # a held flow also re-reads the store this often: decisions made by another instance
 PREVIEW_CHARS = 1200
 _MASK_WINDOW = 4000
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"approval_admin_listen must be HOST:PORT, not {value!r}")
-    return host.strip("[]"), int(port)
-
-
-def slack_escape(text: str) -> str:
-    """Slack's mrkdwn control characters, escaped as Slack documents it (&, <, >)."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def webhook_message(approval: Approval, page_url: str) -> dict:
-    """A Slack-compatible incoming-webhook payload: who, what, which rule, and a link to decide (no prompt)."""
-    who = slack_escape(str(approval.requester.get("name")))
-    what = slack_escape(f"{approval.method} {approval.host}{approval.path}" + (f" ({approval.model})" if approval.model else ""))
-    rule = slack_escape(approval.rule)
-    link = f"{page_url}#{approval.id}"
-    text = (f"auditgate: request {approval.id} from *{who}* waits for approval: {what}, rule `{rule}`. "
-            f"Approvers: {slack_escape(', '.join(approval.approver_groups))}. <{link}|Open the approvals page>")
-    return {"text": text}
-
-
-def post_webhook(url: str, payload: dict, timeout: float = 5.0) -> int:
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (the scheme is checked at start)
-        return response.status
 
 
 @dataclass
@@ -74,14 +66,6 @@ class _Held:
     approval_id: str
     woken: asyncio.Event = field(default_factory=asyncio.Event)
     abandoned: bool = False
-
-
-def _public(approval: Approval, now: float) -> dict:
-    data = approval.as_dict()
-    data.pop("key", None)
-    data["age_s"] = round(now - approval.created_at, 1)
-    data["expires_in_s"] = round(max(0.0, approval.expires_at - now), 1) if approval.status == PENDING else 0
-    return data
 
 
 class ApprovalGate:
@@ -95,12 +79,12 @@ class ApprovalGate:
         self._server = None
         self._held: dict[str, list[_Held]] = {}  # approval id → flows waiting on it
         self._by_client: weakref.WeakKeyDictionary[connection.Client, list[_Held]] = weakref.WeakKeyDictionary()
-        self._authenticator: CallerAuthenticator | None = None
-        self._identities_mtime: float | None = None
+        self.identities: IdentitiesFile | None = None
         self._tasks: set[asyncio.Task] = set()
 
     # ---- options and lifecycle ----------------------------------------------------------------------
     def load(self, loader) -> None:
+        services.approval_gate = self  # policy sends require_approval flows here; without a gate it refuses them
         add_gateway_options(loader)
         loader.add_option(
             "approval_admin_listen", str, DEFAULT_ADMIN_LISTEN,
@@ -138,20 +122,19 @@ class ApprovalGate:
             self.store = store
         if "gateway_rules" in updated:
             try:
-                self._authenticator = CallerAuthenticator.from_rules(rules_dir())
-                self._identities_mtime = self._identities_stat()
+                self.identities = identities_file(rules_dir())
                 self.masker = self._build_masker(rules_dir())
             except ConfigError as e:
                 raise exceptions.OptionsError(f"auditgate: {e}") from None
 
     @staticmethod
     def _build_masker(directory: Path):
-        from addons.masking_config import load_masking_settings
+        from auditgate.masking.config import load_masking_settings
 
         settings = load_masking_settings(directory)
         if settings is None:
             return None
-        from addons.pii_masking import PiiMasker
+        from auditgate.masking.engine import PiiMasker
 
         return PiiMasker(settings)
 
@@ -172,7 +155,7 @@ class ApprovalGate:
         from tornado.httpserver import HTTPServer
         from tornado.netutil import bind_sockets
 
-        from addons.approval_admin import admin_application
+        from auditgate.approval.admin import admin_application
 
         host, port = parse_listen(ctx.options.approval_admin_listen)
         try:
@@ -191,6 +174,8 @@ class ApprovalGate:
         logger.info("approvals: admin API and approver page at %s/approvals", self.admin_url)
 
     def done(self) -> None:
+        if services.approval_gate is self:
+            services.approval_gate = None
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -207,24 +192,11 @@ class ApprovalGate:
         return f"{self.admin_url}/approvals" if self.admin_url else "(no admin listener)"
 
     # ---- approvers -----------------------------------------------------------------------------------
-    def _identities_stat(self) -> float | None:
-        try:
-            return os.stat(rules_dir() / IDENTITIES_FILE).st_mtime_ns
-        except OSError:
-            return None
-
     async def authenticate(self, credential: str | None) -> dict | AuthFailure:
         """An approver's identity: the same service tokens and OIDC issuers as callers (identities.yaml)."""
-        mtime = self._identities_stat()
-        if mtime != self._identities_mtime:
-            self._identities_mtime = mtime
-            try:
-                self._authenticator = CallerAuthenticator.from_rules(rules_dir(), previous=self._authenticator)
-            except ConfigError as e:
-                logger.error("approvals: keeping the previous identities: %s", e)
-        if self._authenticator is None:
+        if self.identities is None:
             return AuthFailure("the gateway has no identities loaded", "none")
-        result = await self._authenticator.authenticate(credential)
+        result = await self.identities.current().authenticator.authenticate(credential)
         return result if isinstance(result, AuthFailure) else result.as_metadata()
 
     def decide(self, approval_id: str, decision: str, decider: dict, reason: str | None) -> Approval:
@@ -237,10 +209,10 @@ class ApprovalGate:
             check_decider(requester=approval.requester, approver_groups=approval.approver_groups,
                           status=approval.status, decider=decider, decision=decision)
             decided = self.store.decide(approval_id, APPROVED if decision == "approve" else DENIED,
-                                        _who(decider), reason, time.time())
+                                        who(decider), reason, time.time())
         except DecisionRefused as refused:
             if refused.code in ("self_approval_refused", "not_an_approver"):
-                entry = {"by": _who(decider), "decision": decision, "code": refused.code, "at": time.time()}
+                entry = {"by": who(decider), "decision": decision, "code": refused.code, "at": time.time()}
                 self.store.add_refusal(approval_id, entry)
                 # Named like the decision it tried to make, as the audit log's evidence report counts them.
                 attempted = "refused_approved" if decision == "approve" else "refused_denied"
@@ -256,13 +228,13 @@ class ApprovalGate:
         return decided
 
     def public(self, approval: Approval) -> dict:
-        return _public(approval, time.time())
+        return public_view(approval, time.time())
 
     # ---- the hold --------------------------------------------------------------------------------------
     async def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return
-        policy = flow.metadata.get("auditgate.policy") or {}
+        policy = POLICY.get(flow) or {}
         if policy.get("action") != "require_approval":
             return
         if self.store is None:
@@ -282,7 +254,7 @@ class ApprovalGate:
                 return
             if self.store.claim(approval.id, flow.id, time.time()):
                 verb = "reused approval" if record.get("status") == "reused" else "approved"
-                self._show(flow, f"{verb} {approval.id} by {_name(approval.decided_by)}", ":white_check_mark:")
+                self._show(flow, f"{verb} {approval.id} by {name_of(approval.decided_by)}", ":white_check_mark:")
                 return
         refuse(flow, 403, "gateway_approval_denied", "an identical request was approved once and already sent")
 
@@ -292,7 +264,7 @@ class ApprovalGate:
         approval, how = self.store.hold(self._candidate(flow, policy, now), flow.id, now)
         record = {"id": approval.id, "rule": approval.rule, "requester": approval.requester.get("name"),
                   "how": how, "requested_at": approval.created_at}
-        flow.metadata[METADATA_KEY] = record
+        APPROVAL.set(flow, record)
         if how == "created":
             logger.info("approvals: holding %s from %s for rule %s (%s)", approval.id, approval.requester.get("name"),
                         approval.rule, self.page_url)
@@ -312,15 +284,15 @@ class ApprovalGate:
             record["status"] = "abandoned"
             refuse(flow, 408, "gateway_approval_abandoned", "the caller went away while the request was held")
             return None, record
-        record.update(status="reused" if how == "reused" else approval.status, decided_by=_name(approval.decided_by),
+        record.update(status="reused" if how == "reused" else approval.status, decided_by=name_of(approval.decided_by),
                       decided_at=approval.decided_at, reason=approval.reason, refusals=approval.refusals)
         if approval.status == APPROVED:
             return approval, record
         if approval.status == DENIED:
-            message = f"request {approval.id} was denied by {_name(approval.decided_by)}"
+            message = f"request {approval.id} was denied by {name_of(approval.decided_by)}"
             message += f": {approval.reason}" if approval.reason else ""
             refuse(flow, 403, "gateway_approval_denied", message)
-            self._show(flow, f"approval {approval.id} denied by {_name(approval.decided_by)}", ":no_entry:")
+            self._show(flow, f"approval {approval.id} denied by {name_of(approval.decided_by)}", ":no_entry:")
         else:
             refuse(flow, 403, "gateway_approval_timeout",
                    f"request {approval.id} was not approved within {approval.expires_at - approval.created_at:g}s "
@@ -329,28 +301,26 @@ class ApprovalGate:
         return None, record
 
     def _candidate(self, flow: http.HTTPFlow, policy: dict, now: float) -> Approval:
-        identity = flow.metadata.get("auditgate.identity") or {}
-        upstream = flow.metadata.get("auditgate.upstream") or {}
-        request = flow.request
+        identity = IDENTITY.get(flow) or {}
+        upstream = UPSTREAM.get(flow) or {}
+        request, facts = flow.request, facts_of(flow)
         host, port = str(upstream.get("host", request.host)), int(upstream.get("port", request.port))
-        path = request.path.split("?", 1)[0]
-        key, body_hash = request_key(str(identity.get("name")), request.method, host, port, path, request.raw_content)
-        payload = json_payload(request)
-        model = payload.get("model") if isinstance(payload, dict) else None
+        key, body_hash = request_key(str(identity.get("name")), request.method, host, port, facts.path,
+                                     request.raw_content)
         return Approval(
             id=new_approval_id(), key=key, rule=str(policy.get("rule")), requester=identity,
             approver_groups=list(policy.get("approvers") or ()), created_at=now,
             expires_at=now + float(policy.get("timeout_s", 300)), reuse_seconds=float(policy.get("reuse_s", 0)),
-            model=model if isinstance(model, str) else None, method=request.method, host=host, path=path,
-            body_sha256=body_hash, preview=self._preview(payload, endpoint_kind(path)), tools=tool_names(payload),
+            model=facts.model, method=request.method, host=host, path=facts.path,
+            body_sha256=body_hash, preview=self._preview(facts.prompt_texts), tools=facts.tool_names,
             instance=self.instance,
         )
 
-    def _preview(self, payload, kind: str) -> str:
+    def _preview(self, prompt_texts: list[str]) -> str:
         """The end of the prompt text, masked (never shown unmasked: no engine, no preview)."""
         if self.masker is None:
             return "(no preview: the masking engine is not configured)"
-        text = "\n---\n".join(prompt_texts(payload, kind))
+        text = "\n---\n".join(prompt_texts)
         if not text:
             return ""
         # Mask a wide window before cutting, so the cut can never split a value and show half of it.
@@ -430,25 +400,16 @@ class ApprovalGate:
 
     @staticmethod
     def _audit(approval: Approval, approver: str | None, decision: str, reason: str | None, **details) -> None:
-        try:
-            from addons.audit_log import AuditUnavailable, record_approval
-        except ImportError:
+        events = services.audit_events
+        if events is None:
             return
+        fields = {"flow_id": approval.flows[0] if approval.flows else None,
+                  "requester": approval.requester.get("name"), "approver": approver, "decision": decision,
+                  "reason": reason, "details": json_safe({"approval_id": approval.id, "rule": approval.rule, **details})}
         try:
-            record_approval(flow_id=approval.flows[0] if approval.flows else None,
-                            requester=approval.requester.get("name"), approver=approver, decision=decision,
-                            reason=reason, approval_id=approval.id, rule=approval.rule, **details)
+            events.append_event("approval", fields)
         except AuditUnavailable as e:
             logger.debug("approvals: no audit entry for %s %s: %s", approval.id, decision, e)
-
-
-def _who(identity: dict) -> dict:
-    """What is kept of a decider: who they are, never how they proved it."""
-    return {k: identity[k] for k in ("name", "groups", "method", "issuer", "subject", "email") if k in identity}
-
-
-def _name(identity: dict | None) -> str | None:
-    return identity.get("name") if identity else None
 
 
 addons = [ApprovalGate()]

@@ -3,37 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy import version as mitmproxy_version
 
-from addons.audit_chain import (
+from auditgate.audit.chain import (
     AUDIT_SUBDIR,
     PUBLIC_KEY_FILE,
     AuditWriteError,
     AuditWriter,
     BrokenLogError,
     WriterSettings,
-    json_safe,
     load_or_create_private_key,
     load_private_key_file,
     public_key_pem,
     public_key_record,
-    sha256_hex,
     utc_timestamp,
     write_atomically,
 )
-from addons.gateway_options import add_gateway_options, records_dir, rules_dir
-from addons.openai_errors import is_answered, refuse
+from auditgate.audit.entries import flow_fields, rules_digests, rules_signature
+from auditgate.core.flow_contract import REFUSAL, AuditUnavailable, services
+from auditgate.core.options import add_gateway_options, records_dir, rules_dir
+from auditgate.core.refusal import is_answered, refuse
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("auditgate.addons.audit_log")
 
 DEFAULT_KEY_NAME = "audit-signing-key.pem"
 PENDING_KEY_SUFFIX = ".next"  # `auditgate audit rotate-key` leaves the new key here for the gateway to adopt
@@ -42,86 +39,6 @@ FSYNC_POLICIES = ("entry", "checkpoint", "never")
 TICK_SECONDS = 1.0
 RULES_CHECK_SECONDS = 2.0
 MAX_UNAUDITED_IDS = 10_000
-_MODEL_JSON_LIMIT = 256 * 1024
-_MODEL_PATTERN = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
-
-_active: AuditLog | None = None
-
-
-class AuditUnavailable(RuntimeError):
-    """The audit log cannot take an entry; whoever asked must refuse what it was about to allow."""
-
-
-def record_approval(*, flow_id: str | None, requester: str | None, approver: str | None, decision: str,
-                    reason: str | None = None, **details) -> dict:
-    """Append an approval decision to the audit log (for the approval addon). Raises AuditUnavailable."""
-    if _active is None:
-        raise AuditUnavailable("the audit log addon is not running")
-    fields = {"flow_id": flow_id, "requester": requester, "approver": approver, "decision": decision,
-              "reason": reason, "details": json_safe(details)}
-    return _active.append_event("approval", fields)
-
-
-def request_model(request: http.Request) -> str | None:
-    """The "model" of a JSON request body, if there is one."""
-    raw = request.raw_content
-    if not raw or raw.lstrip()[:1] != b"{":
-        return None
-    if len(raw) <= _MODEL_JSON_LIMIT:
-        try:
-            body = json.loads(raw if "content-encoding" not in request.headers else request.get_content(strict=False))
-        except (ValueError, UnicodeDecodeError):
-            return None
-        model = body.get("model") if isinstance(body, dict) else None
-        return model[:256] if isinstance(model, str) else None
-    # A large body (a long conversation) is not parsed inside the response hook; its first "model" is taken.
-    match = _MODEL_PATTERN.search(raw)
-    return match.group(1).decode("utf-8", "replace") if match else None
-
-
-def flow_fields(flow: http.HTTPFlow, now: float) -> dict:
-    request, response, metadata = flow.request, flow.response, flow.metadata
-    peer = flow.client_conn.peername if flow.client_conn else None
-    return {
-        "flow_id": flow.id,
-        "identity": json_safe(metadata.get("auditgate.identity")),
-        "client": peer[0] if peer else None,
-        "upstream": json_safe(metadata.get("auditgate.upstream")),
-        "method": request.method,
-        "host": request.pretty_host,
-        "port": request.port,
-        "path": request.path.partition("?")[0],  # a query string may carry a key; the flow file has it all
-        "model": request_model(request),
-        "status": response.status_code if response else None,
-        "error": flow.error.msg if flow.error else None,
-        "streamed": bool(response and response.stream),
-        "latency_us": max(0, int((now - request.timestamp_start) * 1_000_000)),
-        "policy": json_safe(metadata.get("auditgate.policy")),
-        "approval": json_safe(metadata.get("auditgate.approval")),
-        "masking": json_safe(metadata.get("auditgate.masking")),
-        "refusal": json_safe(metadata.get("auditgate.refusal")),
-        "request_sha256": sha256_hex(request.raw_content),
-        "response_sha256": sha256_hex(response.raw_content) if response else None,
-        "flow_file": metadata.get("auditgate.flow_file"),
-    }
-
-
-def rules_digests(directory: Path) -> dict[str, str]:
-    """SHA-256 of every file below the rules directory (hidden files, e.g. half-written temporaries, aside)."""
-    digests = {}
-    if directory.is_dir():
-        for path in sorted(directory.rglob("*")):
-            relative = path.relative_to(directory)
-            if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-                digests[relative.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digests
-
-
-def _rules_signature(directory: Path) -> tuple:
-    try:
-        return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in directory.rglob("*") if p.is_file()))
-    except OSError:
-        return ()
 
 
 def _fsync_and_close(fd: int) -> None:
@@ -210,8 +127,7 @@ class AuditLog:
             audit_dir, writer.seq, "" if writer.tail.clean else ", after an unclean stop",
             key_path, "created" if created else "loaded", writer.key_id[:16], audit_dir / PUBLIC_KEY_FILE,
         )
-        global _active
-        _active = self
+        services.audit_events = self  # approval decisions are written through append_event
 
     def _key_path(self) -> Path:
         if ctx.options.gateway_audit_key:
@@ -230,7 +146,6 @@ class AuditLog:
         self._shutdown_writer()
 
     def _shutdown_writer(self) -> None:
-        global _active
         if self.writer is None:
             return
         try:
@@ -240,8 +155,8 @@ class AuditLog:
         except AuditWriteError as e:
             logger.error("the audit log could not be closed cleanly: %s", e)
         self.writer, self._started = None, False
-        if _active is self:
-            _active = None
+        if services.audit_events is self:
+            services.audit_events = None
 
     def _ensure_started(self) -> None:
         """The run's first entries: gateway_start (with the signing key), the config digests, a checkpoint."""
@@ -311,7 +226,7 @@ class AuditLog:
         return None
 
     def _note_unaudited(self, flow: http.HTTPFlow) -> None:
-        refusal = flow.metadata.get("auditgate.refusal") or {}
+        refusal = REFUSAL.get(flow) or {}
         if refusal.get("code") != UNAVAILABLE_CODE and len(self._unaudited) < MAX_UNAUDITED_IDS:
             self._unaudited.append(flow.id)
 
@@ -336,7 +251,7 @@ class AuditLog:
             return
         self._next_rules_check = now + RULES_CHECK_SECONDS
         directory = rules_dir()
-        signature = _rules_signature(directory)
+        signature = rules_signature(directory)
         if not force and signature == self._rules_signature:
             return
         self._rules_signature = signature

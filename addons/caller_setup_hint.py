@@ -8,7 +8,9 @@ from pathlib import Path
 from mitmproxy import ctx
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 
-logger = logging.getLogger(__name__)
+from auditgate.core.flow_contract import services
+
+logger = logging.getLogger("auditgate.addons.caller_setup_hint")
 
 CA_CERT_FILE = "mitmproxy-ca-cert.pem"
 
@@ -38,10 +40,15 @@ class CallerSetupHint:
                 lines = [f"OPENAI_BASE_URL={base}/v1"]
             else:
                 continue
-            lines.append("OPENAI_API_KEY=<your gateway token>")
+            token = "<the token printed above>" if services.minted_identity else "<your gateway token>"
+            lines.append(f"OPENAI_API_KEY={token}")
             logger.info(
                 "auditgate %s: callers export\n%s", server.mode.description, "\n".join(f"  export {l}" for l in lines)
             )
+        if services.minted_identity:
+            # Printed last, so the start-up output ends by pointing at the one-time token.
+            print(f"auditgate: ready. The token of '{services.minted_identity}' was printed once above "
+                  "(OPENAI_API_KEY=agt_...); it is not stored anywhere, only its hash.", flush=True)
 
 
 addons = [CallerSetupHint()]

@@ -10,11 +10,15 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.credentials import CREDENTIAL_METADATA_KEYS, remove_credential_headers
-from addons.flow_file_writer import FlowFileWriter
-from addons.gateway_options import add_gateway_options, records_dir
+from auditgate.core.credentials import (
+    CREDENTIAL_METADATA_KEYS,
+    remove_credential_headers,
+)
+from auditgate.core.flow_contract import FLOW_FILE
+from auditgate.core.options import add_gateway_options, records_dir
+from auditgate.records.writer import FlowFileWriter
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("auditgate.addons.flow_recorder")
 
 FLOWS_SUBDIR = "flows"
 FLUSH_SECONDS = 0.05
@@ -87,7 +91,7 @@ class FlowRecorder:
             flow.metadata.pop(key, None)
         # The file is chosen now, so later addons (the audit log) can name it in the flow's metadata.
         path = self._current_path()
-        flow.metadata["auditgate.flow_file"] = path.name
+        FLOW_FILE.set(flow, path.name)
         self._pending.append((path, flow))
         # Taking a flow's state costs ~0.2 ms. Done inside the hook it would delay this response;
         # scheduled for the loop's next turn it runs once the response is on the wire (mitmproxy

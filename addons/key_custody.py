@@ -7,12 +7,13 @@ import logging
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from addons.credentials import remove_credential_headers
-from addons.gateway_options import add_gateway_options, load_rules
-from addons.openai_errors import is_answered, refuse
-from addons.upstream_config import Upstream, UpstreamTable, load_upstreams
+from auditgate.core.credentials import remove_credential_headers
+from auditgate.core.flow_contract import KEY_HEADER
+from auditgate.core.options import add_gateway_options, load_rules
+from auditgate.core.refusal import is_answered, refuse
+from auditgate.routing.upstreams import Upstream, UpstreamTable, shared_upstreams
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("auditgate.addons.key_custody")
 
 SCRUBBED = "[upstream key removed by auditgate]"
 
@@ -30,7 +31,7 @@ class KeyCustody:
     def configure(self, updated: set[str]) -> None:
         if "gateway_rules" not in updated:
             return
-        table = load_rules(load_upstreams)
+        table = load_rules(shared_upstreams)
         self.table, self._keys = table, {}
         for upstream in table.upstreams:
             if self._key_for(upstream) is None:
@@ -47,12 +48,9 @@ class KeyCustody:
         return self._keys[upstream]
 
     def _upstream_for(self, flow: http.HTTPFlow) -> Upstream | None:
-        host, port = flow.request.host, flow.request.port
         if self.table is None:
             return None
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            return self.table.reverse_target(host, port)
-        return self.table.upstream_for(host, port)
+        return self.table.route(flow.request.host, flow.request.port, isinstance(flow.client_conn.proxy_mode, ReverseMode))
 
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
@@ -65,11 +63,11 @@ class KeyCustody:
             return
         remove_credential_headers(flow.request.headers)
         flow.request.headers[upstream.key_header] = upstream.auth_header_value(key)
-        flow.metadata["auditgate.key_header"] = upstream.key_header
+        KEY_HEADER.set(flow, upstream.key_header)
 
     def _take_back(self, flow: http.HTTPFlow) -> None:
         # The request has left by now; nothing downstream (mitmweb, -w files, our records) may see the key.
-        header = flow.metadata.pop("auditgate.key_header", None)
+        header = KEY_HEADER.pop(flow)
         if header:
             flow.request.headers.pop(header, None)
 

@@ -1,29 +1,31 @@
 """Masks personal data in replies (and, where configured, requests) with Presidio, streamed replies included."""
 
-import json
 import logging
 import os
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mitmproxy import exceptions, http
 
-from addons.gateway_options import add_gateway_options, load_rules, rules_dir
-from addons.masking_config import MaskingSettings, load_masking_settings
-from addons.openai_errors import error_body, is_answered, refuse
-from addons.body_masking import BodyNotMaskable, mask_body
-from addons.masking_workers import MaskingWorkerError, MaskingWorkers
-from addons.payload_masking import endpoint_kind
-from addons.pii_masking import PiiMasker
-from addons.sse_streaming import is_event_stream
-from addons.stream_masking import SseStreamMasker, TextStreamMasker
+from auditgate.core.flow_contract import MASKING, REFUSAL
+from auditgate.core.options import add_gateway_options, load_rules, rules_dir
+from auditgate.core.refusal import is_answered, refuse
+from auditgate.core.request_facts import facts_of, is_event_stream, media_type
+from auditgate.masking.body import BodyNotMaskable, mask_body
+from auditgate.masking.config import MaskingSettings, load_masking_settings
+from auditgate.masking.engine import PiiMasker
+from auditgate.masking.stream import (
+    SseStreamMasker,
+    StreamNotDecodable,
+    TextStreamMasker,
+    error_events,
+    stream_decoder,
+)
+from auditgate.masking.workers import MaskingWorkerError, MaskingWorkers
 
-logger = logging.getLogger(__name__)
-
-METADATA_KEY = "auditgate.masking"
+logger = logging.getLogger("auditgate.addons.masking")
 
 
 class MaskingFailed(Exception):
@@ -44,27 +46,6 @@ class _StreamState:
 class _FlowMasking:
     findings: list[tuple[str, str, str]] = field(default_factory=list)  # (entity, path, direction)
     failed: str | None = None
-
-
-def _stream_decoder(encoding: str) -> Callable[[bytes], bytes] | None:
-    """An incremental decoder for a streamed body's content-encoding (stream callables see it encoded)."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return None
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        d = zlib.decompressobj(zlib.MAX_WBITS | 32)  # 32: accept gzip or zlib headers
-        return lambda data: d.decompress(data) if data else d.flush()
-    if encoding == "br":
-        import brotli
-
-        b = brotli.Decompressor()
-        return lambda data: b.process(data) if data else b""
-    if encoding == "zstd":
-        import zstandard
-
-        z = zstandard.ZstdDecompressor().decompressobj()
-        return lambda data: z.decompress(data) if data else b""
-    raise MaskingFailed(f"cannot decode a streamed body with content-encoding {encoding!r}")
 
 
 class PiiMasking:
@@ -137,7 +118,7 @@ class PiiMasking:
     async def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow) or self.settings is None:
             return
-        kind = endpoint_kind(flow.request.path)
+        kind = facts_of(flow).endpoint
         mask_request = self.settings.request.enabled
         if kind == "traces":
             if self.settings.traces == "refuse":
@@ -160,15 +141,15 @@ class PiiMasking:
         if not is_event_stream(flow.response):
             return
         try:
-            decode = _stream_decoder(flow.response.headers.get("content-encoding", ""))
-        except MaskingFailed as e:
+            decode = stream_decoder(flow.response.headers.get("content-encoding", ""))
+        except StreamNotDecodable as e:
             self._state(flow).failed = str(e)
             decode = None
         if decode or self._state(flow).failed:
             # The client gets the masked events (or our error event) uncompressed.
             flow.response.headers.pop("content-encoding", None)
             flow.response.headers.pop("content-length", None)
-        state = _StreamState(self._new_sse_masker(flow), decode, endpoint_kind(flow.request.path))
+        state = _StreamState(self._new_sse_masker(flow), decode, facts_of(flow).endpoint)
         if self._state(flow).failed:
             state.failed = self._state(flow).failed
         self._streams[flow.id] = state
@@ -219,14 +200,7 @@ class PiiMasking:
         if state.events_out < 0:
             return []
         state.events_out = -1  # the error goes out once; everything after it is swallowed
-        message = "the gateway could not mask this stream, so it was ended"
-        # The openai SDK raises APIError for a streamed event whose data holds an "error" object;
-        # Responses API clients also know the "error" event type.
-        error = json.loads(error_body(502, "gateway_masking_failed", message))
-        if state.kind == "chat":
-            return [f"data: {json.dumps(error)}\n\n".encode()]
-        event = {"type": "error", "code": "gateway_masking_failed", "message": message, "param": None, **error}
-        return [f"event: error\ndata: {json.dumps(event)}\n\n".encode()]
+        return error_events(state.kind)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         try:
@@ -253,10 +227,10 @@ class PiiMasking:
             state.failed = state.failed or stream.failed
             self._write_metadata(flow, stream_ms=round(stream.seconds * 1000, 3))
             return
-        if "auditgate.refusal" in flow.metadata or not self.settings.response.enabled:
+        if REFUSAL.on(flow) or not self.settings.response.enabled:
             self._write_metadata(flow)
             return
-        if await self._mask_message(flow, flow.response, endpoint_kind(flow.request.path), "response"):
+        if await self._mask_message(flow, flow.response, facts_of(flow).endpoint, "response"):
             self._write_metadata(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -293,7 +267,7 @@ class PiiMasking:
             raise MaskingFailed(f"cannot decode the body: {e}") from None
         if not body:
             return None, []
-        content_type = message.headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = media_type(message.headers.get("content-type", ""))
         if len(body) <= self.settings.inline_max_bytes and len(self._in_flight) <= 1 and not self.settings.nlp_model:
             # Small, pattern-only, and no other flow is waiting on this process: quicker here than
             # the round trip to a worker. With other flows in flight the workers take it, so those
@@ -327,7 +301,7 @@ class PiiMasking:
         record = {"status": status, "findings": findings, **extra}
         if state.failed:
             record["reason"] = state.failed
-        flow.metadata[METADATA_KEY] = record
+        MASKING.set(flow, record)
         if findings:
             types = Counter()
             for f in findings:

@@ -6,6 +6,8 @@ import time
 
 from mitmproxy import http
 
+from auditgate.core.flow_contract import APPROVAL, OVERHEAD_MS, REQUEST_READY
+
 HEADER = "x-gateway-overhead-ms"
 
 
@@ -15,7 +17,7 @@ class OverheadHeader:
     def request(self, flow: http.HTTPFlow) -> None:
         # Last request hook of the bundle: the request leaves for the upstream right after this.
         if flow.live and flow.response is None:
-            flow.metadata["auditgate.request_ready"] = time.time()
+            REQUEST_READY.set(flow, time.time())
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # A streamed response's headers go out right after this hook, so its header is set here.
@@ -30,15 +32,15 @@ class OverheadHeader:
     def _stamp(flow: http.HTTPFlow, upstream_done: float | None) -> None:
         now = time.time()
         request_in = flow.request.timestamp_end or flow.request.timestamp_start
-        ready = flow.metadata.pop("auditgate.request_ready", None)
+        ready = REQUEST_READY.pop(flow)
         if ready is None or upstream_done is None:
             # Answered by the gateway itself (a refusal): all of it is gateway time.
             overhead = now - request_in
         else:
             overhead = (ready - request_in) + max(0.0, now - upstream_done)
-        overhead -= (flow.metadata.get("auditgate.approval") or {}).get("waited_s", 0.0)  # a human's time, not ours
+        overhead -= (APPROVAL.get(flow) or {}).get("waited_s", 0.0)  # a human's time, not ours
         overhead_ms = round(max(0.0, overhead) * 1000, 3)
-        flow.metadata["auditgate.overhead_ms"] = overhead_ms
+        OVERHEAD_MS.set(flow, overhead_ms)
         flow.response.headers[HEADER] = f"{overhead_ms:.3f}"
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-
-def is_event_stream(response: http.Response) -> bool:
-    return response.headers.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream"
+from auditgate.core.request_facts import is_event_stream
 
 
 class SseStreaming:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.proxy.layers.http import _http1, _http2
 
-from addons.openai_errors import error_body
+from auditgate.core.errors import error_body
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("auditgate.addons.transport_errors")
 
 # mitmproxy answers transport failures (connect refused, TLS failure, timeouts) from inside its HTTP
 # layers with an HTML page and offers no hook to change it; the openai SDK would then raise an error

@@ -7,11 +7,12 @@ import logging
 from mitmproxy import http, tls
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from addons.gateway_options import add_gateway_options, load_rules
-from addons.openai_errors import is_answered, refuse
-from addons.upstream_config import UpstreamTable, load_upstreams
+from auditgate.core.flow_contract import PASSTHROUGH, UPSTREAM
+from auditgate.core.options import add_gateway_options, load_rules
+from auditgate.core.refusal import is_answered, refuse
+from auditgate.routing.upstreams import UpstreamTable, shared_upstreams
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("auditgate.addons.upstream_routing")
 
 
 class UpstreamRouting:
@@ -26,7 +27,7 @@ class UpstreamRouting:
     def configure(self, updated: set[str]) -> None:
         if "gateway_rules" not in updated:
             return
-        self.table = load_rules(load_upstreams)
+        self.table = load_rules(shared_upstreams)
         hosts = ", ".join(f"{u.host}{':' + str(u.port) if u.port else ''}" for u in self.table.upstreams) or "none"
         logger.info("upstreams: %s; pass-through: %d host(s)", hosts, len(self.table.passthrough))
 
@@ -38,7 +39,7 @@ class UpstreamRouting:
         elif self.table.upstream_for(host, port):
             return
         elif self.table.is_passthrough(host, port):
-            flow.metadata["auditgate.passthrough"] = True
+            PASSTHROUGH.set(flow, True)
             logger.info("pass-through tunnel to %s:%d for client %s", host, port, flow.client_conn.peername[0])
         else:
             refuse(flow, 403, "gateway_forbidden", f"{host}:{port} is not an upstream this gateway serves")
@@ -55,14 +56,11 @@ class UpstreamRouting:
         if self.table is None:
             refuse(flow, 503, "gateway_not_configured", "the gateway has no upstream configuration loaded")
             return
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            upstream = self.table.reverse_target(host, port)
-        else:
-            upstream = self.table.upstream_for(host, port)
+        upstream = self.table.route(host, port, isinstance(flow.client_conn.proxy_mode, ReverseMode))
         if upstream is None:
             refuse(flow, 403, "gateway_forbidden", f"{host}:{port} is not an upstream this gateway serves")
             return
-        flow.metadata["auditgate.upstream"] = {"host": host, "port": port, "key_source": upstream.key_source}
+        UPSTREAM.set(flow, {"host": host, "port": port, "key_source": upstream.key_source})
 
 
 addons = [UpstreamRouting()]

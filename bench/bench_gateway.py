@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
 os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(tempfile.gettempdir(), "auditgate-tldextract"))
 
-from addons.identity import add_service_token  # noqa: E402
+from auditgate.identity.service_tokens import add_service_token  # noqa: E402
+from auditgate.core.shipped import SHIPPED_RULES  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BODY = {"model": "gpt-test", "input": "Summarise the quarterly report in two paragraphs."}
@@ -95,7 +96,7 @@ class Setup:
         bare = int(procs.start(f"bare-{name}", [str(BIN / "mitmdump"), *common],
                                r"listening at 127\.0\.0\.1:(\d+)").group(1))
         rules = workdir / f"rules-{name}"
-        shutil.copytree(ROOT / "rules", rules)
+        shutil.copytree(SHIPPED_RULES, rules)
         (rules / "identities.yaml").write_text("service_tokens: []\n")
         self.token = add_service_token(rules, "bench", ["agents"])
         gateway = int(procs.start(
@@ -216,11 +217,11 @@ def analyze_scenario() -> None:
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.nlp_engine.no_op_nlp_engine import NoOpNlpEngine
 
-    from addons.masking_config import load_masking_settings
-    from addons.pii_masking import PiiMasker
+    from auditgate.masking.config import load_masking_settings
+    from auditgate.masking.engine import PiiMasker
     from tests.fake_openai import pii_reply
 
-    ours = PiiMasker(load_masking_settings(ROOT / "rules"))
+    ours = PiiMasker(load_masking_settings(SHIPPED_RULES))
     nlp = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "no_op"}])
     nlp.load()
     registry = RecognizerRegistry()

@@ -10,7 +10,7 @@ from pathlib import Path
 from mitmproxy import io
 from mitmproxy.test import tflow
 
-from addons.audit_chain import (
+from auditgate.audit.chain import (
     AuditWriter,
     WriterSettings,
     audit_files,
@@ -20,7 +20,7 @@ from addons.audit_chain import (
     public_key_record,
     seal,
 )
-from addons.audit_log import flow_fields
+from auditgate.audit.entries import flow_fields
 
 
 @dataclass

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from addons.identity import add_service_token
+from auditgate.core.shipped import SHIPPED_RULES
+from auditgate.identity.service_tokens import add_service_token
 from tests.fake_openai import FakeOpenAI, FakeOpenAIServer
 from tests.gateway_process import ROOT, GatewayProcess
 from tests.tls_material import TlsFiles, make_tls_files
-
 
 
 def _taddons_context_exit_uninstalls_its_log_handler() -> None:
@@ -118,7 +118,7 @@ def tls_upstream(tls_upstream_server) -> FakeOpenAI:
 
 def make_rules(directory: Path, *, upstreams: list[dict], passthrough: list[dict] = ()) -> Path:
     """A rules directory: the shipped files, with the given upstream table."""
-    shutil.copytree(ROOT / "rules", directory)
+    shutil.copytree(SHIPPED_RULES, directory)
     (directory / "upstreams.yaml").write_text(yaml.safe_dump({"upstreams": upstreams, "passthrough": list(passthrough)}))
     (directory / "identities.yaml").write_text("service_tokens: []\n")
     return directory
@@ -200,3 +200,13 @@ def forward_env(monkeypatch, forward_gateway, callers, confdir, tls_upstream_ser
     monkeypatch.setenv("OPENAI_BASE_URL", f"https://localhost:{tls_upstream_server.port}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", callers.alice)
     return forward_gateway
+
+
+@pytest.fixture(autouse=True)
+def _fresh_bundle_services():
+    """Each test starts with no addon's services registered (addons from another test's harness may linger)."""
+    from auditgate.core.flow_contract import services
+
+    services.reset()
+    yield
+    services.reset()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from auditgate.core.shipped import SHIPPED_RULES
+
 PII_VALUES = {
     "EMAIL_ADDRESS": "jane.roe@example.org",
     "PHONE_NUMBER": "+1 415-555-0100",
@@ -26,4 +28,4 @@ MASKED_SENTENCE = (
 
 
 def shipped_rules() -> Path:
-    return Path(__file__).resolve().parent.parent / "rules"
+    return SHIPPED_RULES

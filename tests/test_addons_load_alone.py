@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from auditgate.core.shipped import SHIPPED_RULES
 from tests.conftest import gateway_env
 from tests.gateway_process import ROOT, run_mitmdump
 
@@ -25,9 +26,9 @@ def test_each_addon_module_loads_alone(tmp_path, confdir):
     # load hook), and it is not in sys.modules (dataclasses with string annotations fail there).
     empty = tmp_path / "empty.mitm"
     empty.write_bytes(b"")
-    (tmp_path / "shipped-identities.yaml").write_text((ROOT / "rules" / "identities.yaml").read_text())
+    (tmp_path / "shipped-identities.yaml").write_text((SHIPPED_RULES / "identities.yaml").read_text())
     rules = tmp_path / "rules"  # a copy: a first start writes the operator's token into identities.yaml
-    shutil.copytree(ROOT / "rules", rules)
+    shutil.copytree(SHIPPED_RULES, rules)
 
     def start(path):
         result = run_mitmdump(["-n", "-r", str(empty), "-s", str(path), "--set", f"confdir={confdir}",
@@ -40,4 +41,4 @@ def test_each_addon_module_loads_alone(tmp_path, confdir):
     failures = {name: (r.stdout + r.stderr)[-1500:] for name, r in results
                 if r.returncode != 0 or "error in script" in r.stdout + r.stderr or "Addon error" in r.stdout + r.stderr}
     assert not failures, failures
-    assert (ROOT / "rules" / "identities.yaml").read_text() == (tmp_path / "shipped-identities.yaml").read_text()
+    assert (SHIPPED_RULES / "identities.yaml").read_text() == (tmp_path / "shipped-identities.yaml").read_text()

@@ -17,7 +17,7 @@ import pytest
 from agents import Agent, OpenAIResponsesModel, Runner, function_tool
 from openai import AsyncOpenAI
 
-from addons.identity import add_service_token
+from auditgate.identity.service_tokens import add_service_token
 from tests.agent_app import RUN_CONFIG
 from tests.approval_gateway import AdminClient, add_test_rules, admin_url
 from tests.conftest import gateway_env, make_rules

@@ -9,9 +9,10 @@ import time
 import openai
 import pytest
 
-from addons.approval import parse_listen, slack_escape, webhook_message
-from addons.approval_store import Approval
-from addons.identity import add_service_token
+from auditgate.approval.admin import parse_listen
+from auditgate.approval.store import Approval
+from auditgate.approval.webhook import slack_escape, webhook_message
+from auditgate.identity.service_tokens import add_service_token
 from tests.approval_gateway import AdminClient, add_test_rules, admin_url
 from tests.conftest import gateway_env, make_rules
 from tests.gateway_process import GatewayProcess

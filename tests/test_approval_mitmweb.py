@@ -12,7 +12,7 @@ import openai
 import pytest
 from mitmproxy.utils.emoji import emoji
 
-from addons.identity import add_service_token
+from auditgate.identity.service_tokens import add_service_token
 from tests.approval_gateway import AdminClient, add_test_rules, admin_url
 from tests.conftest import gateway_env, make_rules
 from tests.gateway_process import BIN, GatewayProcess

@@ -6,8 +6,21 @@ import threading
 
 import pytest
 
-from addons.approval_rules import DecisionRefused, check_decider, request_key, same_person
-from addons.approval_store import APPROVED, DENIED, EXPIRED, PENDING, Approval, SqliteApprovalStore, new_approval_id
+from auditgate.approval.rules import (
+    DecisionRefused,
+    check_decider,
+    request_key,
+    same_person,
+)
+from auditgate.approval.store import (
+    APPROVED,
+    DENIED,
+    EXPIRED,
+    PENDING,
+    Approval,
+    SqliteApprovalStore,
+    new_approval_id,
+)
 
 ALICE = {"name": "alice", "groups": ["agents"], "method": "service_token"}
 BOB = {"name": "bob", "groups": ["agents", "approvers"], "method": "service_token"}

@@ -11,11 +11,11 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
-from addons import audit_log
-from addons.audit_chain import create_private_key_file, key_id, load_private_key_file
-from addons.audit_log import AuditLog, AuditUnavailable, record_approval
-from addons.audit_verify import verify
+from addons.audit_log import AuditLog
 from addons.flow_recorder import FlowRecorder
+from auditgate.audit.chain import create_private_key_file, key_id, load_private_key_file
+from auditgate.audit.verify import verify
+from auditgate.core.flow_contract import AuditUnavailable, services
 
 
 def _entries(records):
@@ -94,7 +94,7 @@ def test_a_full_disk_refuses_new_requests_until_the_log_is_writable_again(setup)
                 assert new.response.status_code == 503
                 assert json.loads(new.response.content)["error"]["code"] == "gateway_audit_unavailable"
                 with pytest.raises(AuditUnavailable):
-                    record_approval(flow_id=new.id, requester="alice", approver="bob", decision="approved")
+                    services.audit_events.append_event("approval", {"flow_id": new.id, "decision": "approved"})
                 log.tick()  # still full: stays closed
                 assert log.unavailable
                 await asyncio.sleep(0)  # the recorder writes the refused flow
@@ -129,8 +129,9 @@ def test_approvals_are_entries_and_fsync_entry_waits_for_the_disk(setup):
             tctx.configure(log, gateway_records=str(tmp_path / "records"), gateway_rules=str(rules),
                            confdir=str(tmp_path / "conf"), gateway_audit_fsync="entry")
             log.running()
-            entry = record_approval(flow_id="f1", requester="alice", approver="bob", decision="approved",
-                                    reason="change ticket 42", ticket="CHG-42")
+            entry = services.audit_events.append_event("approval", {
+                "flow_id": "f1", "requester": "alice", "approver": "bob", "decision": "approved",
+                "reason": "change ticket 42", "details": {"ticket": "CHG-42"}})
             assert entry["kind"] == "approval" and entry["details"] == {"ticket": "CHG-42"}
             waiter = log.response(_flow())
             assert asyncio.iscoroutine(waiter)
@@ -141,7 +142,7 @@ def test_approvals_are_entries_and_fsync_entry_waits_for_the_disk(setup):
     asyncio.run(scenario())
     kinds = [e["kind"] for e in _entries(tmp_path / "records")]
     assert "approval" in kinds and "flow" in kinds
-    assert audit_log._active is None
+    assert services.audit_events is None
 
 
 def test_key_rotation_and_config_changes_are_entries(setup):

@@ -13,7 +13,7 @@ from mitmproxy import io
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
-from addons.audit_chain import (
+from auditgate.audit.chain import (
     GENESIS_HASH,
     AuditWriter,
     CanonicalJsonError,
@@ -31,8 +31,8 @@ from addons.audit_chain import (
     seal,
     verify_signature,
 )
-from addons.audit_flows import TnetstringError, parse_tnetstring, read_flow_file
-from addons.audit_verify import verify
+from auditgate.audit.flow_files import TnetstringError, parse_tnetstring, read_flow_file
+from auditgate.audit.verify import verify
 from tests.audit_logs import build_log, run_gateway_once
 from tests.gateway_process import ROOT
 
@@ -140,7 +140,7 @@ def test_key_rotation_is_a_signed_entry_and_trust_follows_it(tmp_path):
     assert {e["key_id"] for e in after[1:]} == {rotation["new_key"]["key_id"]}
     for anchor in (old, new):  # trusting either key is enough: the rotation links them
         pem = tmp_path / "anchor.pem"
-        from addons.audit_chain import public_key_pem
+        from auditgate.audit.chain import public_key_pem
         pem.write_bytes(public_key_pem(anchor.public_key()))
         assert verify(records, [pem], check_flows=False).status == "verified"
     stranger = tmp_path / "stranger.pem"
@@ -205,7 +205,7 @@ def test_flow_files_written_by_mitmproxy_read_without_it(tmp_path):
 
 def test_the_verifier_needs_neither_mitmproxy_nor_yaml(tmp_path):
     log = build_log(tmp_path, runs=1, flows=2)
-    code = ("import sys; from addons.audit_cli import main; rc = main(['verify', sys.argv[1], '--pubkey', sys.argv[2]]);"
+    code = ("import sys; from auditgate.cli import main; rc = main(['verify', sys.argv[1], '--pubkey', sys.argv[2]]);"
             "bad = [m for m in ('mitmproxy', 'yaml') if m in sys.modules]; sys.exit(10 if bad else rc)")
     done = subprocess.run([sys.executable, "-c", code, str(log.records), str(log.pubkey)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
@@ -216,7 +216,7 @@ def test_the_verifier_needs_neither_mitmproxy_nor_yaml(tmp_path):
 def test_two_runs_chain_into_one_verifiable_log(tmp_path):
     log = build_log(tmp_path, runs=2, flows=3)
     key = log.key
-    from addons.audit_chain import load_private_key_file
+    from auditgate.audit.chain import load_private_key_file
     run_gateway_once(log.records, load_private_key_file(key), 3, 2)
     assert len(log.files()) == 3
     result = verify(log.records, [log.pubkey])

@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-from addons.audit_chain import load_private_key_file, public_key_pem
-from addons.audit_verify import verify
+from auditgate.audit.chain import load_private_key_file, public_key_pem
+from auditgate.audit.verify import verify
 from tests.agent_app import run_agent, run_agent_streamed
 from tests.conftest import UPSTREAM_KEY, gateway_env
 from tests.fake_openai import FakeOpenAI, FakeOpenAIServer

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
-from addons.audit_chain import AuditWriter, create_private_key_file, public_key_record
-from addons.audit_evidence import build_evidence, write_evidence_pack
-from addons.audit_verify import verify
+from auditgate.audit.chain import (
+    AuditWriter,
+    create_private_key_file,
+    public_key_record,
+)
+from auditgate.audit.evidence import build_evidence, write_evidence_pack
+from auditgate.audit.verify import verify
 
 DAY1, DAY2 = 1_764_000_000, 1_764_000_000 + 86_400  # two consecutive UTC days
 

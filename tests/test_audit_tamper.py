@@ -10,9 +10,19 @@ import sys
 import pytest
 from mitmproxy import io
 
-from addons.audit_chain import create_private_key_file, load_private_key_file, read_tail
-from addons.audit_verify import verify
-from tests.audit_logs import BuiltLog, build_log, rechain, rewrite_line, run_gateway_once
+from auditgate.audit.chain import (
+    create_private_key_file,
+    load_private_key_file,
+    read_tail,
+)
+from auditgate.audit.verify import verify
+from tests.audit_logs import (
+    BuiltLog,
+    build_log,
+    rechain,
+    rewrite_line,
+    run_gateway_once,
+)
 from tests.gateway_process import ROOT
 
 
@@ -26,7 +36,7 @@ def _failures(result):
 
 
 def _cli(log, *extra):
-    return subprocess.run([sys.executable, "-m", "addons.audit_cli", "verify", str(log.records), "--pubkey",
+    return subprocess.run([sys.executable, "-m", "auditgate", "verify", str(log.records), "--pubkey",
                            str(log.pubkey), *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
@@ -68,7 +78,7 @@ def test_a_replaced_entry_is_detected_at_that_entry(log):
     def replace(entry):
         entry["status"] = 403
         entry.pop("hash")
-        from addons.audit_chain import entry_hash
+        from auditgate.audit.chain import entry_hash
         entry["hash"] = entry_hash(entry)  # re-hashed, but its successor still links to the original
 
     rewrite_line(path, index, replace)
@@ -92,7 +102,7 @@ def test_an_inserted_entry_is_detected_at_the_insertion(log):
     path, index = log.locate(seq)
     forged = dict(log.entry(seq), flow_id="forged-flow", prev=before["hash"])
     forged.pop("hash")
-    from addons.audit_chain import seal
+    from auditgate.audit.chain import seal
     _, line = seal(forged)  # a well-formed entry that links to its predecessor
     lines = log.lines(path)
     lines.insert(index, line)
@@ -178,7 +188,7 @@ def test_a_changed_flow_record_is_detected(log):
 
 def test_a_log_signed_only_by_another_key_fails(log, tmp_path):
     other = tmp_path / "other.pem"
-    from addons.audit_chain import public_key_pem
+    from auditgate.audit.chain import public_key_pem
     other.write_bytes(public_key_pem(load_private_key_file(log.key).public_key()))
     assert verify(log.records, [other]).status == "verified"  # the same key, another copy: fine
     stranger = create_private_key_file(tmp_path / "stranger-key.pem")

@@ -9,7 +9,13 @@ import time
 import httpx
 import openai
 import pytest
-from agents import Agent, OpenAIChatCompletionsModel, OpenAIResponsesModel, Runner, function_tool
+from agents import (
+    Agent,
+    OpenAIChatCompletionsModel,
+    OpenAIResponsesModel,
+    Runner,
+    function_tool,
+)
 from openai import AsyncOpenAI
 
 from tests.agent_app import RUN_CONFIG, run_agent, run_agent_streamed

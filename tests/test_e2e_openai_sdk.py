@@ -117,9 +117,10 @@ def test_sse_events_arrive_as_they_are_sent(reverse_env, upstream):
 
 
 def test_upstream_unreachable_is_openai_shaped_502(session_dir, rules_and_callers, confdir, callers):
+    import socket
+
     from tests.conftest import gateway_env
     from tests.gateway_process import GatewayProcess
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ import openai
 import pytest
 import yaml
 
-from addons.identity import token_hash
+from auditgate.identity.service_tokens import token_hash
 from tests.conftest import gateway_env, make_rules
 from tests.gateway_process import GATEWAY_SCRIPT, ROOT, GatewayProcess, run_mitmdump
 

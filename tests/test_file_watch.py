@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from addons.file_watch import ChangedFile
+from auditgate.core.file_watch import ChangedFile
 
 
 def test_reports_a_change_once_and_only_after_the_interval(tmp_path):

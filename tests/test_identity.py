@@ -7,15 +7,16 @@ import base64
 import pytest
 import yaml
 
-from addons.credentials import bearer_token
-from addons.identity import (
+from auditgate.core.config import ConfigError
+from auditgate.core.credentials import bearer_token
+from auditgate.core.shipped import SHIPPED_RULES
+from auditgate.identity.service_tokens import (
     Identity,
     add_service_token,
     load_service_tokens,
     mint_token,
     token_hash,
 )
-from addons.rules_yaml import ConfigError
 
 
 def test_tokens_are_random_and_prefixed():
@@ -84,7 +85,7 @@ def test_bearer_token(header, token):
 def test_identity_headers_are_removed_whatever_their_case():
     from mitmproxy.http import Headers
 
-    from addons.credentials import remove_identity_headers
+    from auditgate.core.credentials import remove_identity_headers
 
     headers = Headers([(b"X-Auditgate-Identity", b'{"name":"admin"}'), (b"x-auditgate-groups", b"admins"),
                        (b"X-Forwarded-User", b"root"), (b"x-remote-user", b"root"), (b"x-kept", b"yes"),
@@ -102,19 +103,21 @@ def test_identity_headers_are_removed_whatever_their_case():
     ("Basic !!!", None), ("Bearer abc", None), ("", None), ("Basic " + base64.b64encode(b":").decode(), None),
 ])
 def test_proxy_credential(value, credential):
-    from addons.credentials import proxy_credential
+    from auditgate.core.credentials import proxy_credential
 
     assert proxy_credential(value) == credential
 
 
-def test_yaml_line_finds_nested_nodes(tmp_path):
-    from addons.identity import yaml_line
+def test_rules_file_finds_the_line_of_nested_nodes(tmp_path):
+    from auditgate.core.config import RulesFile
 
     path = tmp_path / "x.yaml"
     path.write_text("a: 1\nlist:\n  - k: v\n  - k: w\n    other: 2\n")
-    assert yaml_line(path, "list", 1, "other") == 5
-    assert yaml_line(path, "list", 0) == 3
-    assert yaml_line(path, "missing") is None and yaml_line(path, "list", 7) is None
+    file = RulesFile.read(path)
+    assert file.line("list", 1, "other") == 5
+    assert file.line("list", 0) == 3
+    assert file.line("missing") is None
+    assert file.line("list", 7) == 2  # no such item: the line of the closest node around it
 
 
 def test_describe_names_the_identity_never_a_credential():
@@ -143,7 +146,7 @@ def test_minting_keeps_the_comments_and_sections_around_the_tokens(tmp_path):
 def test_the_shipped_file_keeps_its_documentation_after_the_first_mint(tmp_path):
     from tests.gateway_process import ROOT
 
-    shipped = (ROOT / "rules" / "identities.yaml").read_text()
+    shipped = (SHIPPED_RULES / "identities.yaml").read_text()
     (tmp_path / "identities.yaml").write_text(shipped)
     add_service_token(tmp_path, "operator", ["admins"])
     text = (tmp_path / "identities.yaml").read_text()

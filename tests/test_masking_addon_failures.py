@@ -6,12 +6,11 @@ import asyncio
 import errno
 import json
 
-import pytest
 from mitmproxy.test import taddons, tflow
 
-import addons.masking_workers
+import auditgate.masking.workers
 from addons.masking import PiiMasking
-from addons.masking_workers import MaskingWorkers
+from auditgate.masking.workers import MaskingWorkers
 from tests.masking_fixtures import PII_SENTENCE, PII_VALUES, shipped_rules
 
 
@@ -50,7 +49,7 @@ def test_workers_that_cannot_be_started_mean_a_502_not_an_unmasked_reply(monkeyp
     def no_processes(module):
         raise OSError(errno.EMFILE, "Too many open files")
 
-    _masked_response(lambda: monkeypatch.setattr(addons.masking_workers, "start_child", no_processes))
+    _masked_response(lambda: monkeypatch.setattr(auditgate.masking.workers, "start_child", no_processes))
 
 
 def test_any_unexpected_error_on_the_way_means_a_502_not_an_unmasked_reply(monkeypatch):

@@ -9,13 +9,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addons.masking_config import load_masking_settings
-from addons.payload_masking import endpoint_kind, mask_request_payload, mask_response_payload
-from addons.pii_masking import PiiMasker
-from addons.rules_yaml import ConfigError
-from addons.stream_masking import SseStreamMasker, TextStreamMasker
+from auditgate.core.config import ConfigError
+from auditgate.masking.config import load_masking_settings
+from auditgate.masking.engine import PiiMasker
+from auditgate.masking.payload import (
+    endpoint_kind,
+    mask_request_payload,
+    mask_response_payload,
+)
+from auditgate.masking.stream import SseStreamMasker, TextStreamMasker
 from tests.fake_openai import FakeOpenAI
-from tests.masking_fixtures import MASKED_SENTENCE, PII_SENTENCE, PII_VALUES, shipped_rules
+from tests.masking_fixtures import (
+    MASKED_SENTENCE,
+    PII_SENTENCE,
+    PII_VALUES,
+    shipped_rules,
+)
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +364,7 @@ def test_a_configured_model_that_is_not_installed_is_an_error_never_a_download(m
 
     import spacy.cli
 
-    from addons.pii_masking import ModelNotInstalled
+    from auditgate.masking.engine import ModelNotInstalled
 
     def no_download(*args, **kwargs):
         raise AssertionError("a model download was attempted")

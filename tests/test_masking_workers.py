@@ -11,10 +11,10 @@ import signal
 
 import pytest
 
-from addons.body_masking import mask_body
-from addons.masking_config import load_masking_settings
-from addons.masking_workers import MaskingWorkerError, MaskingWorkers
-from addons.pii_masking import PiiMasker
+from auditgate.masking.body import mask_body
+from auditgate.masking.config import load_masking_settings
+from auditgate.masking.engine import PiiMasker
+from auditgate.masking.workers import MaskingWorkerError, MaskingWorkers
 from tests.masking_fixtures import PII_SENTENCE, PII_VALUES, shipped_rules
 
 

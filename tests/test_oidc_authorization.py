@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from addons.authorization_rules import Authorization, Grant, is_normal_path
+from auditgate.identity.grants import Authorization, Grant, is_normal_path
 
 
 def _rules() -> Authorization:

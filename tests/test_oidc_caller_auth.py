@@ -9,7 +9,7 @@ import base64
 from mitmproxy.test import taddons, tflow
 
 from addons.caller_auth import CallerAuth
-from addons.identity import add_service_token
+from auditgate.identity.service_tokens import add_service_token
 
 
 def _basic(user: str, password: str) -> str:

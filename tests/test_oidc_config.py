@@ -6,25 +6,26 @@ import textwrap
 
 import pytest
 
-from addons.authorization_rules import authorization_from
-from addons.identity import read_identities_file
-from addons.oidc_authenticator import CallerAuthenticator
-from addons.oidc_config import DEFAULT_ALGORITHMS, issuers_from
-from addons.rules_yaml import ConfigError
+from auditgate.core.config import ConfigError
+from auditgate.core.shipped import SHIPPED_RULES
+from auditgate.identity.authenticator import CallerAuthenticator
+from auditgate.identity.grants import authorization_from
+from auditgate.identity.oidc_config import DEFAULT_ALGORITHMS, issuers_from
+from auditgate.identity.service_tokens import read_identities_file
 
 
 def _load(tmp_path, text: str):
     (tmp_path / "identities.yaml").write_text(textwrap.dedent(text))
-    path, data = read_identities_file(tmp_path)
-    return issuers_from(path, data), authorization_from(path, data)
+    file = read_identities_file(tmp_path)
+    return issuers_from(file), authorization_from(file)
 
 
 def test_shipped_file_has_no_issuers_and_no_authorization():
     from tests.gateway_process import ROOT
 
-    path, data = read_identities_file(ROOT / "rules")
-    assert data["service_tokens"] == []
-    assert issuers_from(path, data) == () and authorization_from(path, data) is None
+    file = read_identities_file(SHIPPED_RULES)
+    assert file.data["service_tokens"] == []
+    assert issuers_from(file) == () and authorization_from(file) is None
 
 
 def test_a_full_issuer_and_defaults(tmp_path):

@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from addons.identity import add_service_token
+from auditgate.identity.service_tokens import add_service_token
 from tests.agent_app import run_agent
 from tests.conftest import UPSTREAM_KEY, gateway_env, make_rules
 from tests.gateway_process import GatewayProcess

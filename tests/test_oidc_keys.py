@@ -12,8 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from addons.oidc_config import IssuerConfig
-from addons.oidc_keys import IssuerKeys, KeyFetchError, fetch_json, parse_jwks
+from auditgate.identity.oidc_config import IssuerConfig
+from auditgate.identity.oidc_keys import (
+    IssuerKeys,
+    KeyFetchError,
+    fetch_json,
+    parse_jwks,
+)
 from tests.oidc_issuer import make_key
 
 ISSUER = "https://idp.example"

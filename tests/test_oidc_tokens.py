@@ -9,11 +9,17 @@ import time
 
 import pytest
 
-from addons.identity import Identity, ServiceTokens, token_hash
-from addons.oidc_authenticator import AuthFailure, CallerAuthenticator
-from addons.oidc_config import IssuerConfig
-from addons.oidc_keys import parse_jwks
-from addons.oidc_tokens import TokenRejected, claimed_groups, looks_like_jwt, parse, verify
+from auditgate.identity.authenticator import AuthFailure, CallerAuthenticator
+from auditgate.identity.oidc_config import IssuerConfig
+from auditgate.identity.oidc_keys import parse_jwks
+from auditgate.identity.oidc_tokens import (
+    TokenRejected,
+    claimed_groups,
+    looks_like_jwt,
+    parse,
+    verify,
+)
+from auditgate.identity.service_tokens import Identity, ServiceTokens, token_hash
 from tests.oidc_issuer import LocalIssuer, b64url, make_key
 
 # The gateway silences this itself (oidc_tokens); pytest resets warning filters per test.

@@ -8,7 +8,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
-from addons.policy import PolicyRules, prompt_texts
+from addons.policy import PolicyRules
+from auditgate.core.request_facts import prompt_texts
 
 POLICY = """rules:
   - id: no-pineapple

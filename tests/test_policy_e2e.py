@@ -7,7 +7,7 @@ import time
 import openai
 import pytest
 
-from addons.identity import add_service_token
+from auditgate.identity.service_tokens import add_service_token
 from tests.conftest import gateway_env, make_rules
 from tests.gateway_process import GATEWAY_SCRIPT, GatewayProcess, run_mitmdump
 from tests.records import wait_for_flows

@@ -7,13 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from addons.policy_rules import RequestFacts, keyword_pattern, load_policy, parse_policy, tool_names
-from addons.rules_yaml import ConfigError
+from auditgate.core.config import ConfigError
+from auditgate.core.request_facts import tool_names
+from auditgate.core.shipped import SHIPPED_RULES
+from auditgate.policy.rules import (
+    MatchInput,
+    keyword_pattern,
+    load_policy,
+    parse_policy,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def facts(**kw) -> RequestFacts:
+def facts(**kw) -> MatchInput:
     texts = kw.pop("texts", ["hello"])
     tools = kw.pop("tools", [])
     pii = kw.pop("pii", set())
@@ -21,7 +28,7 @@ def facts(**kw) -> RequestFacts:
     base = dict(caller="alice", groups=("agents",), host="api.openai.com", port=443, method="POST",
                 path="/v1/responses", endpoint="responses", body_size=100)
     base.update(kw)
-    return RequestFacts(**base, model_fn=lambda: model, texts_fn=lambda: list(texts), tools_fn=lambda: list(tools),
+    return MatchInput(**base, model_fn=lambda: model, texts_fn=lambda: list(texts), tools_fn=lambda: list(tools),
                         pii_fn=lambda: set(pii))
 
 
@@ -149,7 +156,7 @@ def test_tool_names_offered_and_called():
 # ---- the shipped rule pack ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shipped():
-    return load_policy(ROOT / "rules" / "policy.yaml")
+    return load_policy(SHIPPED_RULES / "policy.yaml")
 
 
 AWS_KEY = "AKIA" + "IOSFODNN7EXAMPLE"
@@ -225,7 +232,7 @@ SHORTCUT_PATTERNS = [r"(?:reveal|print)\b.{0,6}\b(?:sys prompt|init)", r"(?:ab|a
     (r"(?i)abcdef", None),
 ])
 def test_required_literals(pattern, expected):
-    from addons.policy_rules import required_literals
+    from auditgate.policy.rules import required_literals
 
     assert required_literals(pattern) == expected
 
@@ -236,7 +243,7 @@ def test_the_literal_shortcut_agrees_with_the_regex_engine():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from addons.policy_rules import required_literals
+    from auditgate.policy.rules import required_literals
 
     compiled = [(re.compile(p), required_literals(p)) for p in SHORTCUT_PATTERNS]
 
@@ -251,9 +258,9 @@ def test_the_literal_shortcut_agrees_with_the_regex_engine():
 
 
 def test_policy_check_command(tmp_path, capsys):
-    from addons.cli import main
+    from auditgate.cli import main
 
-    assert main(["policy", "check", "--rules", str(ROOT / "rules")]) == 0
+    assert main(["policy", "check", "--rules", str(SHIPPED_RULES)]) == 0
     assert "7 rule(s), default allow" in capsys.readouterr().out
     (tmp_path / "policy.yaml").write_text("rules:\n  - id: x\n    match: {tools: [shell]}\n    action: nope\n")
     assert main(["policy", "check", "--rules", str(tmp_path)]) == 1

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from addons.rules_yaml import ConfigError
-from addons.upstream_config import Upstream, load_upstreams
+from auditgate.core.config import ConfigError
+from auditgate.core.shipped import SHIPPED_RULES
+from auditgate.routing.upstreams import Upstream, load_upstreams
 
 
 def _write(tmp_path, text: str):
@@ -16,7 +17,7 @@ def _write(tmp_path, text: str):
 def test_shipped_defaults_serve_openai_only(tmp_path):
     from tests.gateway_process import ROOT
 
-    table = load_upstreams(ROOT / "rules")
+    table = load_upstreams(SHIPPED_RULES)
     assert table.upstream_for("api.openai.com", 443) == Upstream("api.openai.com", 443, "OPENAI_API_KEY")
     assert table.upstream_for("api.openai.com", 80) is None
     assert table.upstream_for("example.com", 443) is None

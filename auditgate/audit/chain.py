@@ -1,0 +1,496 @@
+"""The audit log's hash chain: canonical JSON, entry hashes, Ed25519 checkpoints and the append-only writer.
+
+Plain Python plus `cryptography`; no mitmproxy. The README section "Audit log" defines the format this
+module writes, so that an auditor can re-implement the verifier (addons/audit_verify.py) from it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+AUDIT_SUBDIR = "audit"
+PUBLIC_KEY_FILE = "public-key.pem"
+GENESIS_HASH = "0" * 64
+FILE_PATTERN = re.compile(r"^audit-(\d{12})-(\d{8}T\d{6}Z)\.jsonl$")
+CHECKPOINT_CONTEXT = "auditgate-audit-checkpoint:v1"
+ROTATION_CONTEXT = "auditgate-audit-key-rotation:v1"
+
+# Keys that name a credential are never copied into an entry, whatever addon put them in flow metadata.
+_CREDENTIAL_KEY = re.compile(
+    r"(^|[_-])(token|secret|password|passwd|authorization|api[_-]?key|apikey|jwt|credentials?|cookie|bearer)$"
+)
+
+
+class CanonicalJsonError(ValueError):
+    pass
+
+
+# ---- canonical JSON ------------------------------------------------------------------------------
+
+
+def canonical_json(value) -> bytes:
+    """The one byte string an entry hashes to: sorted keys, no whitespace, ASCII only, integers only.
+
+    json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False): objects'
+    members sorted by key (code point order), strings with `"`, `\\`, \\b \\f \\n \\r \\t escaped as such,
+    other characters below U+0020 and every character above U+007E as lowercase \\uXXXX (surrogate
+    pairs above U+FFFF). Floats are refused, so every number is an integer written in plain decimal.
+    """
+    _check_no_floats(value)
+    return _dumps(value)
+
+
+def _dumps(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def _check_no_floats(value) -> None:
+    if isinstance(value, float):
+        raise CanonicalJsonError(f"floats are not allowed in audit entries: {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise CanonicalJsonError(f"object keys must be strings: {k!r}")
+            _check_no_floats(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_no_floats(v)
+
+
+def json_safe(value, depth: int = 0):
+    """Metadata from other addons made fit for an entry: no floats, no bytes, no credential-named keys."""
+    if depth > 16:
+        return "<nested too deep>"
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        # Integers only in canonical JSON: a fractional value is kept as its shortest decimal string.
+        return int(value) if value.is_integer() and math.isfinite(value) else repr(value)
+    if isinstance(value, dict):
+        return {
+            str(k): json_safe(v, depth + 1) for k, v in value.items() if not _CREDENTIAL_KEY.search(str(k).lower())
+        }
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [json_safe(v, depth + 1) for v in items]
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"  # never the bytes themselves: they could be anything
+    return f"<{type(value).__name__}>"
+
+
+def parse_entry_line(line: bytes) -> dict:
+    """One JSON Lines entry, strictly: an object, no duplicate keys, no floats, no NaN."""
+
+    def no_duplicates(pairs):
+        obj = {}
+        for k, v in pairs:
+            if k in obj:
+                raise CanonicalJsonError(f"duplicate key {k!r}")
+            obj[k] = v
+        return obj
+
+    def no_float(text):
+        raise CanonicalJsonError(f"floats are not allowed: {text}")
+
+    def no_constant(text):
+        raise CanonicalJsonError(f"{text} is not allowed")
+
+    value = json.loads(
+        line.decode("utf-8"), object_pairs_hook=no_duplicates, parse_float=no_float, parse_constant=no_constant
+    )
+    if not isinstance(value, dict):
+        raise CanonicalJsonError("an entry must be a JSON object")
+    return value
+
+
+def entry_hash(entry: dict) -> str:
+    """SHA-256 (hex) of the canonical JSON of the entry without its own "hash" member."""
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def seal(body: dict, checked: bool = True) -> tuple[dict, bytes]:
+    """The entry with its hash, and the line written for it: the hashed bytes with "hash" appended last.
+
+    checked=False skips the float check for bodies built from json_safe() values (the writer's own).
+    """
+    data = canonical_json(body) if checked else _dumps(body)
+    digest = hashlib.sha256(data).hexdigest()
+    line = data[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
+    return dict(body, hash=digest), line
+
+
+def sha256_hex(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def utc_timestamp(epoch: float | None = None) -> str:
+    moment = datetime.fromtimestamp(time.time() if epoch is None else epoch, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ---- keys and signatures -------------------------------------------------------------------------
+
+
+def raw_public_key(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """SHA-256 (hex) of the raw 32-byte Ed25519 public key."""
+    return hashlib.sha256(raw_public_key(public_key)).hexdigest()
+
+
+def public_key_record(public_key: Ed25519PublicKey) -> dict:
+    return {"algorithm": "ed25519", "key_id": key_id(public_key),
+            "public_key": base64.b64encode(raw_public_key(public_key)).decode("ascii")}
+
+
+def public_key_from_record(record: dict) -> Ed25519PublicKey:
+    if record.get("algorithm") != "ed25519":
+        raise ValueError(f"unsupported key algorithm {record.get('algorithm')!r}")
+    key = Ed25519PublicKey.from_public_bytes(base64.b64decode(record["public_key"], validate=True))
+    if key_id(key) != record.get("key_id"):
+        raise ValueError("key_id does not match the public key")
+    return key
+
+
+def checkpoint_message(signed_seq: int, signed_hash: str) -> bytes:
+    return f"{CHECKPOINT_CONTEXT}:{signed_seq}:{signed_hash}".encode("ascii")
+
+
+def rotation_message(old_key_id: str, new_key_id: str) -> bytes:
+    return f"{ROTATION_CONTEXT}:{old_key_id}:{new_key_id}".encode("ascii")
+
+
+def verify_signature(public_key: Ed25519PublicKey, signature_b64: str, message: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        public_key.verify(base64.b64decode(signature_b64, validate=True), message)
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+
+
+def sign_b64(private_key: Ed25519PrivateKey, message: bytes) -> str:
+    return base64.b64encode(private_key.sign(message)).decode("ascii")
+
+
+def private_key_pem(private_key: Ed25519PrivateKey) -> bytes:
+    return private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_public_key_pem(path: Path) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(Path(path).read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+def create_private_key_file(path: Path) -> Ed25519PrivateKey:
+    """A fresh Ed25519 key in PKCS#8 PEM, mode 0600; never replaces an existing file (FileExistsError)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(private_key_pem(key))
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # atomic and exclusive: two gateways starting at once keep one key
+    finally:
+        tmp.unlink(missing_ok=True)
+    return key
+
+
+def load_private_key_file(path: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def load_or_create_private_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
+    """(key, created)."""
+    try:
+        return load_private_key_file(path), False
+    except FileNotFoundError:
+        pass
+    try:
+        return create_private_key_file(path), True
+    except FileExistsError:
+        return load_private_key_file(path), False
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- reading an existing log ---------------------------------------------------------------------
+
+
+def audit_files(audit_dir: Path) -> list[Path]:
+    """The log's files in chain order (their names start with the first entry's zero-padded seq)."""
+    if not audit_dir.is_dir():
+        return []
+    return sorted(p for p in audit_dir.iterdir() if FILE_PATTERN.match(p.name))
+
+
+def audit_file_name(first_seq: int, epoch: float) -> str:
+    return f"audit-{first_seq:012d}-{datetime.fromtimestamp(epoch, timezone.utc):%Y%m%dT%H%M%SZ}.jsonl"
+
+
+@dataclass
+class Tail:
+    """Where an existing log ends: what a (re)starting writer continues from."""
+
+    seq: int = 0
+    hash: str = GENESIS_HASH
+    last: dict | None = None
+    file: str | None = None
+    partial_bytes: int = 0
+    partial_sha256: str | None = None
+    valid_size: int = 0
+
+    @property
+    def clean(self) -> bool:
+        """The previous writer shut down cleanly: its last entry is the shutdown checkpoint."""
+        if self.partial_bytes:
+            return False
+        return self.last is None or (self.last.get("kind") == "checkpoint" and self.last.get("reason") == "shutdown")
+
+    def recovery_note(self) -> dict:
+        return {"file": self.file, "last_seq": self.seq, "last_hash": self.hash, "valid_size": self.valid_size,
+                "partial_bytes": self.partial_bytes, "partial_sha256": self.partial_sha256}
+
+
+class BrokenLogError(Exception):
+    pass
+
+
+def read_tail(audit_dir: Path) -> Tail:
+    """The last complete entry of the log, and any partial line after it (a crash cut) in the newest file."""
+    cut: tuple[str, int, bytes] | None = None  # (file, valid size, partial bytes) of the newest non-empty file
+    for path in reversed(audit_files(audit_dir)):
+        data = path.read_bytes()
+        if not data:
+            continue
+        end = data.rfind(b"\n") + 1  # bytes after the last newline are a partial line
+        if cut is None:
+            cut = (path.name, end, data[end:])
+        if end == 0:
+            continue  # nothing but a partial first line: the chain ends in the file before
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        try:
+            entry = parse_entry_line(data[start:end])
+            if entry.get("hash") != entry_hash(entry) or not isinstance(entry.get("seq"), int):
+                raise BrokenLogError("its hash does not match its content")
+        except (ValueError, BrokenLogError) as e:
+            raise BrokenLogError(f"the last entry of {path} is not intact ({e}); run `auditgate verify`") from None
+        name, valid, partial = cut
+        return Tail(seq=entry["seq"], hash=entry["hash"], last=entry, file=name, valid_size=valid,
+                    partial_bytes=len(partial), partial_sha256=sha256_hex(partial) if partial else None)
+    if cut is not None:
+        name, valid, partial = cut
+        return Tail(file=name, partial_bytes=len(partial), partial_sha256=sha256_hex(partial))
+    return Tail()
+
+
+# ---- the writer ----------------------------------------------------------------------------------
+
+
+class AuditWriteError(OSError):
+    """The log could not be written (disk full, unwritable, closed): the gateway must fail closed."""
+
+
+@dataclass
+class WriterSettings:
+    checkpoint_entries: int = 100
+    checkpoint_seconds: float = 10.0
+    max_bytes: int = 64 * 1024 * 1024
+    fsync: str = "checkpoint"  # "entry", "checkpoint" or "never"
+
+
+@dataclass
+class AuditWriter:
+    """Appends sealed entries to <audit>/audit-*.jsonl, chaining each to the one before and signing the head.
+
+    Single-threaded by design (the mitmproxy event loop). It never fsyncs on its own except when closing;
+    `sync_wanted` tells the caller a checkpoint asks for one (the gateway does it in a thread).
+    """
+
+    directory: Path
+    signing_key: Ed25519PrivateKey
+    settings: WriterSettings = field(default_factory=WriterSettings)
+    clock: callable = time.time
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tail = read_tail(self.directory)
+        self.seq, self.head = self.tail.seq, self.tail.hash
+        self.key_id = key_id(self.signing_key.public_key())
+        self.sync_wanted = False
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._size = 0
+        self._day_end = 0.0
+        self._since_checkpoint = 0
+        self._last_checkpoint = self.clock()
+        self._needs_new_file = True  # every run starts a file of its own
+        # A run that follows a crash says so in its first entry, naming where the previous run stopped.
+        self._recovery: dict | None = None if self.tail.clean else self.tail.recovery_note()
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def unsigned(self) -> int:
+        return self._since_checkpoint
+
+    def checkpoint_due(self) -> bool:
+        return self._since_checkpoint > 0 and self.clock() - self._last_checkpoint >= self.settings.checkpoint_seconds
+
+    # -- appending
+    def append(self, kind: str, fields: dict, sanitized: bool = False) -> dict:
+        """Seal and write one entry, then a checkpoint once N entries are unsigned. Raises AuditWriteError.
+
+        Fields go through json_safe() (no floats, no credential-named keys) unless the caller already did.
+        """
+        entry = self._write(kind, fields if sanitized else json_safe(fields), may_rotate=True)
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= self.settings.checkpoint_entries:
+            self.checkpoint("entries")
+        return entry
+
+    def checkpoint(self, reason: str, key: Ed25519PrivateKey | None = None) -> dict:
+        """Sign the chain head (the last entry's seq and hash) and append the signature as an entry."""
+        key = key or self.signing_key
+        fields = {
+            "reason": reason,
+            "signed_seq": self.seq,
+            "signed_hash": self.head,
+            "key_id": key_id(key.public_key()),
+            "signature": sign_b64(key, checkpoint_message(self.seq, self.head)),
+        }
+        entry = self._write("checkpoint", fields, may_rotate=False)
+        self._since_checkpoint = 0
+        self._last_checkpoint = self.clock()
+        self.sync_wanted = self.settings.fsync != "never"
+        return entry
+
+    def rotate_key(self, new_key: Ed25519PrivateKey) -> dict:
+        """A key_rotation entry, vouched for by a checkpoint signed with the old key; the new key signs after."""
+        old_id, new_public = self.key_id, new_key.public_key()
+        new_id = key_id(new_public)
+        entry = self.append("key_rotation", {
+            "old_key_id": old_id,
+            "new_key": public_key_record(new_public),
+            "new_key_proof": sign_b64(new_key, rotation_message(old_id, new_id)),
+        }, sanitized=True)
+        self.checkpoint("key_rotation")
+        self.signing_key, self.key_id = new_key, new_id
+        return entry
+
+    def _write(self, kind: str, fields: dict, may_rotate: bool) -> dict:
+        now = self.clock()
+        if self._fd is None or self._needs_new_file or (may_rotate and self._rotation_due(now)):
+            self._open_next(now)
+        body = {"seq": self.seq + 1, "time": utc_timestamp(now), "kind": kind, "prev": self.head, **fields}
+        if self._recovery is not None:
+            body["recovered"] = self._recovery
+        entry, line = seal(body, checked=False)  # every value here came through json_safe() or is our own
+        self._write_line(line)
+        self._recovery = None
+        self.seq, self.head = entry["seq"], entry["hash"]
+        return entry
+
+    def _write_line(self, line: bytes) -> None:
+        if self._fd is None:
+            raise AuditWriteError("the audit log is closed")
+        good, written = self._size, 0
+        try:
+            while written < len(line):
+                written += os.write(self._fd, line[written:])
+        except OSError as e:
+            # Take a partly written line back off, so that the file still ends on a whole entry.
+            if written:
+                try:
+                    os.ftruncate(self._fd, good)
+                except OSError:
+                    self._needs_new_file = True
+                    self._recovery = {"file": self._path.name, "last_seq": self.seq, "last_hash": self.head,
+                                      "valid_size": good, "partial_bytes": written, "partial_sha256": None}
+            raise AuditWriteError(e.errno, f"could not write the audit log {self._path}: {e.strerror or e}") from e
+        self._size += written
+
+    def _rotation_due(self, now: float) -> bool:
+        return now >= self._day_end or self._size >= self.settings.max_bytes
+
+    def _open_next(self, now: float) -> None:
+        if self._fd is not None:
+            if not self._needs_new_file and self._since_checkpoint:
+                self.checkpoint("rotation")  # every file but the live one ends with a signed checkpoint
+            self._close_fd()
+        path = self.directory / audit_file_name(self.seq + 1, now)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise AuditWriteError(e.errno, f"could not open the audit log {path}: {e.strerror or e}") from e
+        self._fd, self._path, self._size = fd, path, os.fstat(fd).st_size
+        self._day_end = (int(now) // 86400 + 1) * 86400  # the next UTC midnight: a new file each day
+        self._needs_new_file = False
+
+    # -- durability
+    def dup_for_sync(self) -> int | None:
+        """A descriptor a thread may fsync and close while this one keeps writing (or rotates)."""
+        self.sync_wanted = False
+        return os.dup(self._fd) if self._fd is not None else None
+
+    def close(self) -> None:
+        """Sign what is unsigned, sync and close. The gateway appends gateway_stop first, so a clean
+        shutdown always ends on a checkpoint with reason "shutdown"."""
+        if self._fd is None:
+            return
+        try:
+            self.checkpoint("shutdown")  # a run that ends on this was not cut short
+        finally:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass
+            os.close(self._fd)
+        self._fd = None

@@ -1,0 +1,426 @@
+"""The offline verifier: chain links, checkpoint signatures and flow-file digests of an audit log.
+
+Plain Python plus `cryptography`; no mitmproxy. The README section "Verifying the audit log" describes
+the same algorithm step by step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from auditgate.audit.chain import (
+    AUDIT_SUBDIR,
+    GENESIS_HASH,
+    PUBLIC_KEY_FILE,
+    audit_files,
+    checkpoint_message,
+    entry_hash,
+    key_id,
+    load_public_key_pem,
+    parse_entry_line,
+    public_key_from_record,
+    rotation_message,
+    verify_signature,
+)
+from auditgate.audit.flow_files import FlowFile, read_flow_files
+
+FAILED, INCOMPLETE, NOTE = "failed", "incomplete", "note"
+EXIT_CODES = {"verified": 0, FAILED: 1, INCOMPLETE: 3}
+
+
+@dataclass
+class Finding:
+    severity: str  # failed: tampering or inconsistency; incomplete: cannot be fully verified; note
+    kind: str
+    where: str
+    seq: int | None
+    message: str
+
+
+@dataclass
+class Located:
+    entry: dict
+    file: str
+    line: int
+
+    @property
+    def seq(self):
+        return self.entry.get("seq")
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line} (seq {self.seq})"
+
+
+@dataclass
+class VerifyResult:
+    records_dir: str
+    status: str = "verified"
+    files: list[str] = field(default_factory=list)
+    entries: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    checkpoints: int = 0
+    signed_upto: int = 0
+    anchors: list[str] = field(default_factory=list)
+    anchor_source: str = ""
+    keys_seen: list[str] = field(default_factory=list)
+    flow_entries: int = 0
+    flows_matched: int = 0
+    flow_files: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    log: list[Located] = field(default_factory=list, repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    @property
+    def first_break(self) -> Finding | None:
+        """The failure nearest the start of the log (in file and line order)."""
+        order = {located.where: index for index, located in enumerate(self.log)}
+        files = {name: index for index, name in enumerate(self.files)}
+
+        def position(finding: Finding) -> tuple:
+            if finding.where in order:
+                return (order[finding.where], 0)
+            name = finding.where.split(":")[0].split("@")[0]
+            start = next((i for i, l in enumerate(self.log) if l.file == name), len(self.log))
+            return (start if name in files else len(self.log), 1)
+
+        return min((f for f in self.findings if f.severity == FAILED), key=position, default=None)
+
+    def add(self, severity: str, kind: str, where: str, seq: int | None, message: str) -> None:
+        self.findings.append(Finding(severity, kind, where, seq, message))
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("log")
+        data["exit_code"] = self.exit_code
+        return data
+
+    def summary(self) -> str:
+        lines = [f"auditgate verify: {self.records_dir}"]
+        if self.files:
+            lines.append(f"  audit log: {len(self.files)} file(s), {self.entries} entries "
+                         f"(seq {self.first_seq}..{self.last_seq}), {self.checkpoints} checkpoint(s)")
+        lines.append(f"  trusted key(s): {', '.join(k[:16] for k in self.anchors) or 'none'} ({self.anchor_source})")
+        lines.append(f"  signed: entries up to seq {self.signed_upto} are covered by a checkpoint signed with a trusted key")
+        lines.append(f"  flows: {self.flows_matched} of {self.flow_entries} flow entries matched their record "
+                     f"in {self.flow_files} flow file(s) (request and response body digests)")
+        for finding in self.findings:
+            lines.append(f"  {finding.severity.upper():10s} {finding.kind}: {finding.where}: {finding.message}")
+        verdict = {
+            "verified": "VERIFIED: every link, every checkpoint signature and every flow digest checks out",
+            FAILED: f"FAILED: the log was altered or is inconsistent; first break at {self.first_break.where}"
+            if self.first_break else "FAILED",
+            INCOMPLETE: "INCOMPLETE: no sign of tampering, but part of the log cannot be verified (see above)",
+        }[self.status]
+        lines.append(f"  result: {verdict}")
+        return "\n".join(lines)
+
+
+def _read_log(audit_dir: Path, result: VerifyResult) -> dict[str, dict]:
+    """Parse every line; returns per-file facts (last complete line, partial tail)."""
+    files: dict[str, dict] = {}
+    for path in audit_files(audit_dir):
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        info = {"valid_size": end, "partial": data[end:], "lines": 0, "first": None, "last": None, "bad_last": False}
+        files[path.name] = info
+        result.files.append(path.name)
+        for number, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
+            info["lines"] = number
+            try:
+                entry = parse_entry_line(raw)
+            except ValueError as e:
+                result.add(FAILED, "unreadable", f"{path.name}:{number}", None,
+                           f"not a valid entry ({e}): the line was edited or damaged")
+                result.log.append(Located({"unreadable": True}, path.name, number))
+                continue
+            located = Located(entry, path.name, number)
+            result.log.append(located)
+            info["first"] = info["first"] or located
+            info["last"] = located
+    return files
+
+
+def _check_chain(result: VerifyResult) -> None:
+    log = result.log
+    positions: dict[int, int] = {}
+    for index, located in enumerate(log):
+        if isinstance(located.seq, int):
+            positions.setdefault(located.seq, index)
+    expected_seq, expected_prev = 1, GENESIS_HASH
+    seen: dict[int, Located] = {}
+    previous: Located | None = None
+    after_unreadable = False
+    for index, located in enumerate(log):
+        entry = located.entry
+        if entry.get("unreadable"):
+            after_unreadable, expected_seq = True, expected_seq + 1
+            previous = None
+            continue
+        seq = entry.get("seq")
+        if not isinstance(seq, int) or not isinstance(entry.get("hash"), str):
+            result.add(FAILED, "malformed", located.where, None, "the entry has no integer seq or no hash")
+            continue
+        if entry["hash"] != entry_hash(entry):
+            result.add(FAILED, "modified", located.where, seq,
+                       "its content does not match its hash: the entry was edited")
+        linked = seq == expected_seq and entry.get("prev") == expected_prev
+        if not linked and not after_unreadable:
+            result.add(FAILED, *_classify_break(located, previous, expected_seq, seen, positions, index))
+        after_unreadable = False
+        seen.setdefault(seq, located)
+        previous = located
+        expected_seq, expected_prev = seq + 1, entry["hash"]
+
+
+def _classify_break(located: Located, previous: Located | None, expected_seq: int, seen: dict, positions: dict,
+                    index: int) -> tuple[str, str, int, str]:
+    seq, entry = located.seq, located.entry
+    if previous is not None and previous.entry.get("prev") == entry.get("prev"):
+        # Two entries claim the same predecessor and this one is the original: the one before was slipped in.
+        return ("inserted", previous.where, previous.seq,
+                f"this entry does not belong to the chain: the next entry ({located.where}) links past it")
+    if seq in seen:
+        return ("reordered", located.where, seq,
+                f"seq {seq} was already seen at {seen[seq].where}: entries were duplicated or moved")
+    if seq > expected_seq and all(s in seen for s in range(expected_seq, seq)):
+        return ("reordered", located.where, seq, "the entries before it were moved: it no longer follows its predecessor")
+    if seq > expected_seq:
+        later = positions.get(expected_seq)
+        if later is not None and later > index:
+            return ("reordered", located.where, seq,
+                    f"seq {seq} comes where seq {expected_seq} was expected; seq {expected_seq} appears later: "
+                    "entries were moved")
+        missing = f"seq {expected_seq}" if seq == expected_seq + 1 else f"seqs {expected_seq}..{seq - 1}"
+        return ("deleted", located.where, seq, f"{missing} missing before this entry: entries were deleted")
+    if seq < expected_seq:
+        return ("reordered", located.where, seq, f"seq {seq} comes after seq {expected_seq - 1}: entries were moved")
+    if previous is not None and previous.seq == seq - 1:
+        # The successor still links to what seq-1 used to be: that entry was rewritten (and re-hashed).
+        return ("replaced", previous.where, previous.seq,
+                f"its hash is not the one the next entry ({located.where}) links to: it was replaced")
+    return ("inserted", located.where, seq,
+            "its prev is not the hash of the entry before it: an entry was inserted or replaced here")
+
+
+def _check_file_ends(files: dict[str, dict], result: VerifyResult) -> None:
+    names = list(files)
+    for position, name in enumerate(names):
+        info = files[name]
+        last: Located | None = info["last"]
+        partial: bytes = info["partial"]
+        is_newest = position == len(names) - 1
+        acknowledged = _acknowledgement(files, names, position, result)
+        if partial and not acknowledged:
+            after = f"after seq {last.seq}" if last else "before its first entry"
+            severity = INCOMPLETE if is_newest else FAILED
+            result.add(severity, "truncated", f"{name}:{info['lines'] + 1}", last.seq + 1 if last else None,
+                       f"the file ends with a partial line of {len(partial)} bytes {after}: it was cut while being "
+                       "written (a crash) or truncated")
+        elif not is_newest and not acknowledged and last is not None and last.entry.get("kind") != "checkpoint":
+            result.add(FAILED, "truncated", last.where, last.seq,
+                       "the file ends without its closing checkpoint: entries were removed from its end")
+
+
+def _acknowledgement(files: dict[str, dict], names: list[str], position: int, result: VerifyResult) -> bool:
+    """True when a later run's first entry describes exactly how this file was cut (a crash it recovered from)."""
+    name, info = names[position], files[names[position]]
+    for later in names[position + 1:]:
+        first: Located | None = files[later]["first"]
+        if first is None:
+            continue
+        note = first.entry.get("recovered")
+        if not isinstance(note, dict) or note.get("file") != name:
+            return False
+        partial = info["partial"]
+        digest = hashlib.sha256(partial).hexdigest() if partial else None
+        if (note.get("valid_size") != info["valid_size"] or note.get("partial_bytes") != len(partial)
+                or note.get("partial_sha256") not in (None, digest)):
+            result.add(FAILED, "modified", name, first.seq,
+                       f"the file no longer ends as the restart at {first.where} recorded "
+                       f"({note.get('valid_size')} + {note.get('partial_bytes')} bytes): it was changed since")
+        return True
+    return False
+
+
+def _check_signatures(result: VerifyResult, anchors: list[Ed25519PublicKey]) -> None:
+    declared: dict[str, Ed25519PublicKey] = {}
+    valid: list[tuple[int, str]] = []  # (seq, key id) of checkpoints with a good signature
+    rotations: list[tuple[int, str, str]] = []  # (seq, old key id, new key id)
+    retired: dict[str, int] = {}  # key id -> seq from which it must no longer sign
+    for located in result.log:
+        entry, seq = located.entry, located.seq
+        kind = entry.get("kind")
+        for record in (entry.get("signing_key"), entry.get("new_key")):
+            if isinstance(record, dict):
+                try:
+                    key = public_key_from_record(record)
+                    declared.setdefault(key_id(key), key)
+                except (ValueError, KeyError, TypeError) as e:
+                    result.add(FAILED, "bad key", located.where, seq, f"the public key it declares is invalid: {e}")
+        if kind == "key_rotation" and isinstance(entry.get("new_key"), dict):
+            new_id, old_id = entry["new_key"].get("key_id"), entry.get("old_key_id")
+            new_key = declared.get(new_id)
+            if new_key is None or not verify_signature(new_key, str(entry.get("new_key_proof")),
+                                                       rotation_message(str(old_id), str(new_id))):
+                result.add(FAILED, "forged", located.where, seq, "the new key's proof of possession does not verify")
+            else:
+                rotations.append((seq, old_id, new_id))
+                retired[old_id] = seq + 2  # the old key signs the rotation's own checkpoint, then never again
+        if kind != "checkpoint":
+            continue
+        result.checkpoints += 1
+        signer = entry.get("key_id")
+        key = declared.get(signer)
+        if entry.get("signed_seq") != seq - 1 or entry.get("signed_hash") != entry.get("prev"):
+            result.add(FAILED, "forged", located.where, seq, "the checkpoint does not sign the entry before it")
+        elif key is None:
+            result.add(FAILED, "forged", located.where, seq, f"signed with key {str(signer)[:16]}, which no entry declares")
+        elif not verify_signature(key, str(entry.get("signature")),
+                                  checkpoint_message(entry["signed_seq"], entry["signed_hash"])):
+            result.add(FAILED, "forged", located.where, seq, "the checkpoint's signature does not verify: forged or altered")
+        elif signer in retired and seq >= retired[signer]:
+            result.add(FAILED, "forged", located.where, seq, f"signed with key {signer[:16]}, retired at seq {retired[signer] - 2}")
+        else:
+            valid.append((seq, signer))
+    result.keys_seen = list(declared)
+
+    trusted = {key_id(k) for k in anchors}
+    if not anchors and declared:
+        first = next(iter(declared))
+        trusted, result.anchor_source = {first}, "no key given: the first key the log itself declares (no independent anchor)"
+    changed = True
+    while changed:  # a rotation authenticated by a trusted key hands trust on to the new key
+        changed = False
+        for seq, old_id, new_id in rotations:
+            if old_id in trusted and new_id not in trusted and any(s > seq and k in trusted for s, k in valid):
+                trusted.add(new_id)
+                changed = True
+    result.anchors = sorted(trusted)
+    covered = [s for s, k in valid if k in trusted]
+    result.signed_upto = max(covered, default=0)
+    for seq, signer in valid:
+        if seq > result.signed_upto:
+            where = next(l.where for l in result.log if l.seq == seq)
+            result.add(FAILED, "untrusted key", where, seq,
+                       f"signed with key {signer[:16]}, which is neither trusted nor handed over by a key rotation "
+                       "signed with a trusted key (was the signing key replaced?)")
+    tail = [l for l in result.log if isinstance(l.seq, int) and l.seq > result.signed_upto]
+    if tail:
+        result.add(INCOMPLETE, "unsigned", tail[0].where, tail[0].seq,
+                   f"{len(tail)} entries from here on are chained but not covered by a trusted signature "
+                   "(the gateway is running, or stopped without a clean shutdown)")
+
+
+def _crash_window(result: VerifyResult) -> set[int]:
+    """Seqs written after the last checkpoint of a run that did not shut down cleanly."""
+    window: set[int] = set()
+    run: list[Located] = []
+
+    def close_run(clean: bool) -> None:
+        if not clean:
+            last_cp = max((l.seq for l in run if l.entry.get("kind") == "checkpoint"), default=0)
+            window.update(l.seq for l in run if isinstance(l.seq, int) and l.seq > last_cp)
+
+    for located in result.log:
+        if located.entry.get("kind") == "gateway_start" and run:
+            close_run(run[-1].entry.get("kind") == "checkpoint" and run[-1].entry.get("reason") == "shutdown")
+            run = []
+        run.append(located)
+    if run:
+        close_run(run[-1].entry.get("kind") == "checkpoint" and run[-1].entry.get("reason") == "shutdown")
+    return window
+
+
+def _check_flows(records_dir: Path, result: VerifyResult) -> None:
+    flow_files: dict[str, FlowFile] = read_flow_files(records_dir)
+    result.flow_files = len(flow_files)
+    crash_window = _crash_window(result)
+    unconsumed: dict[tuple[str, str], list] = {}
+    for flow_file in flow_files.values():
+        if flow_file.cut_at is not None:
+            result.add(INCOMPLETE, "truncated flow file", flow_file.name, None,
+                       f"ends with an unreadable record at byte {flow_file.cut_at} (cut by a crash, or damaged)")
+        for record in flow_file.records:
+            unconsumed.setdefault((record.file, record.flow_id), []).append(record)
+    acknowledged: set[str] = set()
+    for located in result.log:
+        acknowledged.update(str(i) for i in located.entry.get("unaudited_flows") or [])
+    for located in result.log:
+        entry = located.entry
+        if entry.get("kind") != "flow":
+            continue
+        result.flow_entries += 1
+        name, flow_id = entry.get("flow_file"), entry.get("flow_id")
+        candidates = unconsumed.get((name, flow_id), [])
+        wanted = (entry.get("request_sha256"), entry.get("response_sha256"))
+        match = next((r for r in candidates if (r.request_sha256, r.response_sha256) == wanted), None)
+        if match is not None:
+            candidates.remove(match)
+            result.flows_matched += 1
+        elif candidates:
+            record = candidates[0]
+            which = "request" if record.request_sha256 != wanted[0] else "response"
+            result.add(FAILED, "flow modified", located.where, located.seq,
+                       f"flow {flow_id} in {name}: the recorded {which} body does not match the audited digest")
+        elif name is None:
+            result.add(FAILED, "flow missing", located.where, located.seq, f"flow {flow_id} names no flow file")
+        elif located.seq in crash_window:
+            result.add(INCOMPLETE, "flow lost in crash", located.where, located.seq,
+                       f"flow {flow_id} is not in {name}: the gateway is still running, or "
+                       "stopped (a crash) before writing it")
+        else:
+            missing = "is missing" if name not in flow_files else f"has no flow {flow_id}"
+            result.add(FAILED, "flow missing", located.where, located.seq,
+                       f"flow file {name} {missing}: the flow record was removed or replaced")
+    for records in unconsumed.values():
+        for record in records:
+            where = f"{record.file}@{record.offset}"
+            if record.refusal_code == "gateway_audit_unavailable":
+                result.add(NOTE, "refused unaudited", where, None,
+                           f"flow {record.flow_id} was refused with 503 while the audit log was unavailable")
+            elif record.flow_id in acknowledged:
+                result.add(INCOMPLETE, "known gap", where, None,
+                           f"flow {record.flow_id} was served while the audit log failed; the log says so")
+            else:
+                result.add(FAILED, "unaudited flow", where, None,
+                           f"flow {record.flow_id} has no audit entry: its entry was removed")
+
+
+def verify(records_dir: Path, pubkeys: list[Path] | None = None, check_flows: bool = True) -> VerifyResult:
+    records_dir = Path(records_dir)
+    result = VerifyResult(records_dir=str(records_dir))
+    audit_dir = records_dir / AUDIT_SUBDIR
+    anchors: list[Ed25519PublicKey] = []
+    if pubkeys:
+        anchors = [load_public_key_pem(p) for p in pubkeys]
+        result.anchor_source = "given with --pubkey"
+    elif (audit_dir / PUBLIC_KEY_FILE).exists():
+        anchors = [load_public_key_pem(audit_dir / PUBLIC_KEY_FILE)]
+        result.anchor_source = (f"{AUDIT_SUBDIR}/{PUBLIC_KEY_FILE} from the records themselves; pass --pubkey with a "
+                                "copy obtained independently to rule out a replaced log")
+    files = _read_log(audit_dir, result)
+    entries = [l for l in result.log if isinstance(l.seq, int)]
+    result.entries = len(entries)
+    if not entries:
+        result.add(FAILED, "empty", str(audit_dir), None, "no audit entries found")
+    else:
+        result.first_seq, result.last_seq = entries[0].seq, entries[-1].seq
+        _check_chain(result)
+        _check_file_ends(files, result)
+        _check_signatures(result, anchors)
+        if check_flows:
+            _check_flows(records_dir, result)
+    if any(f.severity == FAILED for f in result.findings):
+        result.status = FAILED
+    elif any(f.severity == INCOMPLETE for f in result.findings):
+        result.status = INCOMPLETE
+    return result

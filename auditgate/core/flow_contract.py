@@ -1,0 +1,177 @@
+"""What one addon leaves on a flow for another: every ``flow.metadata`` key the bundle uses, with its type.
+
+This module is the only place the ``"auditgate.*"`` names are spelled. Values must stay
+tnetstring-able (dicts, lists, str, int, float, bool, None): mitmproxy writes the metadata into
+flow files, and the offline verifier reads it back without mitmproxy, so nothing here imports it.
+
+    from auditgate.core.flow_contract import IDENTITY
+    IDENTITY.set(flow, identity.as_metadata())
+    who = IDENTITY.get(flow)            # None when no addon set it
+
+The two things one addon offers another outside a flow (the audit log's event writer, the approval
+gate's presence) are registered in ``services`` below, also typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypedDict, TypeVar
+
+T = TypeVar("T")
+
+
+class _HasMetadata(Protocol):
+    metadata: MutableMapping[str, Any]
+
+
+class FlowKey(Generic[T]):
+    """One metadata key: its name, the type of its value, who writes it and who reads it."""
+
+    def __init__(self, name: str, writer: str, readers: str) -> None:
+        self.name, self.writer, self.readers = name, writer, readers
+        ALL_KEYS.append(self)
+
+    def get(self, flow: _HasMetadata) -> T | None:
+        return flow.metadata.get(self.name)
+
+    def read(self, metadata: Mapping[str, Any]) -> T | None:
+        """The value in a metadata mapping read back from a flow file (no flow object)."""
+        return metadata.get(self.name)
+
+    def set(self, flow: _HasMetadata, value: T) -> None:
+        flow.metadata[self.name] = value
+
+    def pop(self, flow: _HasMetadata) -> T | None:
+        return flow.metadata.pop(self.name, None)
+
+    def on(self, flow: _HasMetadata) -> bool:
+        return self.name in flow.metadata
+
+    def __repr__(self) -> str:
+        return f"FlowKey({self.name!r})"
+
+
+ALL_KEYS: list[FlowKey] = []
+
+
+# ---- the value types ------------------------------------------------------------------------------------
+class IdentityRecord(TypedDict, total=False):
+    """Who called (never how they proved it): ``Identity.as_metadata()``."""
+
+    name: str
+    groups: list[str]
+    method: str  # "service_token" or "oidc"
+    issuer: str
+    subject: str
+    email: str
+    display_name: str
+    jti: str
+
+
+class AuthFailureRecord(TypedDict, total=False):
+    reason: str
+    credential: str  # "none", "service_token" or "jwt"
+    unverified_claims: dict[str, str]
+    source: str  # where the credential came from: authorization, proxy-authorization, connect
+
+
+class UpstreamRecord(TypedDict):
+    host: str
+    port: int
+    key_source: str  # where the gateway reads the upstream key (env:NAME), never the key
+
+
+class AuthorizationRecord(TypedDict, total=False):
+    allowed: bool
+    grant: str | None
+    reason: str
+
+
+class PolicyRecord(TypedDict, total=False):
+    rule: str  # "default" when no rule matched
+    action: str  # allow | block | log | require_approval
+    policy: str  # digest of the policy file that decided
+    matched: dict[str, Any]
+    message: str
+    approvers: list[str]
+    timeout_s: float
+    reuse_s: float
+    eval_us: int
+
+
+class ApprovalRecord(TypedDict, total=False):
+    id: str
+    rule: str
+    requester: str | None
+    how: str  # created | joined | reused
+    requested_at: float
+    status: str
+    decided_by: str | None
+    decided_at: float | None
+    reason: str | None
+    refusals: list[dict]
+    waited_s: float
+
+
+class MaskingRecord(TypedDict, total=False):
+    findings: list[dict]
+    failed: str
+    stream_ms: float
+
+
+class RefusalRecord(TypedDict):
+    status: int
+    code: str
+    message: str
+
+
+# ---- the keys, in the order a request meets their writers -------------------------------------------------
+PASSTHROUGH: FlowKey[bool] = FlowKey(
+    "auditgate.passthrough", "upstream_routing (forward-mode CONNECT to a pass-through host)", "records")
+UPSTREAM: FlowKey[UpstreamRecord] = FlowKey(
+    "auditgate.upstream", "upstream_routing", "authorization, policy, approval, audit_log")
+REMOVED_IDENTITY_HEADERS: FlowKey[list[str]] = FlowKey(
+    "auditgate.removed_identity_headers", "caller_auth", "records")
+AUTH_FAILURE: FlowKey[AuthFailureRecord] = FlowKey("auditgate.auth_failure", "caller_auth", "records, evidence")
+IDENTITY: FlowKey[IdentityRecord] = FlowKey(
+    "auditgate.identity", "caller_auth", "authorization, policy, approval, audit_log, evidence")
+AUTHORIZATION: FlowKey[AuthorizationRecord] = FlowKey("auditgate.authorization", "authorization", "records")
+POLICY: FlowKey[PolicyRecord] = FlowKey("auditgate.policy", "policy", "approval, audit_log, evidence")
+APPROVAL: FlowKey[ApprovalRecord] = FlowKey("auditgate.approval", "approval", "overhead, audit_log, evidence")
+MASKING: FlowKey[MaskingRecord] = FlowKey("auditgate.masking", "masking", "audit_log, evidence")
+KEY_HEADER: FlowKey[str] = FlowKey(
+    "auditgate.key_header", "key_custody (while the request is in flight)", "key_custody (removed once sent)")
+REQUEST_READY: FlowKey[float] = FlowKey(
+    "auditgate.request_ready", "overhead (last request hook)", "overhead (removed at the response)")
+OVERHEAD_MS: FlowKey[float] = FlowKey("auditgate.overhead_ms", "overhead", "records")
+REFUSAL: FlowKey[RefusalRecord] = FlowKey(
+    "auditgate.refusal", "any addon, through auditgate.core.refusal.refuse", "masking, audit_log, verify, evidence")
+FLOW_FILE: FlowKey[str] = FlowKey("auditgate.flow_file", "flow_recorder", "audit_log")
+
+
+# ---- services one addon offers another, outside any flow ------------------------------------------------------
+class AuditEvents(Protocol):
+    """Appends a non-flow entry (an approval decision) to the audit log; raises AuditUnavailable."""
+
+    def append_event(self, kind: str, fields: dict) -> dict: ...
+
+
+class AuditUnavailable(RuntimeError):
+    """The audit log cannot take an entry; whoever asked must refuse what it was about to allow."""
+
+
+@dataclass
+class BundleServices:
+    """Set by the addon that offers a service while it is loaded, cleared when it is unloaded."""
+
+    audit_events: AuditEvents | None = None  # the audit_log addon
+    approval_gate: object | None = None  # the approval addon: policy refuses require_approval without it
+    minted_identity: str | None = None  # caller_auth made this identity at first start (its token is on the console)
+
+    def reset(self) -> None:
+        """Forget every service (a test harness between two bundles in one process)."""
+        self.__init__()
+
+
+services = BundleServices()

@@ -1,0 +1,32 @@
+"""The rules auditgate ships (package data) and the operator's own rules directory made from them.
+
+The shipped files are never edited in place: an operator's edits, and the identity minted at first
+start, go to the operator's directory (``rules/`` by default, git-ignored), which is copied from the
+shipped defaults when it does not exist yet. Tests read their own copy of the shipped defaults.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+SHIPPED_RULES = Path(__file__).resolve().parent.parent / "defaults" / "rules"
+DEFAULT_RULES_DIR = "rules"
+
+
+def copy_shipped_rules(target: Path) -> Path:
+    """A fresh copy of the shipped rules at target (which must not exist yet)."""
+    shutil.copytree(SHIPPED_RULES, target)
+    return target
+
+
+def ensure_rules_dir(directory: Path, option_value: str = DEFAULT_RULES_DIR) -> bool:
+    """Make the default rules directory from the shipped rules if it is missing; True if it was made.
+
+    Only the default location is made: a rules directory named explicitly that does not exist is a
+    mistake the operator must hear about, not a reason to start with the permissive defaults.
+    """
+    if directory.exists() or option_value != DEFAULT_RULES_DIR:
+        return False
+    copy_shipped_rules(directory)
+    return True

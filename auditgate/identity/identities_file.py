@@ -1,0 +1,89 @@
+"""identities.yaml, read once for every addon that needs it and re-read once when it changes.
+
+Caller authentication, group authorization and the approvers' page all read the same snapshot, so
+the tokens, issuers and grants in force can never disagree between them, even for a moment.
+
+    identities = identities_file(rules_dir)   # the one reader of that file in this process
+    snapshot = identities.current()           # re-reads the file if it changed (checked once a second)
+    snapshot.authenticator, snapshot.authorization
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from auditgate.core.config import ConfigError
+from auditgate.core.file_watch import ChangedFile
+from auditgate.identity.authenticator import CallerAuthenticator
+from auditgate.identity.grants import Authorization, authorization_from
+from auditgate.identity.service_tokens import IDENTITIES_FILE, read_identities_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IdentitiesSnapshot:
+    authenticator: CallerAuthenticator
+    authorization: Authorization | None  # None: no 'authorization' section, every caller may use every upstream
+    generation: int  # grows with every successful reload
+
+    def describe(self) -> str:
+        issuers = ", ".join(self.authenticator.issuers) or "none"
+        grants = "no authorization section" if self.authorization is None else (
+            f"{len(self.authorization.grants)} grant(s)")
+        return f"{len(self.authenticator.service_tokens)} service token(s); OIDC issuers: {issuers}; {grants}"
+
+
+class IdentitiesFile:
+    """One identities.yaml: the snapshot in force, replaced when the file changes and the new one is valid."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / IDENTITIES_FILE
+        self._watch = ChangedFile(self.path)
+        self._snapshot = self._read(None, 1)  # ConfigError: the start (or option change) fails
+
+    def _read(self, previous: IdentitiesSnapshot | None, generation: int) -> IdentitiesSnapshot:
+        file = read_identities_file(self.directory)
+        # An issuer whose settings did not change keeps its cached keys across a reload.
+        authenticator = CallerAuthenticator.from_file(file, previous.authenticator if previous else None)
+        return IdentitiesSnapshot(authenticator, authorization_from(file), generation)
+
+    def current(self) -> IdentitiesSnapshot:
+        """The snapshot in force; an edited file is read at most once a second, for every reader at once."""
+        if self._watch.changed():
+            self.reload()
+        return self._snapshot
+
+    def reload(self) -> IdentitiesSnapshot:
+        """Read the file now; an invalid file keeps the snapshot in force (and says why)."""
+        try:
+            snapshot = self._read(self._snapshot, self._snapshot.generation + 1)
+        except ConfigError as e:
+            logger.error("keeping the identities in force: %s", e)
+            return self._snapshot
+        self._snapshot = snapshot
+        snapshot.authenticator.prefetch_if_running()
+        logger.info("identities reloaded: %s", snapshot.describe())
+        return snapshot
+
+
+_open: dict[Path, IdentitiesFile] = {}
+
+
+def identities_file(directory: Path) -> IdentitiesFile:
+    """The one reader of <directory>/identities.yaml in this process; ConfigError if the file is invalid.
+
+    Asking again (another addon configuring, or a restart of the options) re-checks the file at once
+    rather than within the second, so a file edited just before is never missed.
+    """
+    key = directory.expanduser().absolute()
+    existing = _open.get(key)
+    if existing is None:
+        existing = _open[key] = IdentitiesFile(key)
+    elif existing._watch.changed(now=True):
+        snapshot = existing._read(existing._snapshot, existing._snapshot.generation + 1)  # invalid: raise at start
+        existing._snapshot = snapshot
+    return existing

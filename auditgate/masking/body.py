@@ -1,0 +1,52 @@
+"""Masks a whole request or reply body: JSON-aware for OpenAI shapes, whole text otherwise (no mitmproxy)."""
+
+from __future__ import annotations
+
+import json
+
+from auditgate.masking.engine import PiiMasker
+from auditgate.masking.payload import mask_request_payload, mask_response_payload
+
+# (entity type, field path) of each value masked; never the value.
+Findings = list[tuple[str, str]]
+
+
+class BodyNotMaskable(ValueError):
+    """A text body that cannot be read as text: it must not pass unmasked."""
+
+
+def mask_body(masker: PiiMasker, body: bytes, content_type: str, kind: str, direction: str) -> tuple[bytes | None, Findings]:
+    """The masked body (None when nothing changed) and what was masked where.
+
+    content_type is the media type alone, lower case; kind is payload_masking.endpoint_kind's answer.
+    """
+    if not body:
+        return None, []
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        if content_type.startswith("text/") or "json" in content_type:
+            raise BodyNotMaskable("a text body that is not UTF-8") from None
+        return None, []  # binary (audio, images): nothing to mask as text
+    if "json" in content_type or (not content_type and text.lstrip()[:1] in "{["):
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            payload = None  # not JSON after all: masked as text below
+        if payload is not None:
+            walk = mask_response_payload if direction == "response" else mask_request_payload
+            findings: Findings = []
+
+            def mask(value: str, path: str) -> str:
+                masked, found = masker.mask(value, direction)
+                findings.extend((entity, path) for entity in found)
+                return masked
+
+            new_payload = walk(payload, kind, mask)
+            if not findings:
+                return None, []
+            return json.dumps(new_payload, ensure_ascii=False).encode(), findings
+    if not (content_type.startswith("text/") or "json" in content_type or not content_type):
+        return None, []
+    masked, found = masker.mask(text, direction)
+    return (masked.encode() if found else None), [(entity, "body") for entity in found]

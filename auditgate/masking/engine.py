@@ -1,0 +1,226 @@
+"""Finds and masks personal data in plain text with Presidio; also the entry points of masking workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# Presidio's email recognizer calls tldextract, which would download the public suffix list on first
+# use: point it at a local cache and no URL before anything imports it (its bundled snapshot is used).
+os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
+os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(tempfile.gettempdir(), "auditgate-tldextract"))
+
+import logging  # noqa: E402
+
+# Presidio logs a debug line for every pattern it tries; under mitmproxy every log record is
+# dispatched to every loaded addon, which would cost more than the analysis itself.
+for _name in ("presidio-analyzer", "presidio-anonymizer"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerResult  # noqa: E402
+from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer  # noqa: E402
+from presidio_analyzer.recognizer_registry import RecognizerRegistryProvider  # noqa: E402
+from presidio_anonymizer import AnonymizerEngine  # noqa: E402
+from presidio_anonymizer.entities import OperatorConfig  # noqa: E402
+
+from auditgate.masking.config import MaskingSettings  # noqa: E402
+
+# Text around a trigger that a recognizer sees: wide enough for any entity the patterns describe.
+TRIGGER_RADIUS = 96
+
+
+@dataclass(frozen=True)
+class Span:
+    entity_type: str
+    start: int
+    end: int
+    score: float
+
+
+class ModelNotInstalled(RuntimeError):
+    """masking.yaml names an NLP model that is not installed."""
+
+
+class _NoContextEnhancer(ContextAwareEnhancer):
+    """Keeps recognizer scores as they are.
+
+    Presidio's default enhancer raises scores when context words stand near a finding, using the NLP
+    engine's tokens and lemmas. Without an NLP model there are none, and the default enhancer would
+    only deep-copy every result for nothing (half the cost of an analysis).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(context_similarity_factor=0, min_score_with_context_similarity=0, context_prefix_count=0,
+                         context_suffix_count=0)
+
+    def enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):
+        return raw_results
+
+
+def _nlp_engine(settings: MaskingSettings):
+    if settings.nlp_model:
+        import spacy.util
+        from presidio_analyzer.nlp_engine import NlpEngineProvider
+
+        # Presidio downloads a spaCy model that is not installed: never at run time, here.
+        if not spacy.util.is_package(settings.nlp_model):
+            raise ModelNotInstalled(
+                f"spaCy model package {settings.nlp_model!r} is not installed (models are never downloaded at "
+                f"run time: install it into the gateway's environment, or set nlp_model: null)"
+            )
+        return NlpEngineProvider(nlp_configuration={
+            "nlp_engine_name": "spacy",
+            "models": [{"lang_code": settings.language, "model_name": settings.nlp_model}],
+        }).create_engine()
+    from presidio_analyzer.nlp_engine.no_op_nlp_engine import NoOpNlpEngine
+
+    engine = NoOpNlpEngine(models=[{"lang_code": settings.language, "model_name": "no_op"}])
+    engine.load()
+    return engine
+
+
+class PiiMasker:
+    """Masks PII in text: Presidio's analyzer, run only around trigger matches, then its anonymizer."""
+
+    def __init__(self, settings: MaskingSettings) -> None:
+        self.settings = settings
+        nlp = _nlp_engine(settings)
+        registry = RecognizerRegistryProvider(conf_file=settings.recognizers_file).create_recognizer_registry()
+        if settings.nlp_model:
+            from presidio_analyzer.predefined_recognizers import SpacyRecognizer
+
+            registry.add_recognizer(SpacyRecognizer(supported_language=settings.language))
+        self.analyzer = AnalyzerEngine(
+            registry=registry, nlp_engine=nlp, supported_languages=[settings.language],
+            context_aware_enhancer=None if settings.nlp_model else _NoContextEnhancer(),
+        )
+        self.anonymizer = AnonymizerEngine()
+        self.triggers = {entity: re.compile(pattern) for entity, pattern in settings.triggers.items()}
+        # One scan per distinct trigger, however many entities share it.
+        self._trigger_scans: dict[re.Pattern, tuple[str, ...]] = {}
+        for entity, pattern in self.triggers.items():
+            self._trigger_scans[pattern] = (*self._trigger_scans.get(pattern, ()), entity)
+        self.operators = {
+            entity: OperatorConfig(spec["type"], {k: v for k, v in spec.items() if k != "type"})
+            for entity, spec in settings.operators.items()
+        }
+        self.supported = set(self.analyzer.get_supported_entities(settings.language))
+        self._allowed = frozenset(settings.allow_list)
+        # Without an NLP model each recognizer is called directly (see _analyze); the engine's per-call
+        # set-up (recognizer lookup, empty NLP artifacts, result bookkeeping) would cost about as
+        # much as the recognizers themselves on the small windows around triggers.
+        self._direct = not settings.nlp_model
+        self._recognizers: dict[str, tuple[EntityRecognizer, ...]] = {}
+        if self._direct:
+            self._no_nlp = self.analyzer.nlp_engine.process_text("", settings.language)
+            for entity in self.supported:
+                found = self.analyzer.registry.get_recognizers(language=settings.language, entities=[entity])
+                for recognizer in found:
+                    if not recognizer.is_loaded:
+                        recognizer.load()
+                        recognizer.is_loaded = True
+                self._recognizers[entity] = tuple(found)
+
+    def entities(self, direction: str) -> tuple[str, ...]:
+        wanted = self.settings.direction(direction).entities
+        return tuple(e for e in wanted if e in self.supported)
+
+    def may_contain(self, text: str, entities: Iterable[str]) -> bool:
+        """False only when no entity can be present: every one has a trigger and none occurs."""
+        searched: set[re.Pattern] = set()  # entities sharing a trigger: one search
+        for entity in entities:
+            trigger = self.triggers.get(entity)
+            if trigger is None:
+                return True
+            if trigger not in searched:
+                if trigger.search(text):
+                    return True
+                searched.add(trigger)
+        return False
+
+    def find(self, text: str, entities: Iterable[str]) -> list[Span]:
+        entities = tuple(entities)
+        untriggered = [e for e in entities if e not in self.triggers]
+        results: list[RecognizerResult] = []
+        if untriggered:
+            results += self._analyze(text, 0, len(text), untriggered)
+        for start, end, wanted in self._trigger_windows(text, [e for e in entities if e in self.triggers]):
+            results += self._analyze(text, start, end, sorted(wanted))
+        results = EntityRecognizer.remove_duplicates(results)
+        return sorted((Span(r.entity_type, r.start, r.end, r.score) for r in results), key=lambda s: (s.start, s.end))
+
+    def _trigger_windows(self, text: str, entities: list[str]) -> list[tuple[int, int, set[str]]]:
+        wanted = set(entities)
+        spans = []
+        for pattern, sharing in self._trigger_scans.items():
+            names = wanted.intersection(sharing)
+            if names:
+                spans += [(max(0, m.start() - TRIGGER_RADIUS), min(len(text), m.end() + TRIGGER_RADIUS), names)
+                          for m in pattern.finditer(text)]
+        spans.sort(key=lambda s: s[0])
+        windows: list[list] = []
+        for start, end, names in spans:
+            if windows and start <= windows[-1][1]:
+                windows[-1][1] = max(windows[-1][1], end)
+                windows[-1][2] |= names
+            else:
+                windows.append([start, end, set(names)])
+        # Widen each window to whitespace so no candidate is cut in half at its edge (bounded).
+        limit = 2 * TRIGGER_RADIUS
+        for window in windows:
+            lo = max(0, window[0] - limit)
+            window[0] = max(text.rfind(" ", lo, window[0]), text.rfind("\n", lo, window[0]), lo - 1) + 1 if window[0] else 0
+            hi = min(len(text), window[1] + limit)
+            ends = [i for i in (text.find(" ", window[1], hi), text.find("\n", window[1], hi)) if i >= 0]
+            window[1] = min(ends) if ends else hi
+        return [(s, e, w) for s, e, w in windows]
+
+    def _analyze(self, text: str, start: int, end: int, entities: list[str]) -> list[RecognizerResult]:
+        if self._direct:
+            found = self._run_recognizers(text[start:end], entities)
+        else:
+            found = self.analyzer.analyze(
+                text[start:end],
+                language=self.settings.language,
+                entities=entities,
+                score_threshold=self.settings.score_threshold,
+                allow_list=list(self.settings.allow_list) or None,
+            )
+        for result in found:
+            result.start += start
+            result.end += start
+        return found
+
+    def _run_recognizers(self, text: str, entities: list[str]) -> list[RecognizerResult]:
+        """What AnalyzerEngine.analyze returns for pattern recognizers without NLP: each recognizer's
+        findings of the wanted entities, at or above the score threshold, not on the allow-list
+        (exact match), duplicates removed."""
+        results: list[RecognizerResult] = []
+        ran: set[int] = set()
+        for entity in entities:
+            for recognizer in self._recognizers.get(entity, ()):
+                if id(recognizer) not in ran:
+                    ran.add(id(recognizer))
+                    results += recognizer.analyze(text=text, entities=entities, nlp_artifacts=self._no_nlp)
+        threshold, allowed = self.settings.score_threshold, self._allowed
+        kept = [r for r in results if r.entity_type in entities and r.score >= threshold
+                and text[r.start:r.end] not in allowed]
+        return EntityRecognizer.remove_duplicates(kept)
+
+    def apply(self, text: str, spans: list[Span]) -> str:
+        """Rewrite the given spans of text with their entities' operators."""
+        if not spans:
+            return text
+        results = [RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in spans]
+        return self.anonymizer.anonymize(text=text, analyzer_results=results, operators=self.operators).text
+
+    def mask(self, text: str, direction: str) -> tuple[str, list[str]]:
+        """The masked text and the entity type of every finding (values are never returned)."""
+        entities = self.entities(direction)
+        if not text or not self.may_contain(text, entities):
+            return text, []
+        spans = self.find(text, entities)
+        return self.apply(text, spans), [s.entity_type for s in spans]
