@@ -1,7 +1,5 @@
-"""auditgate: an auditable AI-traffic gateway built as a bundle of mitmproxy addons.
+"""The mitmproxy face of auditgate: one module per concern, each a script ``mitmdump -s addons/NAME.py`` loads.
 
-Addon modules (one concern each, loadable alone with ``mitmdump -s addons/NAME.py``) import
-mitmproxy; the plain modules they use (config loading, identities, secret scrubbing) do not,
-so they can be tested directly. ``addons/gateway.py`` assembles the bundle in request order.
+Not an installed package: mitmproxy loads these files by path, and ``addons/gateway.py`` loads its
+siblings with ``auditgate.core.addon_files``. The logic they delegate to is the ``auditgate`` package.
 """
-

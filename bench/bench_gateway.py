@@ -9,6 +9,11 @@ Run with the project's venv: .venv/bin/python bench/bench_gateway.py [--scenario
 - stream:  a 40-delta Responses stream spaced 25 ms apart (targets: first masked token <= direct
            + 60 ms, total <= 1.1x direct).
 - analyze: masking cost per KB of text, ours against Presidio with all its default recognizers.
+
+Pinned like an independent measurement is: each target (bare mitmdump, the gateway, the masking
+addon alone) and every process it starts (masking workers, the flow writer) on one core; this
+client and the upstream on the other. A design that leans on a second core shows it here instead of
+borrowing the client's. --no-pin turns it off (needs 2 cores or more).
 """
 
 from __future__ import annotations
@@ -56,17 +61,40 @@ def _wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout: float = 
     raise SystemExit(f"timed out waiting for {pattern!r} in {log}")
 
 
+class Cores:
+    """Which cores the targets get and which the client and upstream get (None: no pinning)."""
+
+    def __init__(self, pin: bool) -> None:
+        available = sorted(os.sched_getaffinity(0))
+        self.target: set[int] | None = None
+        self.client: set[int] | None = None
+        if pin and len(available) >= 2:
+            self.target, self.client = {available[0]}, set(available[1:2])
+            os.sched_setaffinity(0, self.client)  # this process and what it starts, unless told otherwise
+
+    def describe(self) -> str:
+        if self.target is None:
+            return "not pinned"
+        return f"targets (and their workers) on core {min(self.target)}, client and upstream on core {min(self.client)}"
+
+
+CORES: Cores | None = None
+
+
 class Processes:
     def __init__(self, workdir: Path) -> None:
         self.workdir, self.procs = workdir, []
 
-    def start(self, name: str, args: list[str], pattern: str, env: dict | None = None) -> re.Match:
+    def start(self, name: str, args: list[str], pattern: str, env: dict | None = None, target: bool = False) -> re.Match:
         log = self.workdir / f"{name}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
         full_env.update(env or {})
+        cores = CORES.target if (CORES and target) else None
+        # Set in the child before it execs: everything the target starts later inherits its core.
+        pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
         with open(log, "wb") as f:
             proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=pin)
         self.procs.append(proc)
         return _wait_for(pattern, log, proc)
 
@@ -94,7 +122,7 @@ class Setup:
         common = ["--mode", target, "-p", "0", "--set", "listen_host=127.0.0.1", "--set", f"confdir={confdir}",
                   "--set", "flow_detail=0", "--set", "termlog_verbosity=info"]
         bare = int(procs.start(f"bare-{name}", [str(BIN / "mitmdump"), *common],
-                               r"listening at 127\.0\.0\.1:(\d+)").group(1))
+                               r"listening at 127\.0\.0\.1:(\d+)", target=True).group(1))
         rules = workdir / f"rules-{name}"
         shutil.copytree(SHIPPED_RULES, rules)
         (rules / "identities.yaml").write_text("service_tokens: []\n")
@@ -102,7 +130,7 @@ class Setup:
         gateway = int(procs.start(
             f"gateway-{name}", [str(BIN / "mitmdump"), *common, "-s", script, "--set", f"gateway_rules={rules}",
                                 "--set", f"gateway_records={workdir / ('records-' + name)}"],
-            r"OPENAI_BASE_URL=http://127\.0\.0\.1:(\d+)", env={"OPENAI_API_KEY": UPSTREAM_KEY}).group(1))
+            r"OPENAI_BASE_URL=http://127\.0\.0\.1:(\d+)", env={"OPENAI_API_KEY": UPSTREAM_KEY}, target=True).group(1))
         self.urls = {
             "direct": f"http://127.0.0.1:{port}/v1/responses",
             "bare mitmdump": f"http://127.0.0.1:{bare}/v1/responses",
@@ -112,7 +140,8 @@ class Setup:
             # The masking addon on its own (it loads alone, like every addon of the bundle): what
             # masking costs, apart from authentication, policy, recording and the audit log.
             procs.start(f"masking-{name}", [str(BIN / "mitmdump"), *common, "-s", str(ROOT / "addons" / "masking.py"),
-                                            "--set", f"gateway_rules={rules}"], r"PII masking workers ready")
+                                            "--set", f"gateway_rules={rules}"], r"PII masking workers ready",
+                        target=True)
             masking = int(_wait_for(r"listening at 127\.0\.0\.1:(\d+)", procs.workdir / f"masking-{name}.log",
                                     procs.procs[-1]).group(1))
             self.urls["masking addon"] = f"http://127.0.0.1:{masking}/v1/responses"
@@ -254,8 +283,13 @@ def main() -> None:
     parser.add_argument("--stream-runs", type=int, default=10)
     parser.add_argument("--reply-text-bytes", type=int, default=1400, help="1400 gives a ~2 KB JSON reply")
     parser.add_argument("--script", default=str(ROOT / "addons" / "gateway.py"), help="the bundle to measure")
+    parser.add_argument("--no-pin", action="store_true", help="let the OS place targets, client and upstream")
     args = parser.parse_args()
-    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    global CORES
+    CORES = Cores(pin=not args.no_pin)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; commit {commit.strip() or '?'}; "
+          f"{time.strftime('%Y-%m-%d')}; {CORES.describe()}")
 
     workdir = Path(tempfile.mkdtemp(prefix="auditgate-bench-"))
     procs = Processes(workdir)
