@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from mitmproxy import ctx
@@ -47,8 +48,11 @@ class CallerSetupHint:
             )
         if services.minted_identity:
             # Printed last, so the start-up output ends by pointing at the one-time token.
-            print(f"auditgate: ready. The token of '{services.minted_identity}' was printed once above "
-                  "(OPENAI_API_KEY=agt_...); it is not stored anywhere, only its hash.", flush=True)
+            logger.info("auditgate: ready. The token of '%s' is printed once above (OPENAI_API_KEY=agt_...); only its "
+                        "hash is stored. Set it as OPENAI_API_KEY in the caller.", services.minted_identity)
+        # mitmdump's console log is block-buffered when stdout is a pipe (systemd, a supervisor, a test):
+        # the start-up lines must reach whoever watches for them now, not at the next 8 KB.
+        sys.stdout.flush()
 
 
 addons = [CallerSetupHint()]

@@ -14,7 +14,8 @@ import yaml
 
 from auditgate.identity.service_tokens import token_hash
 from tests.conftest import gateway_env, make_rules
-from tests.gateway_process import GATEWAY_SCRIPT, ROOT, GatewayProcess, run_mitmdump
+from auditgate.core.shipped import SHIPPED_RULES
+from tests.gateway_process import GATEWAY_SCRIPT, MITMDUMP, ROOT, GatewayProcess, run_mitmdump
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +28,7 @@ def _start_script(args: list[str], log_path, timeout: float = 60) -> tuple[subpr
                                 env=env, cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + timeout
     output = ""
-    while time.monotonic() < deadline and "export OPENAI_API_KEY" not in output and proc.poll() is None:
+    while time.monotonic() < deadline and "auditgate: ready" not in output and proc.poll() is None:
         time.sleep(0.05)
         output = log_path.read_text(errors="replace")
     return proc, log_path.read_text(errors="replace")
@@ -59,8 +60,36 @@ def test_run_gateway_sh_prints_what_callers_export(tmp_path, confdir, mode):
         stored = yaml.safe_load((rules / "identities.yaml").read_text())["service_tokens"]
         assert stored == [{"name": "operator", "groups": ["admins"], "token_sha256": token_hash(token)}]
         assert token not in (rules / "identities.yaml").read_text()
+        # The start-up output ends by pointing at the token it printed.
+        assert output.index("export OPENAI_API_KEY=<the token printed above>") < output.index("auditgate: ready")
+        assert output.rstrip().splitlines()[-1].endswith("Set it as OPENAI_API_KEY in the caller.")
     finally:
         _stop(proc)
+
+
+def test_a_first_start_makes_the_operator_rules_from_the_shipped_ones_and_leaves_those_alone(tmp_path, confdir):
+    shipped = {p.name: p.read_bytes() for p in SHIPPED_RULES.iterdir()}
+    env = dict(gateway_env(), OPENAI_API_KEY="sk-unused")
+    proc = subprocess.Popen([MITMDUMP, "-s", GATEWAY_SCRIPT, "-p", "0", "--set", f"confdir={confdir}",
+                             "--set", "listen_host=127.0.0.1"],  # no gateway_rules: the default, rules/ of the cwd
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    output, deadline = b"", time.monotonic() + 60
+    os.set_blocking(proc.stdout.fileno(), False)
+    try:
+        while b"auditgate: ready" not in output and time.monotonic() < deadline and proc.poll() is None:
+            output += proc.stdout.read() or b""
+            time.sleep(0.05)
+    finally:
+        _stop(proc)
+    text = output.decode(errors="replace")
+    assert "auditgate: ready" in text, text[-2000:]
+    operator_rules = tmp_path / "rules"
+    assert {p.name for p in operator_rules.iterdir()} == set(shipped)
+    token = re.search(r"OPENAI_API_KEY=(agt_[A-Za-z0-9_-]+)", text).group(1)
+    stored = yaml.safe_load((operator_rules / "identities.yaml").read_text())["service_tokens"]
+    assert [entry["token_sha256"] for entry in stored] == [token_hash(token)]
+    assert {p.name: p.read_bytes() for p in SHIPPED_RULES.iterdir()} == shipped  # the defaults stay as shipped
 
 
 def test_first_identity_token_works(tmp_path, confdir, upstream_server):

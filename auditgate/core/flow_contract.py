@@ -83,8 +83,9 @@ class UpstreamRecord(TypedDict):
 
 
 class AuthorizationRecord(TypedDict, total=False):
-    allowed: bool
-    grant: str | None
+    decision: str  # allow | deny
+    grant: int | None  # the index of the grant that allowed it
+    refused: str | None  # what was refused: groups, endpoint_path, upstream, endpoint or model
     reason: str
 
 
@@ -115,9 +116,10 @@ class ApprovalRecord(TypedDict, total=False):
 
 
 class MaskingRecord(TypedDict, total=False):
-    findings: list[dict]
-    failed: str
-    stream_ms: float
+    status: str  # clean | masked | failed
+    findings: list[dict]  # {entity_type, count, path, direction}: never the value
+    reason: str  # why masking failed
+    stream_ms: float  # time spent masking a streamed reply
 
 
 class RefusalRecord(TypedDict):
