@@ -113,7 +113,7 @@ class Setup:
     """An upstream, bare mitmdump and the gateway, all in reverse mode to that upstream."""
 
     def __init__(self, procs: Processes, workdir: Path, script: str, upstream_args: list[str],
-                 masking_alone: bool = False) -> None:
+                 masking_alone: bool = False, baseline: str | None = None) -> None:
         name = "-".join(a.strip("-") for a in upstream_args) or "plain"
         port = int(procs.start(f"upstream-{name}", [sys.executable, "-m", "tests.fake_openai", *upstream_args],
                                r"PORT (\d+)").group(1))
@@ -136,6 +136,15 @@ class Setup:
             "bare mitmdump": f"http://127.0.0.1:{bare}/v1/responses",
             "gateway": f"http://127.0.0.1:{gateway}/v1/responses",
         }
+        if baseline:
+            # Another checkout's bundle (e.g. the commit before a change), its own modules first on the path.
+            checkout = str(Path(baseline).resolve().parent.parent)
+            before = int(procs.start(
+                f"baseline-{name}", [str(BIN / "mitmdump"), *common, "-s", baseline, "--set", f"gateway_rules={rules}",
+                                     "--set", f"gateway_records={workdir / ('records-baseline-' + name)}"],
+                r"OPENAI_BASE_URL=http://127\.0\.0\.1:(\d+)", env={"OPENAI_API_KEY": UPSTREAM_KEY, "PYTHONPATH": checkout},
+                target=True).group(1))
+            self.urls["gateway before"] = f"http://127.0.0.1:{before}/v1/responses"
         if masking_alone:
             # The masking addon on its own (it loads alone, like every addon of the bundle): what
             # masking costs, apart from authentication, policy, recording and the audit log.
@@ -216,6 +225,12 @@ def request_scenario(setup: Setup, args, title: str, check=None) -> None:
               f"p99 {percentile(pooled[name], 99) / percentile(pooled['bare mitmdump'], 99):.2f}x   "
               f"req/s {statistics.median(rounds):.2f}x   "
               f"(rounds: p50 {' '.join(f'{r:.2f}' for r in p50s)}; req/s {' '.join(f'{r:.2f}' for r in rounds)})")
+    if "gateway before" in setup.urls:
+        p50s = [statistics.median(n) / statistics.median(b)
+                for n, b in zip(latencies["gateway"], latencies["gateway before"])]
+        rounds = [n / b for n, b in zip(rates["gateway"], rates["gateway before"])]
+        print(f"{'gateway/before:':21s} p50 {statistics.median(p50s):.2f}x   req/s {statistics.median(rounds):.2f}x   "
+              "(below 1 for p50, above 1 for req/s: faster than before)")
 
 
 def _stream_once(url: str, token: str) -> tuple[float, float]:
@@ -284,6 +299,8 @@ def main() -> None:
     parser.add_argument("--reply-text-bytes", type=int, default=1400, help="1400 gives a ~2 KB JSON reply")
     parser.add_argument("--script", default=str(ROOT / "addons" / "gateway.py"), help="the bundle to measure")
     parser.add_argument("--no-pin", action="store_true", help="let the OS place targets, client and upstream")
+    parser.add_argument("--baseline-script", default=None,
+                        help="also measure another checkout's addons/gateway.py (e.g. the commit before a change)")
     args = parser.parse_args()
     global CORES
     CORES = Cores(pin=not args.no_pin)
@@ -295,11 +312,12 @@ def main() -> None:
     procs = Processes(workdir)
     try:
         if args.scenario in ("all", "plain"):
-            setup = Setup(procs, workdir, args.script, ["--reply-bytes", str(args.reply_text_bytes)])
+            setup = Setup(procs, workdir, args.script, ["--reply-bytes", str(args.reply_text_bytes)],
+                          baseline=args.baseline_script)
             request_scenario(setup, args, "plain")
         if args.scenario in ("all", "pii"):
             setup = Setup(procs, workdir, args.script, ["--reply-bytes", str(args.reply_text_bytes), "--pii"],
-                          masking_alone=True)
+                          masking_alone=True, baseline=args.baseline_script)
 
             def masked(response: httpx.Response) -> None:
                 assert "jane.roe@example.org" not in response.text and "<EMAIL_ADDRESS>" in response.text

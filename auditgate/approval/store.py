@@ -29,7 +29,7 @@ class Approval:
     """One held request (and the retries attached to it): what approvers see and what the record keeps."""
 
     id: str
-    key: str  # same caller + same request (method, upstream, path, body hash): see approval_rules.request_key
+    key: str  # same caller + same request (method, upstream, path, body hash): see auditgate.approval.rules.request_key
     rule: str
     requester: dict  # the caller's identity metadata (name, groups, method, ...); never a credential
     approver_groups: list[str]

@@ -1,7 +1,7 @@
 """The audit log's hash chain: canonical JSON, entry hashes, Ed25519 checkpoints and the append-only writer.
 
-Plain Python plus `cryptography`; no mitmproxy. The README section "Audit log" defines the format this
-module writes, so that an auditor can re-implement the verifier (addons/audit_verify.py) from it.
+Plain Python plus `cryptography`; no mitmproxy. docs/auditors.md defines the format (version 1) this
+module writes, so that an auditor can re-implement the verifier (auditgate/audit/verify.py) from it.
 """
 
 from __future__ import annotations

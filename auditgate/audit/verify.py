@@ -1,6 +1,6 @@
 """The offline verifier: chain links, checkpoint signatures and flow-file digests of an audit log.
 
-Plain Python plus `cryptography`; no mitmproxy. The README section "Verifying the audit log" describes
+Plain Python plus `cryptography`; no mitmproxy. docs/auditors.md ("Verifying") describes
 the same algorithm step by step.
 """
 

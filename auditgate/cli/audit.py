@@ -1,6 +1,6 @@
 """`auditgate verify`, `auditgate evidence` and `auditgate audit rotate-key`: the audit log, checked offline.
 
-Needs nothing beyond Python and `cryptography` (no mitmproxy): `python -m auditgate.cli.audit verify records`.
+Needs nothing beyond Python and `cryptography` (no mitmproxy): `python -m auditgate verify records`.
 """
 
 from __future__ import annotations

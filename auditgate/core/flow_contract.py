@@ -105,7 +105,7 @@ class ApprovalRecord(TypedDict, total=False):
     id: str
     rule: str
     requester: str | None
-    how: str  # created | joined | reused
+    how: str  # created | attached | reused
     requested_at: float
     status: str
     decided_by: str | None
@@ -130,7 +130,8 @@ class RefusalRecord(TypedDict):
 
 # ---- the keys, in the order a request meets their writers -------------------------------------------------
 PASSTHROUGH: FlowKey[bool] = FlowKey(
-    "auditgate.passthrough", "upstream_routing (forward-mode CONNECT to a pass-through host)", "records")
+    "auditgate.passthrough", "upstream_routing (forward-mode CONNECT to a pass-through host)",
+    "nobody yet: it marks the CONNECT in mitmweb and in memory")
 UPSTREAM: FlowKey[UpstreamRecord] = FlowKey(
     "auditgate.upstream", "upstream_routing", "authorization, policy, approval, audit_log")
 REMOVED_IDENTITY_HEADERS: FlowKey[list[str]] = FlowKey(
