@@ -378,16 +378,52 @@ def test_approver_page_in_a_real_browser_lets_the_held_request_through(setup, up
     assert flow.metadata["auditgate.approval"]["reason"] == "looked fine in the browser"
 
 
-def test_decisions_and_refused_attempts_are_in_the_audit_log(setup):
-    # Runs after the tests above: their approvals, refusals and timeouts are in the hash-chained log.
-    entries = [json.loads(line) for path in sorted((setup.gateway.records / "audit").glob("audit-*.jsonl"))
-               for line in path.read_bytes().splitlines() if line.strip()]
-    approvals = [e for e in entries if e.get("kind") == "approval"]
-    outcomes = {(e.get("decision"), e.get("approver")) for e in approvals}
-    assert {("requested", None), ("approved", "bob"), ("denied", "bob"), ("expired", None),
-            ("refused_approved", "alice"), ("refused_approved", "mallory")} <= outcomes
-    assert all(e["requester"] for e in approvals)
-    assert not [e for e in approvals if e.get("decision") == "approved" and e.get("approver") == e.get("requester")]
+def _audit_approvals(records) -> list[dict]:
+    return [e for path in sorted((records / "audit").glob("audit-*.jsonl"))
+            for e in (json.loads(line) for line in path.read_bytes().splitlines() if line.strip())
+            if e.get("kind") == "approval"]
+
+
+def test_decisions_and_refused_attempts_are_in_the_audit_log(setup, upstream):
+    # Its own approvals: one approved after two refused attempts, one denied, one left to time out.
+    def ask(text: str):
+        return _in_thread(lambda: setup.client(setup.alice).responses.create(model="gpt-test", input=text))
+
+    bob, alice, mallory = setup.as_(setup.bob), setup.as_(setup.alice), setup.as_(setup.mallory)
+    approved_thread, approved_out = ask("audit-log-approve-e2e needs-approval-marker")
+    [approved] = bob.wait_pending(_marked("audit-log-approve-e2e"))
+    assert alice.approve(approved["id"])[1]["error"]["code"] == "self_approval_refused"
+    assert mallory.approve(approved["id"])[1]["error"]["code"] == "not_an_approver"
+    assert bob.approve(approved["id"], reason="fine")[0] == 200
+    denied_thread, denied_out = ask("audit-log-deny-e2e needs-approval-marker")
+    [denied] = bob.wait_pending(_marked("audit-log-deny-e2e"))
+    assert bob.deny(denied["id"], reason="no")[0] == 200
+    expired_thread, expired_out = ask("audit-log-expire-e2e times-out-marker")
+    [expired] = bob.wait_pending(_marked("audit-log-expire-e2e"))
+    for thread in (approved_thread, denied_thread, expired_thread):
+        thread.join(15)
+    assert approved_out["result"].output_text
+    assert denied_out["error"].code == "gateway_approval_denied"
+    assert expired_out["error"].code == "gateway_approval_timeout"
+
+    expected = {
+        approved["id"]: {("requested", None), ("refused_approved", "alice"), ("refused_approved", "mallory"),
+                         ("approved", "bob")},
+        denied["id"]: {("requested", None), ("denied", "bob")},
+        expired["id"]: {("requested", None), ("expired", None)},
+    }
+    deadline = time.monotonic() + 10
+    while True:
+        entries = [e for e in _audit_approvals(setup.gateway.records) if e["details"].get("approval_id") in expected]
+        found = {i: {(e.get("decision"), e.get("approver")) for e in entries if e["details"]["approval_id"] == i}
+                 for i in expected}
+        if found == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert found == expected
+    assert all(e["requester"] == "alice" for e in entries)
+    assert not [e for e in _audit_approvals(setup.gateway.records)
+                if e.get("decision") == "approved" and e.get("approver") == e.get("requester")]
 
 
 def test_one_approval_sends_one_request_even_when_two_identical_ones_wait(setup, upstream):

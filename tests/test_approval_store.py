@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import multiprocessing
 
 import pytest
 
@@ -21,6 +21,7 @@ from auditgate.approval.store import (
     SqliteApprovalStore,
     new_approval_id,
 )
+from tests.honesty_approval_race import decide_each
 
 ALICE = {"name": "alice", "groups": ["agents"], "method": "service_token"}
 BOB = {"name": "bob", "groups": ["agents", "approvers"], "method": "service_token"}
@@ -82,7 +83,12 @@ def test_request_key_is_the_same_for_a_retry_and_differs_for_anything_else():
     base = ("alice", "POST", "api.openai.com", 443, "/v1/responses", b'{"input": "x"}')
     key, body_hash = request_key(*base)
     assert request_key(*base) == (key, body_hash)
-    assert request_key("ALICE".lower(), "post", "API.openai.com", 443, "/v1/responses", b'{"input": "x"}')[0] == key
+    # A retry may spell the method and the host differently (both are case-insensitive) ...
+    assert request_key("alice", "post", "API.openai.com", 443, "/v1/responses", b'{"input": "x"}')[0] == key
+    # ... but never the caller: identity names are exact ("ALICE" may be another entry of identities.yaml),
+    # and one caller's request must not attach to, or reuse, another caller's approval.
+    assert request_key("ALICE", "POST", "api.openai.com", 443, "/v1/responses", b'{"input": "x"}')[0] != key
+    assert request_key("ALICE", "post", "API.openai.com", 443, "/v1/responses", b'{"input": "x"}')[0] != key
     for changed in (("bob",) + base[1:], base[:4] + ("/v1/chat/completions", base[5]), base[:5] + (b'{"input": "y"}',)):
         assert request_key(*changed)[0] != key
 
@@ -155,22 +161,46 @@ def test_an_expired_pending_approval_is_not_attached_to(store):
     assert how == "created" and again.id != held.id
 
 
-def test_decide_once_only_even_when_racing(store):
-    held, _ = store.hold(candidate(), "f1", 1000)
-    results = []
+CAROL = {"name": "carol", "groups": ["approvers"], "method": "service_token"}
 
-    def decide(status):
-        try:
-            results.append(store.decide(held.id, status, BOB, None, 1001).status)
-        except DecisionRefused as e:
-            results.append(e.code)
 
-    threads = [threading.Thread(target=decide, args=(s,)) for s in (APPROVED, DENIED) * 4]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results).count("already_decided") == 7 and store.get(held.id).status in (APPROVED, DENIED)
+def _race(path, approval_ids: list[str], pause: float) -> dict[str, list[tuple]]:
+    """Two processes, each with its own connection to the store file, decide every approval at the same
+    moment (a barrier before each one): bob approves, carol denies. Returns each one's outcomes."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    workers = [context.Process(target=decide_each, args=(str(path), approval_ids, status, who, barrier, results, pause))
+               for status, who in ((APPROVED, BOB), (DENIED, CAROL))]
+    for worker in workers:
+        worker.start()
+    try:
+        outcomes = dict(results.get(timeout=120) for _ in workers)
+    finally:
+        for worker in workers:
+            worker.join(30)
+            if worker.is_alive():
+                worker.kill()
+    assert [w.exitcode for w in workers] == [0, 0]
+    return outcomes
+
+
+@pytest.mark.parametrize("rounds, pause", [(150, 0.0), (15, 0.05)], ids=["as-fast-as-possible", "both-read-first"])
+def test_decide_once_only_even_when_racing(store, rounds, pause):
+    held = [store.hold(candidate(key=f"k{i}"), f"f{i}", 1000)[0].id for i in range(rounds)]
+    outcomes = _race(store.path, held, pause)
+    late = 0
+    for i, approval_id in enumerate(held):
+        mine = {status: outcomes[status][i] for status in (APPROVED, DENIED)}
+        assert {o[0] for o in mine.values()} == {approval_id}
+        winners = [status for status, o in mine.items() if o[1] == "won"]
+        assert len(winners) == 1, (approval_id, mine)  # exactly one decision, never two
+        [loser] = [o for status, o in mine.items() if status not in winners]
+        assert loser[1] == "already_decided", (approval_id, mine)
+        late += "a moment ago" in loser[2]  # both had read it pending: the conditional update stopped the second
+        decided = store.get(approval_id)
+        assert decided.status == winners[0] and decided.decided_by == (BOB if winners[0] == APPROVED else CAROL)
+    if pause:
+        assert late >= 1, "the two deciders never both read the approval as pending: no race took place"
     with pytest.raises(DecisionRefused) as info:
         store.decide("apr_missing", APPROVED, BOB, None, 1)
     assert info.value.code == "not_found"

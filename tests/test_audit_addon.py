@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -120,8 +122,44 @@ def test_a_full_disk_refuses_new_requests_until_the_log_is_writable_again(setup)
     assert [f.kind for f in result.findings] == ["refused unaudited"]
 
 
-def test_approvals_are_entries_and_fsync_entry_waits_for_the_disk(setup):
+class _HeldFsync:
+    """os.fsync as the addon sees it: calls on the audit file are recorded and, while armed, held until
+    released (as a slow disk would); every other descriptor is synced at once."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.real = os.fsync
+        self.audit_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file to hold
+        self.armed = False
+        self.error: OSError | None = None
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.events: list[str] = []  # "fsync started" / "fsync returned" / "hook finished", in order
+        self.covered: list[bytes] = []  # the audit file's bytes when each held fsync started
+        self.path = None
+        monkeypatch.setattr(os, "fsync", self)
+
+    def hold(self, path) -> None:
+        # A checkpoint's fsync, started in a thread just before, may be held too (no flow waits on it).
+        st = os.stat(path)
+        self.audit_file, self.path, self.armed = (st.st_dev, st.st_ino), path, True
+
+    def __call__(self, fd: int) -> None:
+        st = os.fstat(fd)
+        if not self.armed or (st.st_dev, st.st_ino) != self.audit_file:
+            return self.real(fd)
+        self.covered.append(self.path.read_bytes())
+        self.events.append("fsync started")
+        self.entered.set()
+        self.release.wait(15)
+        if self.error is not None:
+            self.events.append("fsync failed")
+            raise self.error
+        self.real(fd)
+        self.events.append("fsync returned")
+
+
+def test_approvals_are_entries_and_fsync_entry_waits_for_the_disk(setup, monkeypatch):
     tmp_path, rules = setup
+    disk = _HeldFsync(monkeypatch)
 
     async def scenario():
         log = AuditLog()
@@ -133,16 +171,67 @@ def test_approvals_are_entries_and_fsync_entry_waits_for_the_disk(setup):
                 "flow_id": "f1", "requester": "alice", "approver": "bob", "decision": "approved",
                 "reason": "change ticket 42", "details": {"ticket": "CHG-42"}})
             assert entry["kind"] == "approval" and entry["details"] == {"ticket": "CHG-42"}
-            waiter = log.response(_flow())
+            disk.hold(log.writer.path)
+            flow = _flow()
+            waiter = log.response(flow)
             assert asyncio.iscoroutine(waiter)
-            await waiter
-            assert log._synced_seq >= entry["seq"] + 1
+            hook = asyncio.ensure_future(waiter)
+            hook.add_done_callback(lambda _: disk.events.append("hook finished"))
+            assert await asyncio.to_thread(disk.entered.wait, 10), "the response hook never asked for an fsync"
+            await asyncio.sleep(0.3)
+            # The disk has not answered: the hook (so the response's end) is still waiting for it.
+            assert not hook.done() and set(disk.events) == {"fsync started"}
+            # An fsync it may be waiting for started after the flow's entry was written to the file.
+            assert [c for c in disk.covered if flow.id.encode() in c]
+            disk.release.set()
+            await asyncio.wait_for(hook, 10)
+            assert "fsync returned" in disk.events
+            assert disk.events.index("fsync returned") < disk.events.index("hook finished")
+            [flow_entry] = [e for e in _entries(tmp_path / "records") if e.get("flow_id") == flow.id]
+            assert log._synced_seq >= flow_entry["seq"] > entry["seq"]
+            disk.armed = False
             log.done()
 
     asyncio.run(scenario())
     kinds = [e["kind"] for e in _entries(tmp_path / "records")]
     assert "approval" in kinds and "flow" in kinds
     assert services.audit_events is None
+
+
+def test_an_fsync_error_with_fsync_entry_closes_the_gateway(setup, monkeypatch):
+    tmp_path, rules = setup
+    disk = _HeldFsync(monkeypatch)
+    disk.error = OSError(errno.EIO, "Input/output error")
+
+    async def scenario():
+        log = AuditLog()
+        with taddons.context(log) as tctx:
+            tctx.configure(log, gateway_records=str(tmp_path / "records"), gateway_rules=str(rules),
+                           confdir=str(tmp_path / "conf"), gateway_audit_fsync="entry")
+            log._ensure_started()  # no periodic tick: it would try to resume while the disk still fails
+            disk.hold(log.writer.path)
+            waiter = log.response(_flow())
+            assert asyncio.iscoroutine(waiter)
+            hook = asyncio.ensure_future(waiter)
+            assert await asyncio.to_thread(disk.entered.wait, 10)
+            await asyncio.sleep(0.1)
+            assert not hook.done() and log.unavailable is None
+            disk.release.set()
+            await asyncio.wait_for(hook, 10)  # the failed fsync ends the wait: no flow hangs on a broken disk
+            assert "fsync failed" in disk.events and "fsync returned" not in disk.events
+            assert log.unavailable and "Input/output error" in log.unavailable
+            # Fail closed: nothing more is served, nor decided, until the log is durable again.
+            new = _flow()
+            new.response = None
+            log.request(new)
+            assert new.response.status_code == 503
+            assert json.loads(new.response.content)["error"]["code"] == "gateway_audit_unavailable"
+            with pytest.raises(AuditUnavailable):
+                services.audit_events.append_event("approval", {"flow_id": new.id, "decision": "approved"})
+            disk.armed = False
+            log.done()
+
+    asyncio.run(scenario())
 
 
 def test_key_rotation_and_config_changes_are_entries(setup):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+import string
 import threading
 import time
 
@@ -21,6 +23,7 @@ from openai import AsyncOpenAI
 from tests.agent_app import RUN_CONFIG, run_agent, run_agent_streamed
 from tests.conftest import gateway_env, make_rules
 from tests.gateway_process import GatewayProcess
+from tests.honesty_streaming import record_upstream_streams, warm_up_openai_streaming
 from tests.masking_fixtures import MASKED_SENTENCE, PII_SENTENCE, PII_VALUES
 from tests.records import files_containing, wait_for_flows
 
@@ -98,13 +101,29 @@ def test_gzip_reply_from_an_upstream_that_ignores_accept_encoding(reverse_env, u
     assert upstream.received[-1].headers["accept-encoding"] == "identity"
 
 
-def test_gzip_stream_still_streams_and_is_masked(reverse_env, upstream):
+def test_gzip_stream_still_streams_and_is_masked(reverse_env, upstream, monkeypatch):
     upstream.reply_text, upstream.stream_encoding = PII_SENTENCE, "gzip"
-    upstream.deltas, upstream.event_delay = 10, 0.05
+    upstream.deltas, upstream.event_delay = 10, 0.05  # 18 events, 50 ms apart: the upstream sends for ~0.85 s
+    warm_up_openai_streaming()  # so the client parses each event as it arrives, even in a fresh process
+    sent = record_upstream_streams(monkeypatch)
     client = openai.OpenAI()
+    arrivals = []  # (time.monotonic(), event) as the client iterates
     with client.responses.stream(model="gpt-test", input="hi") as stream:
-        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
-    assert text == MASKED_SENTENCE
+        for event in stream:
+            arrivals.append((time.monotonic(), event))
+    deltas = [(t, e.delta) for t, e in arrivals if e.type == "response.output_text.delta"]
+    assert "".join(d for _, d in deltas) == MASKED_SENTENCE
+    _no_raw_pii("".join(d for _, d in deltas))
+    [upstream_stream] = sent
+    completed = next(t for t, e in arrivals if e.type == "response.completed")
+    first = deltas[0][0]
+    # Masked text reached the client while the upstream was still sending (the rest of the stream takes
+    # ~0.6 s after the first delta): the gateway did not collect the whole reply before releasing any of it.
+    assert first < upstream_stream.finished - 0.25, (
+        f"first delta {first - upstream_stream.started:.2f} s after the upstream began sending, "
+        f"{upstream_stream.finished - first:.2f} s before it finished")
+    assert first < completed - 0.25
+    assert len({round(t, 1) for t, _ in deltas}) >= 3  # spread over time, not one burst
 
 
 @pytest.mark.parametrize("api", ["responses", "chat"])
@@ -217,7 +236,33 @@ def test_slow_masking_does_not_delay_a_concurrent_clean_request(reverse_env, ups
     assert clean_done - started < (finished["slow"] - started) / 2
 
 
-def test_no_raw_pii_in_any_record(records_root):
-    # Runs after the tests above in this module, which sent personal data only in replies (or in
-    # requests to the request-masking gateway): every flow file the gateways wrote is scanned.
-    assert files_containing(records_root, RAW_VALUES) == []
+def test_no_raw_pii_in_any_record(reverse_env, upstream, strict_gateway, callers, records_root):
+    # Its own traffic first: personal data in JSON, streamed and tool-call replies and in a trace upload
+    # (reverse gateway, which masks replies and traces), and in a prompt (the request-masking gateway).
+    marker = "piiscan" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(10))
+    upstream.reply_text = PII_SENTENCE
+    client = openai.OpenAI()
+    assert client.responses.create(model="gpt-test", input=f"{marker} json").output_text == MASKED_SENTENCE
+    with client.responses.stream(model="gpt-test", input=f"{marker} stream") as stream:
+        assert "".join(e.delta for e in stream if e.type == "response.output_text.delta") == MASKED_SENTENCE
+    chat = client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": f"{marker} chat"}])
+    assert chat.choices[0].message.content == MASKED_SENTENCE
+    upstream.tool_arguments = {"email": PII_VALUES["EMAIL_ADDRESS"], "iban": PII_VALUES["IBAN_CODE"]}
+    call = client.responses.create(model="gpt-test", input=f"{marker} tool",
+                                   tools=[{"type": "function", "name": "send_invoice", "parameters": {}}])
+    assert call.output[0].arguments == '{"email": "<EMAIL_ADDRESS>", "iban": "<IBAN_CODE>"}'
+    trace = httpx.post(f"{reverse_env.url}/v1/traces/ingest", headers={"authorization": f"Bearer {callers.alice}"},
+                       json={"data": [{"object": "trace.span", "span_data": {"input": f"{marker} {PII_SENTENCE}"}}]})
+    assert trace.status_code == 200
+    strict = openai.OpenAI(base_url=f"{strict_gateway.url}/v1", api_key=callers.alice)
+    strict.responses.create(model="gpt-test", input=f"{marker} prompt {PII_SENTENCE}")
+
+    def mine(flow) -> bool:
+        return marker.encode() in (flow.request.content or b"")
+
+    assert len(wait_for_flows(records_root / "reverse", mine, count=5)) == 5
+    assert len(wait_for_flows(strict_gateway.records, mine, count=1)) == 1
+    # Every file every gateway of this module wrote (flows, audit log), this test's flows among them.
+    for root in (records_root, strict_gateway.records):
+        assert files_containing(root, [marker]), root  # the scan reads what this test sent
+        assert files_containing(root, RAW_VALUES) == []

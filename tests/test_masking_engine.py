@@ -54,11 +54,52 @@ def test_ordinary_text_is_left_alone(masker, text):
     assert masker.mask(text, "response") == (text, [])
 
 
-def test_clean_text_skips_presidio(masker, monkeypatch):
-    calls = []
-    monkeypatch.setattr(masker.analyzer, "analyze", lambda *a, **k: calls.append(1) or [])
-    assert masker.mask("No digits, no at-signs, nothing to see here.", "response")[1] == []
-    assert calls == []
+CLEAN_TEXT = "No digits, no at-signs, nothing to see here."
+
+
+def _recognizer_spy(masker, monkeypatch) -> list[tuple[str, str]]:
+    """(entity type, text) for every call of a Presidio recognizer, whichever way the engine calls it."""
+    calls: list[tuple[str, str]] = []
+    for recognizer in masker.analyzer.registry.recognizers:
+        def analyze(*args, _recognizer=recognizer, _original=recognizer.analyze, **kwargs):
+            text = kwargs["text"] if "text" in kwargs else args[0]
+            calls.extend((entity, text) for entity in _recognizer.supported_entities)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(recognizer, "analyze", analyze)
+    return calls
+
+
+def test_clean_text_skips_presidio_for_every_triggered_entity(masker, monkeypatch):
+    # With the shipped config every masked entity but PRIVATE_KEY (a PEM block is longer than any window
+    # and is looked for everywhere, see masking.yaml) has a trigger: on a text that contains none, the
+    # recognizers of the triggered entities never run, and the untriggered ones run on the text itself.
+    entities = masker.entities("response")
+    triggered = [e for e in entities if e in masker.triggers]
+    untriggered = [e for e in entities if e not in masker.triggers]
+    assert triggered and not [e for e in triggered if masker.triggers[e].search(CLEAN_TEXT)]
+    calls = _recognizer_spy(masker, monkeypatch)
+
+    assert masker.mask(CLEAN_TEXT, "response") == (CLEAN_TEXT, [])
+    assert sorted({entity for entity, _ in calls}) == sorted(untriggered)
+    assert {text for _, text in calls} <= {CLEAN_TEXT}
+
+    # The pre-filter on its own: no trigger, no entity; each entity's trigger lets its values through.
+    assert masker.may_contain(CLEAN_TEXT, triggered) is False
+    for entity in triggered:
+        assert masker.may_contain(f"{CLEAN_TEXT} {PII_VALUES[entity]}", [entity]) is True, entity
+    calls.clear()
+    assert masker.find(CLEAN_TEXT, triggered) == [] and calls == []
+
+
+def test_a_trigger_sends_only_the_text_around_it_to_its_recognizers(masker, monkeypatch):
+    calls = _recognizer_spy(masker, monkeypatch)
+    filler = "nothing to see here " * 60
+    text = f"{filler}mail {PII_VALUES['EMAIL_ADDRESS']} {filler}"
+    assert masker.mask(text, "response") == (f"{filler}mail <EMAIL_ADDRESS> {filler}", ["EMAIL_ADDRESS"])
+    # The "@" triggers only the email recognizers (PRIVATE_KEY has no trigger: it looks at the whole text).
+    assert sorted({entity for entity, _ in calls}) == ["EMAIL_ADDRESS", "PRIVATE_KEY"]
+    [window] = [t for entity, t in calls if entity == "EMAIL_ADDRESS"]
+    assert PII_VALUES["EMAIL_ADDRESS"] in window and len(window) < len(text) / 2
 
 
 def test_operators_and_allow_list_are_data(tmp_path):

@@ -257,6 +257,61 @@ def test_the_literal_shortcut_agrees_with_the_regex_engine():
     check()
 
 
+def _shipped_text_patterns() -> list[tuple[str, int]]:
+    """(rule id, pattern index) of every keyword and regex of every text condition in the shipped pack."""
+    return [(rule.id, i) for rule in load_policy(SHIPPED_RULES / "policy.yaml").rules if rule.match.text
+            for i in range(len(rule.match.text.patterns))]
+
+
+def _first_match_without_shortcut(condition, facts_: MatchInput) -> str | None:
+    """TextCondition.first_match as its fields define it, with every pattern run by the regex engine."""
+    text = facts_.folded_text if condition.ignore_case else facts_.text
+    for pattern, label, bounded in zip(condition.patterns, condition.labels, condition.keyword_starts):
+        for m in pattern.finditer(text):
+            if not bounded or m.start() == 0 or not (text[m.start() - 1].isalnum() or text[m.start() - 1] == "_"):
+                return label
+    return None
+
+
+def test_the_shipped_pack_has_text_patterns_with_a_literal_shortcut(shipped):
+    conditions = [rule.match.text for rule in shipped.rules if rule.match.text]
+    assert len(_shipped_text_patterns()) == sum(len(c.patterns) for c in conditions) >= 30
+    # The property below has teeth only where there is a shortcut to get wrong.
+    assert sum(needles is not None for c in conditions for needles in c.required) >= 25
+
+
+@pytest.mark.parametrize("rule_id, index", _shipped_text_patterns(), ids=lambda v: str(v))
+def test_the_literal_shortcut_never_misses_a_shipped_pattern(shipped, rule_id, index):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    condition = next(rule.match.text for rule in shipped.rules if rule.id == rule_id)
+    pattern, needles = condition.patterns[index], condition.required[index]
+    literals = sorted({n for ns in condition.required if ns for n in ns})
+    piece = st.one_of(st.from_regex(pattern, fullmatch=True), st.text(max_size=6),
+                      *([st.sampled_from(literals)] if literals else []))
+    texts = st.one_of(
+        st.from_regex(pattern),  # a match of this pattern, inside arbitrary text
+        st.lists(piece, min_size=1, max_size=5).map("".join),  # its literals and matches, mixed and cut up
+    )
+    seen = {"matched": 0}
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(text=texts, upper=st.booleans(), before=st.text(max_size=5))
+    def check(text, upper, before):
+        text = text.upper() if upper and condition.ignore_case else text
+        f = facts(texts=[before, text])
+        searched = f.folded_text if condition.ignore_case else f.text
+        if pattern.search(searched):
+            seen["matched"] += 1
+            if needles is not None:
+                assert any(n in searched for n in needles), (pattern.pattern, needles, searched)
+        assert condition.first_match(f) == _first_match_without_shortcut(condition, f), searched
+
+    check()
+    assert seen["matched"] >= 10  # most examples hold a match: the property was not vacuous
+
+
 def test_policy_check_command(tmp_path, capsys):
     from auditgate.cli import main
 
