@@ -90,13 +90,7 @@ def test_a_full_disk_refuses_new_requests_until_the_log_is_writable_again(setup)
                 assert in_flight.response.status_code == 503
                 assert in_flight.metadata["auditgate.refusal"]["code"] == "gateway_audit_unavailable"
                 assert log.unavailable
-                new = _flow()
-                new.response = None
-                log.request(new)
-                assert new.response.status_code == 503
-                assert json.loads(new.response.content)["error"]["code"] == "gateway_audit_unavailable"
-                with pytest.raises(AuditUnavailable):
-                    services.audit_events.append_event("approval", {"flow_id": new.id, "decision": "approved"})
+                _assert_closed(log)
                 log.tick()  # still full: stays closed
                 assert log.unavailable
                 await asyncio.sleep(0)  # the recorder writes the refused flow
@@ -155,6 +149,17 @@ class _HeldFsync:
             raise self.error
         self.real(fd)
         self.events.append("fsync returned")
+
+
+def _assert_closed(log: AuditLog) -> None:
+    """Fail closed: a new request is refused with 503 and no approval can be recorded."""
+    new = _flow()
+    new.response = None
+    log.request(new)
+    assert new.response.status_code == 503
+    assert json.loads(new.response.content)["error"]["code"] == "gateway_audit_unavailable"
+    with pytest.raises(AuditUnavailable):
+        services.audit_events.append_event("approval", {"flow_id": new.id, "decision": "approved"})
 
 
 def test_approvals_are_entries_and_fsync_entry_waits_for_the_disk(setup, monkeypatch):
@@ -221,13 +226,7 @@ def test_an_fsync_error_with_fsync_entry_closes_the_gateway(setup, monkeypatch):
             assert "fsync failed" in disk.events and "fsync returned" not in disk.events
             assert log.unavailable and "Input/output error" in log.unavailable
             # Fail closed: nothing more is served, nor decided, until the log is durable again.
-            new = _flow()
-            new.response = None
-            log.request(new)
-            assert new.response.status_code == 503
-            assert json.loads(new.response.content)["error"]["code"] == "gateway_audit_unavailable"
-            with pytest.raises(AuditUnavailable):
-                services.audit_events.append_event("approval", {"flow_id": new.id, "decision": "approved"})
+            _assert_closed(log)
             disk.armed = False
             log.done()
 
