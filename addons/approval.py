@@ -134,9 +134,9 @@ class ApprovalGate:
         settings = load_masking_settings(directory)
         if settings is None:
             return None
-        from auditgate.masking.engine import PiiMasker
+        from auditgate.masking.engine import shared_masker
 
-        return PiiMasker(settings)
+        return shared_masker(settings)
 
     @staticmethod
     def _webhook_url() -> str:

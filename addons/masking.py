@@ -15,7 +15,7 @@ from auditgate.core.refusal import is_answered, refuse
 from auditgate.core.request_facts import facts_of, is_event_stream, media_type
 from auditgate.masking.body import BodyNotMaskable, mask_body
 from auditgate.masking.config import MaskingSettings, load_masking_settings
-from auditgate.masking.engine import PiiMasker
+from auditgate.masking.engine import PiiMasker, shared_masker
 from auditgate.masking.stream import (
     SseStreamMasker,
     StreamNotDecodable,
@@ -67,7 +67,7 @@ class PiiMasking:
             return
         settings = load_rules(load_masking_settings)
         try:
-            masker = PiiMasker(settings) if settings else None
+            masker = shared_masker(settings) if settings else None
         except Exception as e:  # a bad recognizer file or a missing spaCy model
             raise exceptions.OptionsError(f"auditgate: masking engine could not be built: {e}") from None
         if settings and masker:

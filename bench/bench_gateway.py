@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
 os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(tempfile.gettempdir(), "auditgate-tldextract"))
 
-from auditgate.identity.service_tokens import add_service_token  # noqa: E402
 from auditgate.core.shipped import SHIPPED_RULES  # noqa: E402
+from auditgate.identity.service_tokens import add_service_token  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BODY = {"model": "gpt-test", "input": "Summarise the quarterly report in two paragraphs."}

@@ -16,7 +16,7 @@ import yaml
 from auditgate.core.shipped import SHIPPED_RULES
 from auditgate.identity.service_tokens import add_service_token
 from tests.fake_openai import FakeOpenAI, FakeOpenAIServer
-from tests.gateway_process import ROOT, GatewayProcess
+from tests.gateway_process import GatewayProcess
 from tests.tls_material import TlsFiles, make_tls_files
 
 

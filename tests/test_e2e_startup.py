@@ -12,10 +12,16 @@ import openai
 import pytest
 import yaml
 
+from auditgate.core.shipped import SHIPPED_RULES
 from auditgate.identity.service_tokens import token_hash
 from tests.conftest import gateway_env, make_rules
-from auditgate.core.shipped import SHIPPED_RULES
-from tests.gateway_process import GATEWAY_SCRIPT, MITMDUMP, ROOT, GatewayProcess, run_mitmdump
+from tests.gateway_process import (
+    GATEWAY_SCRIPT,
+    MITMDUMP,
+    ROOT,
+    GatewayProcess,
+    run_mitmdump,
+)
 
 pytestmark = pytest.mark.e2e
 

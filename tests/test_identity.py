@@ -144,7 +144,6 @@ def test_minting_keeps_the_comments_and_sections_around_the_tokens(tmp_path):
 
 
 def test_the_shipped_file_keeps_its_documentation_after_the_first_mint(tmp_path):
-    from tests.gateway_process import ROOT
 
     shipped = (SHIPPED_RULES / "identities.yaml").read_text()
     (tmp_path / "identities.yaml").write_text(shipped)

@@ -414,3 +414,20 @@ def test_a_configured_model_that_is_not_installed_is_an_error_never_a_download(m
     settings = dataclasses.replace(load_masking_settings(shipped_rules()), nlp_model="no_such_spacy_model_package")
     with pytest.raises(ModelNotInstalled, match="'no_such_spacy_model_package' is not installed"):
         PiiMasker(settings)
+
+
+def test_one_engine_per_configuration_for_masking_policy_and_approval_previews(tmp_path):
+    import shutil
+
+    from auditgate.core.shipped import SHIPPED_RULES
+    from auditgate.masking.config import load_masking_settings
+    from auditgate.masking.engine import shared_masker
+    from auditgate.policy.loading import PiiTypes
+
+    rules = shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
+    engine = shared_masker(load_masking_settings(rules))
+    # The policy's PII finder (and the approval preview, and the masking addon) get the same engine.
+    assert PiiTypes(rules).masker is engine and shared_masker(load_masking_settings(rules)) is engine
+    recognizers = rules / "masking-recognizers.yaml"
+    recognizers.write_text(recognizers.read_text() + "\n# edited\n")
+    assert shared_masker(load_masking_settings(rules)) is not engine  # a changed configuration: a new engine

@@ -21,7 +21,6 @@ def _load(tmp_path, text: str):
 
 
 def test_shipped_file_has_no_issuers_and_no_authorization():
-    from tests.gateway_process import ROOT
 
     file = read_identities_file(SHIPPED_RULES)
     assert file.data["service_tokens"] == []

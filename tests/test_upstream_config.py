@@ -15,7 +15,6 @@ def _write(tmp_path, text: str):
 
 
 def test_shipped_defaults_serve_openai_only(tmp_path):
-    from tests.gateway_process import ROOT
 
     table = load_upstreams(SHIPPED_RULES)
     assert table.upstream_for("api.openai.com", 443) == Upstream("api.openai.com", 443, "OPENAI_API_KEY")

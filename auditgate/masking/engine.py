@@ -7,6 +7,7 @@ import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 # Presidio's email recognizer calls tldextract, which would download the public suffix list on first
 # use: point it at a local cache and no URL before anything imports it (its bundled snapshot is used).
@@ -224,3 +225,28 @@ class PiiMasker:
             return text, []
         spans = self.find(text, entities)
         return self.apply(text, spans), [s.entity_type for s in spans]
+
+
+_shared: dict[tuple, PiiMasker] = {}
+
+
+def shared_masker(settings: MaskingSettings) -> PiiMasker:
+    """One engine per masking configuration in this process, for every addon that masks or looks for PII.
+
+    The masking addon (streams, small bodies), the policy's `pii` conditions and the approval
+    previews share it: one Presidio analyzer and one spaCy model in memory, not three. Built again
+    when the settings or the recognizers file change.
+    """
+    recognizers = Path(settings.recognizers_file)
+    try:
+        stat = recognizers.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        stamp = None
+    key = (repr(settings), stamp)
+    masker = _shared.get(key)
+    if masker is None:
+        masker = PiiMasker(settings)
+        _shared.clear()  # an older configuration's engine is no longer anyone's
+        _shared[key] = masker
+    return masker

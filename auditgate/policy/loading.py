@@ -14,12 +14,12 @@ class PiiTypes:
 
     def __init__(self, directory: Path) -> None:
         from auditgate.masking.config import load_masking_settings
-        from auditgate.masking.engine import PiiMasker
+        from auditgate.masking.engine import shared_masker
 
         settings = load_masking_settings(directory)
         if settings is None:
             raise ConfigError(directory / POLICY_FILE, "a rule uses 'pii', which needs the masking engine (masking.yaml)")
-        self.masker = PiiMasker(settings)
+        self.masker = shared_masker(settings)
         # Every recognizer the engine has, whatever is configured for masking: a rule names what it wants.
         self.entities = tuple(sorted(self.masker.supported))
 
