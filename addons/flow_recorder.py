@@ -16,7 +16,7 @@ from auditgate.core.credentials import (
 )
 from auditgate.core.flow_contract import FLOW_FILE
 from auditgate.core.options import add_gateway_options, records_dir
-from auditgate.records.writer import FlowFileWriter
+from auditgate.recording.writer import FlowFileWriter
 
 logger = logging.getLogger("auditgate.addons.flow_recorder")
 

@@ -9,7 +9,7 @@ One subpackage per capability; the mitmproxy face (hooks and options) is in the 
 - ``policy``: policy.yaml rules and decisions
 - ``approval``: the approvals store, four-eyes rules, the admin API and page
 - ``masking``: Presidio masking of bodies and streams, worker processes
-- ``records``: the flow-file writer
+- ``recording``: the flow-file writer
 - ``audit``: the hash chain, signing keys, the offline verifier and the evidence pack
 - ``cli``: the ``auditgate`` command
 - ``demo``: a local OpenAI-compatible upstream for a first run without an account

@@ -107,7 +107,7 @@ def test_a_write_the_disk_refuses_is_reported_and_what_was_written_stays_readabl
     import logging
     import time
 
-    from auditgate.records.writer import FlowFileWriter
+    from auditgate.recording.writer import FlowFileWriter
 
     good = tmp_path / "good.mitm"
     writer = FlowFileWriter()
@@ -116,7 +116,7 @@ def test_a_write_the_disk_refuses_is_reported_and_what_was_written_stays_readabl
         writer.write([("/dev/full", _flow(b"lost").get_state())])  # every write fails: ENOSPC
         writer.write([(str(good), _flow(b"after").get_state())])
         deadline = time.monotonic() + 10
-        with caplog.at_level(logging.ERROR, logger="auditgate.records.writer"):
+        with caplog.at_level(logging.ERROR, logger="auditgate.recording.writer"):
             while "could not record" not in caplog.text and time.monotonic() < deadline:
                 time.sleep(0.05)
                 writer.report_errors()

@@ -38,6 +38,10 @@ def test_the_wheel_holds_auditgate_its_data_files_and_no_addons_package(wheel):
     # Package data: the approver page and the shipped rules travel with the package.
     assert {"auditgate/approval/page/approvals.html", "auditgate/approval/page/approvals.js",
             "auditgate/defaults/rules/policy.yaml", "auditgate/defaults/rules/identities.yaml"} <= set(names)
+    # Every module of the package travels, the ones git could be told to ignore included (an
+    # ignore pattern for an operator's folder must never swallow a subpackage of the same name).
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "auditgate").rglob("*.py") if "__pycache__" not in p.parts}
+    assert modules <= set(names), sorted(modules - set(names))
 
 
 def test_an_empty_venv_gets_the_auditgate_command_and_python_m_auditgate(wheel, tmp_path):
