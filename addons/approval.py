@@ -34,7 +34,6 @@ from auditgate.approval.store import (
     public_view,
 )
 from auditgate.approval.webhook import post_webhook, webhook_message
-from auditgate.audit.chain import json_safe
 from auditgate.core.config import ConfigError
 from auditgate.core.flow_contract import (
     APPROVAL,
@@ -45,7 +44,7 @@ from auditgate.core.flow_contract import (
     services,
 )
 from auditgate.core.options import add_gateway_options, records_dir, rules_dir
-from auditgate.core.refusal import is_answered, refuse
+from auditgate.core.refusal import fails_closed, is_answered, refuse
 from auditgate.core.request_facts import facts_of
 from auditgate.identity.authenticator import AuthFailure
 from auditgate.identity.identities_file import IdentitiesFile, identities_file
@@ -231,6 +230,7 @@ class ApprovalGate:
         return public_view(approval, time.time())
 
     # ---- the hold --------------------------------------------------------------------------------------
+    @fails_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return
@@ -405,7 +405,7 @@ class ApprovalGate:
             return
         fields = {"flow_id": approval.flows[0] if approval.flows else None,
                   "requester": approval.requester.get("name"), "approver": approver, "decision": decision,
-                  "reason": reason, "details": json_safe({"approval_id": approval.id, "rule": approval.rule, **details})}
+                  "reason": reason, "details": {"approval_id": approval.id, "rule": approval.rule, **details}}
         try:
             events.append_event("approval", fields)
         except AuditUnavailable as e:

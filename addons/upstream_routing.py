@@ -9,7 +9,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from auditgate.core.flow_contract import PASSTHROUGH, UPSTREAM
 from auditgate.core.options import add_gateway_options, load_rules
-from auditgate.core.refusal import is_answered, refuse
+from auditgate.core.refusal import fails_closed, is_answered, refuse
 from auditgate.routing.upstreams import UpstreamTable, shared_upstreams
 
 logger = logging.getLogger("auditgate.addons.upstream_routing")
@@ -49,6 +49,7 @@ class UpstreamRouting:
         if self.table and address and self.table.is_passthrough(*address):
             data.ignore_connection = True
 
+    @fails_closed
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return

@@ -93,3 +93,20 @@ def test_invalid_policy_is_an_options_error(tmp_path):
     with taddons.context(addon) as tctx:
         with pytest.raises(exceptions.OptionsError, match=r"policy.yaml:4: rules\[0\]: unknown key 'colour'"):
             tctx.configure(addon, gateway_rules=str(tmp_path))
+
+
+def test_a_policy_that_crashes_refuses_the_request(rules, monkeypatch):
+    from auditgate.policy.rules import Policy
+
+    def crash(self, facts):
+        raise RuntimeError("a rule met a shape it did not expect")
+
+    addon = PolicyRules()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, gateway_rules=str(rules))
+        monkeypatch.setattr(Policy, "decide", crash)
+        flow = _flow({"model": "m", "input": "hello"})
+        addon.request(flow)  # mitmproxy would log an escaping error and send the flow on
+        assert flow.response.status_code == 500 and flow.response.headers["x-should-retry"] == "false"
+        assert json.loads(flow.response.content)["error"]["code"] == "gateway_internal_error"
+        assert flow.metadata["auditgate.refusal"]["code"] == "gateway_internal_error"

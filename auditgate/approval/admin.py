@@ -43,6 +43,7 @@ def parse_listen(value: str) -> tuple[str, int]:
         raise ValueError(f"approval_admin_listen must be HOST:PORT, not {value!r}")
     return host.strip("[]"), int(port)
 
+
 MAX_REASON = 500
 _STATUSES = {PENDING, APPROVED, DENIED, EXPIRED}
 

@@ -57,6 +57,11 @@ class IdentitiesFile:
             self.reload()
         return self._snapshot
 
+    def reload_if_changed_strictly(self) -> None:
+        """Re-read the file now if it changed; an invalid file raises ConfigError (a start, not a reload)."""
+        if self._watch.changed(now=True):
+            self._snapshot = self._read(self._snapshot, self._snapshot.generation + 1)
+
     def reload(self) -> IdentitiesSnapshot:
         """Read the file now; an invalid file keeps the snapshot in force (and says why)."""
         try:
@@ -83,7 +88,6 @@ def identities_file(directory: Path) -> IdentitiesFile:
     existing = _open.get(key)
     if existing is None:
         existing = _open[key] = IdentitiesFile(key)
-    elif existing._watch.changed(now=True):
-        snapshot = existing._read(existing._snapshot, existing._snapshot.generation + 1)  # invalid: raise at start
-        existing._snapshot = snapshot
+    else:
+        existing.reload_if_changed_strictly()
     return existing
