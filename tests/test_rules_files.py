@@ -122,3 +122,17 @@ def test_identities_are_read_once_for_every_reader_and_reloaded_once(rules):
     # An invalid edit keeps the snapshot in force.
     (rules / "identities.yaml").write_text("service_tokens: 7\n")
     assert first.reload() is after
+
+
+def test_token_new_makes_the_default_rules_dir_from_the_shipped_rules(tmp_path, monkeypatch, capsys):
+    from auditgate.cli import main
+    from auditgate.identity.service_tokens import load_service_tokens
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["token", "new", "x", "--group", "agents"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert sorted(p.name for p in (tmp_path / "rules").iterdir()) == sorted(p.name for p in SHIPPED_RULES.iterdir())
+    assert load_service_tokens(tmp_path / "rules").authenticate(token).name == "x"
+    # A directory named explicitly is never made up: a typo must not start from the permissive defaults.
+    assert main(["token", "new", "y", "--rules", str(tmp_path / "typo")]) == 2
+    assert not (tmp_path / "typo").exists()

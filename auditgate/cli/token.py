@@ -14,12 +14,12 @@ def _token_new(args: argparse.Namespace) -> int:
     from auditgate.identity.service_tokens import IDENTITIES_FILE, add_service_token
 
     rules = Path(args.rules)
-    if ensure_rules_dir(rules, args.rules):
-        print(f"auditgate: made {rules} from the shipped defaults", file=sys.stderr)
-    if not rules.is_dir():
-        print(f"auditgate: rules directory {rules} does not exist", file=sys.stderr)
-        return 2
     try:
+        if ensure_rules_dir(rules, args.rules):
+            print(f"auditgate: made {rules} from the shipped defaults", file=sys.stderr)
+        if not rules.is_dir():
+            print(f"auditgate: rules directory {rules} does not exist", file=sys.stderr)
+            return 2
         token = add_service_token(rules, args.name, args.group)
     except ConfigError as e:
         print(f"auditgate: {e}", file=sys.stderr)

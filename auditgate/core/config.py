@@ -59,13 +59,17 @@ class RulesFile:
     def parse(cls, text: str, path: Path | str, allowed_keys: set[str] | None = None,
               shape: str = "a mapping at the top level") -> RulesFile:
         path = Path(path)
+        loader = yaml.SafeLoader(text)
         try:
-            root = yaml.compose(text)
-            data = yaml.safe_load(text) if root is not None else None
+            # One parse: the node tree gives the lines, and the same tree is turned into the data.
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             raise ConfigError(path, f"invalid YAML: {getattr(e, 'problem', None) or e}",
                               mark.line + 1 if mark else None) from None
+        finally:
+            loader.dispose()
         file = cls(path, {} if data is None else data, _line_table(path, root))
         if not isinstance(file.data, dict):
             raise ConfigError(path, f"the file must hold {shape}", 1)

@@ -33,7 +33,11 @@ def add_gateway_options(loader) -> None:
 
 def rules_dir() -> Path:
     directory = Path(ctx.options.gateway_rules).expanduser()
-    if ensure_rules_dir(directory, ctx.options.gateway_rules):
+    try:
+        made = ensure_rules_dir(directory, ctx.options.gateway_rules)
+    except ConfigError as e:
+        raise exceptions.OptionsError(f"auditgate: {e}") from None
+    if made:
         logging.getLogger("auditgate.rules").info(
             "made %s from the shipped defaults (%s); edit it there, the defaults stay as shipped",
             directory.absolute(), SHIPPED_RULES)

@@ -28,5 +28,12 @@ def ensure_rules_dir(directory: Path, option_value: str = DEFAULT_RULES_DIR) -> 
     """
     if directory.exists() or option_value != DEFAULT_RULES_DIR:
         return False
-    copy_shipped_rules(directory)
+    try:
+        copy_shipped_rules(directory)
+    except OSError as e:  # a read-only working directory: the start stops and says where
+        # Imported here: the `auditgate` command's parser imports this module, and `auditgate verify`
+        # must run without PyYAML.
+        from auditgate.core.config import ConfigError
+
+        raise ConfigError(directory, f"cannot make the rules directory from the shipped defaults: {e}") from None
     return True

@@ -118,10 +118,11 @@ def add_service_token(rules_dir: Path, name: str, groups: list[str]) -> str:
     if not _NAME.match(name):
         raise ConfigError(path, f"name {name!r} must match {_NAME.pattern}")
     _validate_groups(path, "groups", list(groups))
-    existing = load_service_tokens(rules_dir)  # validates the file before we touch it
+    file = read_identities_file(rules_dir)
+    existing = service_tokens_from(file)  # validates the file before we touch it
     if any(identity.name == name for identity in existing.by_hash.values()):
         raise ConfigError(path, f"an identity named {name!r} already exists")
-    data = read_identities_file(rules_dir).data
+    data = file.data
     token = mint_token()
     entries = list(data.get("service_tokens") or [])
     entries.append({"name": name, "groups": list(groups), "token_sha256": token_hash(token)})
