@@ -49,7 +49,9 @@ bootstrap_venv() {
     # The stamp records what was installed (pyproject digest and extras); a changed pyproject.toml
     # or a missing extra reinstalls, anything else starts straight away.
     local stamp="$VENV/.auditgate-installed" digest have
-    digest="$(sha256sum "$_ag_root/pyproject.toml" | cut -d' ' -f1)"
+    # The checkout's path is part of it: the project is installed editable, so a venv used by another
+    # checkout (AUDITGATE_VENV shared, a moved folder) must install this one.
+    digest="$( { cat "$_ag_root/pyproject.toml"; echo "$_ag_root"; } | sha256sum | cut -d' ' -f1)"
     have="$(cat "$stamp" 2>/dev/null || true)"
     if [ "${have%% *}" != "$digest" ] || { [ -n "$extra" ] && [[ " $have " != *" $extra "* ]]; }; then
         local log="$VENV/install.log" extras="$extra"
