@@ -142,8 +142,9 @@ class CallerAuth:
             refuse(flow, 401, "gateway_unauthenticated", failure.reason)
             return
         IDENTITY.set(flow, result.as_metadata())
-        logger.debug("caller %s: %s %s%s", result.describe(), flow.request.method, flow.request.pretty_host,
-                    flow.request.path.split("?", 1)[0])  # fmt: skip
+        if logger.isEnabledFor(logging.DEBUG):  # its arguments cost more than the rest of this hook
+            logger.debug("caller %s: %s %s%s", result.describe(), flow.request.method, flow.request.pretty_host,
+                        flow.request.path.split("?", 1)[0])  # fmt: skip
 
 
 addons = [CallerAuth()]

@@ -16,7 +16,7 @@ from auditgate.core.credentials import (
 )
 from auditgate.core.flow_contract import FLOW_FILE
 from auditgate.core.options import add_gateway_options, records_dir
-from auditgate.recording.writer import FlowFileWriter
+from auditgate.recording.writer import FlowFileWriter, flow_state
 
 logger = logging.getLogger("auditgate.addons.flow_recorder")
 
@@ -112,7 +112,7 @@ class FlowRecorder:
         self._drain_scheduled = False
         pending, self._pending = self._pending, []
         for path, flow in pending:
-            self._batch.append((str(path), flow.get_state()))
+            self._batch.append((str(path), flow_state(flow)))
             self._batch_bytes += len(flow.request.raw_content or b"") + len(
                 flow.response.raw_content or b"" if flow.response else b"") + 2048
         # Each hand-over wakes the writer process, which costs this process more than the pickling:

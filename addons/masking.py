@@ -308,8 +308,9 @@ class PiiMasking:
                 types[f["entity_type"]] += f["count"]
             total = sum(types.values())
             flow.comment = f"masked {total}: {', '.join(types)}"
-            logger.debug("masked %d value(s) in %s %s: %s", total, flow.request.method, flow.request.path,
-                        ", ".join(f"{f['entity_type']} at {f['direction']}:{f['path']}" for f in findings))
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("masked %d value(s) in %s %s: %s", total, flow.request.method, flow.request.path,
+                            ", ".join(f"{f['entity_type']} at {f['direction']}:{f['path']}" for f in findings))
         elif state.failed:
             flow.comment = f"masking failed: {state.failed}"
 

@@ -124,3 +124,18 @@ def test_a_write_the_disk_refuses_is_reported_and_what_was_written_stays_readabl
         writer.close()
     assert "could not record 1 flow(s) to /dev/full" in caplog.text
     assert [f.response.content for f in _read(good)] == [b"kept", b"after"]
+
+
+def test_flow_state_equals_mitmproxys_own_and_is_a_copy():
+    from auditgate.recording.writer import flow_state
+
+    flow = _flow(b"body")
+    flow.metadata["auditgate.identity"] = {"subject": "alice", "groups": ["agents"], "n": 1, "x": None, "b": b"\x00"}
+    flow.metadata["other"] = [{"a": 1.5, "t": True}, ("tuple", 2)]
+    state = flow_state(flow)
+    assert state == flow.get_state()
+    state["metadata"]["auditgate.identity"]["groups"].append("admins")  # the record is a copy
+    state["metadata"]["other"][1] = None
+    assert flow.metadata["auditgate.identity"]["groups"] == ["agents"]
+    assert flow.metadata["other"][1] == ("tuple", 2)
+    assert flow.metadata is not state["metadata"] and flow.get_state()["metadata"] == flow.metadata

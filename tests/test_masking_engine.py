@@ -58,14 +58,16 @@ CLEAN_TEXT = "No digits, no at-signs, nothing to see here."
 
 
 def _recognizer_spy(masker, monkeypatch) -> list[tuple[str, str]]:
-    """(entity type, text) for every call of a Presidio recognizer, whichever way the engine calls it."""
+    """(entity type, text) for every recognizer run, whether the engine runs the recognizer's patterns
+    itself or calls its analyze (both go through _run_recognizer)."""
     calls: list[tuple[str, str]] = []
-    for recognizer in masker.analyzer.registry.recognizers:
-        def analyze(*args, _recognizer=recognizer, _original=recognizer.analyze, **kwargs):
-            text = kwargs["text"] if "text" in kwargs else args[0]
-            calls.extend((entity, text) for entity in _recognizer.supported_entities)
-            return _original(*args, **kwargs)
-        monkeypatch.setattr(recognizer, "analyze", analyze)
+    original = masker._run_recognizer
+
+    def run(recognizer, text, entities):
+        calls.extend((entity, text) for entity in recognizer.supported_entities)
+        return original(recognizer, text, entities)
+
+    monkeypatch.setattr(masker, "_run_recognizer", run)
     return calls
 
 
@@ -431,3 +433,62 @@ def test_one_engine_per_configuration_for_masking_policy_and_approval_previews(t
     recognizers = rules / "masking-recognizers.yaml"
     recognizers.write_text(recognizers.read_text() + "\n# edited\n")
     assert shared_masker(load_masking_settings(rules)) is not engine  # a changed configuration: a new engine
+
+
+# ---- the engine's direct paths give Presidio's own answers ------------------------------------------
+_PIECES = [*PII_VALUES.values(), "111-11-1111", "4111 1111 1111 1112", "10.0.0.1", "::1", "a@b", "x@y.co",
+           "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----", " ", "  ", "\n", ", ",
+           "call", "card", "ssn", "2026", "555-0100", "DE89", "0044", "sk-", "+", ".", "-", "@"]
+
+
+@pytest.fixture(scope="module")
+def operator_masker(tmp_path_factory) -> PiiMasker:
+    rules = tmp_path_factory.mktemp("operators")
+    (rules / "masking-recognizers.yaml").write_text((shipped_rules() / "masking-recognizers.yaml").read_text())
+    (rules / "masking.yaml").write_text((shipped_rules() / "masking.yaml").read_text().replace(
+        "  DEFAULT: {type: replace}",
+        "  DEFAULT: {type: replace}\n  CREDIT_CARD: {type: mask, masking_char: '*', chars_to_mask: 12, from_end: false}\n"
+        "  EMAIL_ADDRESS: {type: redact}\n  PHONE_NUMBER: {type: replace, new_value: '[phone]'}",
+    ))
+    return PiiMasker(load_masking_settings(rules))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=24))
+def test_direct_pattern_runs_equal_presidios_recognizers(masker, pieces):
+    text = "".join(pieces)
+    assert masker._direct_patterns, "the shipped recognizers should mostly run directly"
+    for recognizers in masker._recognizers.values():
+        for recognizer in recognizers:
+            direct = masker._direct_patterns.get(id(recognizer))
+            if direct is None:
+                continue
+            # As the engine keeps them: at or above the score threshold (patterns that cannot reach it
+            # are not run at all).
+            threshold = masker.settings.score_threshold
+            ours = {(r.entity_type, r.start, r.end, r.score) for r in direct.analyze(text) if r.score >= threshold}
+            theirs = {(r.entity_type, r.start, r.end, r.score) for r in recognizer.analyze(
+                text=text, entities=recognizer.supported_entities, nlp_artifacts=masker._no_nlp)
+                if r.score >= threshold}
+            assert ours == theirs, recognizer.name
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=24), st.data())
+def test_applying_spans_equals_presidios_anonymizer(operator_masker, pieces, data):
+    from presidio_analyzer import RecognizerResult
+
+    from auditgate.masking.engine import Span
+
+    text = "".join(pieces)
+    found = operator_masker.find(text, operator_masker.entities("response"))
+    # Also spans Presidio must resolve itself: overlapping, touching, one type apart by spaces only.
+    types = st.sampled_from(["CREDIT_CARD", "EMAIL_ADDRESS", "PHONE_NUMBER", "US_SSN"])
+    bounds = st.tuples(st.integers(0, len(text)), st.integers(0, 8)).map(lambda b: (b[0], min(len(text), b[0] + b[1])))
+    made = data.draw(st.lists(st.tuples(types, bounds), max_size=5))
+    spans = sorted([Span(t, s, e, 0.9) for t, (s, e) in made if s < e], key=lambda s: (s.start, s.end))
+    for case in (found, spans):
+        expected = operator_masker.anonymizer.anonymize(
+            text=text, analyzer_results=[RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in case],
+            operators=operator_masker.operators).text if case else text
+        assert operator_masker.apply(text, case) == expected

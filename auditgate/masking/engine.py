@@ -21,11 +21,19 @@ import logging  # noqa: E402
 for _name in ("presidio-analyzer", "presidio-anonymizer"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
-from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerResult  # noqa: E402
+import regex  # noqa: E402
+from presidio_analyzer import (  # noqa: E402
+    AnalyzerEngine,
+    EntityRecognizer,
+    PatternRecognizer,
+    RecognizerResult,
+)
+from presidio_analyzer.analyzer_engine import REGEX_TIMEOUT_SECONDS  # noqa: E402
 from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer  # noqa: E402
 from presidio_analyzer.recognizer_registry import RecognizerRegistryProvider  # noqa: E402
 from presidio_anonymizer import AnonymizerEngine  # noqa: E402
 from presidio_anonymizer.entities import OperatorConfig  # noqa: E402
+from presidio_anonymizer.operators import OperatorType  # noqa: E402
 
 from auditgate.masking.config import MaskingSettings  # noqa: E402
 
@@ -59,6 +67,55 @@ class _NoContextEnhancer(ContextAwareEnhancer):
 
     def enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):
         return raw_results
+
+
+class _DirectPatterns:
+    """What ``PatternRecognizer.analyze`` returns, without its per-call extras.
+
+    Presidio's own loop looks the compiled pattern up, times it with ``datetime.now()``, logs, and
+    builds an explanation object and a metadata dict for every match; on the small windows around
+    triggers that costs as much as the matching. Here the patterns are compiled once (the same
+    ``regex`` module and flags) and the recognizer's own ``validate_result`` / ``invalidate_result``
+    decide the scores, as in Presidio. One difference, on purpose: a pattern that runs into the regex
+    timeout raises (the masking fails closed) where Presidio logs it and skips the pattern.
+    """
+
+    def __init__(self, recognizer: PatternRecognizer, score_threshold: float = 0.0) -> None:
+        flags = recognizer.global_regex_flags
+        # A pattern scoring below the threshold can only matter if validation may raise its score: where
+        # the recognizer has no validation, its findings would all be dropped, so it is not run at all.
+        validates = type(recognizer).validate_result is not PatternRecognizer.validate_result
+        self.patterns = [(regex.compile(p.regex, flags=flags), p.score) for p in recognizer.patterns
+                         if validates or p.score >= score_threshold]
+        self.entity_type = recognizer.supported_entities[0]
+        self.validate = recognizer.validate_result
+        self.invalidate = recognizer.invalidate_result
+
+    @staticmethod
+    def serves(recognizer: EntityRecognizer) -> bool:
+        """True for a pattern recognizer that keeps Presidio's pattern loop (subclasses that replace
+        ``analyze`` or the loop, like the IBAN recognizer, run their own)."""
+        cls = type(recognizer)
+        return (isinstance(recognizer, PatternRecognizer) and bool(recognizer.patterns)
+                and cls.analyze is PatternRecognizer.analyze
+                and cls._PatternRecognizer__analyze_patterns is PatternRecognizer._PatternRecognizer__analyze_patterns)
+
+    def analyze(self, text: str) -> list[RecognizerResult]:
+        results = []
+        lowest, highest = EntityRecognizer.MIN_SCORE, EntityRecognizer.MAX_SCORE
+        for pattern, score in self.patterns:
+            for match in pattern.finditer(text, timeout=REGEX_TIMEOUT_SECONDS):
+                start, end = match.span()
+                if start == end:
+                    continue
+                value = text[start:end]
+                valid = self.validate(value)
+                found = score if valid is None else (highest if valid else lowest)
+                if self.invalidate(value):
+                    found = lowest
+                if found > lowest:
+                    results.append(RecognizerResult(self.entity_type, start, end, found))
+        return EntityRecognizer.remove_duplicates(results)
 
 
 def _nlp_engine(settings: MaskingSettings):
@@ -108,6 +165,11 @@ class PiiMasker:
             entity: OperatorConfig(spec["type"], {k: v for k, v in spec.items() if k != "type"})
             for entity, spec in settings.operators.items()
         }
+        factory = self.anonymizer.operators_factory
+        self._operator_classes = {  # checked here, so a bad operator name fails at load, not per reply
+            entity: factory.create_operator_class(config.operator_name, OperatorType.Anonymize)
+            for entity, config in self.operators.items()
+        }
         self.supported = set(self.analyzer.get_supported_entities(settings.language))
         self._allowed = frozenset(settings.allow_list)
         # Without an NLP model each recognizer is called directly (see _analyze); the engine's per-call
@@ -115,6 +177,7 @@ class PiiMasker:
         # much as the recognizers themselves on the small windows around triggers.
         self._direct = not settings.nlp_model
         self._recognizers: dict[str, tuple[EntityRecognizer, ...]] = {}
+        self._direct_patterns: dict[int, _DirectPatterns] = {}
         if self._direct:
             self._no_nlp = self.analyzer.nlp_engine.process_text("", settings.language)
             for entity in self.supported:
@@ -124,6 +187,10 @@ class PiiMasker:
                         recognizer.load()
                         recognizer.is_loaded = True
                 self._recognizers[entity] = tuple(found)
+            self._direct_patterns = {
+                id(recognizer): _DirectPatterns(recognizer, settings.score_threshold)
+                for found in self._recognizers.values() for recognizer in found if _DirectPatterns.serves(recognizer)
+            }
 
     def entities(self, direction: str) -> tuple[str, ...]:
         wanted = self.settings.direction(direction).entities
@@ -205,18 +272,58 @@ class PiiMasker:
             for recognizer in self._recognizers.get(entity, ()):
                 if id(recognizer) not in ran:
                     ran.add(id(recognizer))
-                    results += recognizer.analyze(text=text, entities=entities, nlp_artifacts=self._no_nlp)
+                    results += self._run_recognizer(recognizer, text, entities)
         threshold, allowed = self.settings.score_threshold, self._allowed
         kept = [r for r in results if r.entity_type in entities and r.score >= threshold
                 and text[r.start:r.end] not in allowed]
         return EntityRecognizer.remove_duplicates(kept)
 
+    def _run_recognizer(self, recognizer: EntityRecognizer, text: str, entities: list[str]) -> list[RecognizerResult]:
+        direct = self._direct_patterns.get(id(recognizer))
+        if direct is not None:
+            return direct.analyze(text)
+        return recognizer.analyze(text=text, entities=entities, nlp_artifacts=self._no_nlp)
+
     def apply(self, text: str, spans: list[Span]) -> str:
         """Rewrite the given spans of text with their entities' operators."""
         if not spans:
             return text
+        if self._apart(text, spans):
+            return self._apply_apart(text, spans)
+        # Overlapping spans, or neighbours Presidio would merge: its anonymizer resolves them.
         results = [RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in spans]
         return self.anonymizer.anonymize(text=text, analyzer_results=results, operators=self.operators).text
+
+    @staticmethod
+    def _apart(text: str, spans: list[Span]) -> bool:
+        """True when Presidio's anonymizer would rewrite each span on its own: sorted, apart, and no two
+        of one entity type separated by spaces alone (those it merges into one)."""
+        for before, after in zip(spans, spans[1:]):
+            if before.end >= after.start:
+                return False
+            if before.entity_type == after.entity_type and not text[before.end:after.start].strip(" "):
+                return False
+        return True
+
+    def _apply_apart(self, text: str, spans: list[Span]) -> str:
+        """AnonymizerEngine.anonymize for spans that are apart: each span's operator, as Presidio calls
+        it (its parameters copied, the entity type added, validated, applied), without the engine's
+        conflict resolution and result bookkeeping."""
+        pieces, at = [], 0
+        for span in spans:
+            entity = span.entity_type if span.entity_type in self._operator_classes else "DEFAULT"
+            operator = self._operator_classes.get(entity)
+            if operator is None:  # no DEFAULT configured: Presidio's default operator
+                return self.anonymizer.anonymize(
+                    text=text, analyzer_results=[RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in spans],
+                    operators=self.operators).text
+            params = self.operators[entity].params.copy()
+            params["entity_type"] = span.entity_type
+            operator.validate(params=params)
+            pieces += (text[at:span.start], operator.operate(params=params, text=text[span.start:span.end]))
+            at = span.end
+        pieces.append(text[at:])
+        return "".join(pieces)
 
     def mask(self, text: str, direction: str) -> tuple[str, list[str]]:
         """The masked text and the entity type of every finding (values are never returned)."""

@@ -9,6 +9,7 @@ given: a gateway that is interrupted, or killed, loses no flow it had already ha
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import pickle
@@ -20,6 +21,35 @@ from typing import Any
 from auditgate.core.child_process import child_ends, start_child, stop_child
 
 logger = logging.getLogger(__name__)
+
+
+def flow_state(flow) -> dict[str, Any]:
+    """``flow.get_state()``, with the metadata copied by a plain walk instead of ``copy.deepcopy``.
+
+    The metadata is the gateway's record of a flow (identity, decisions, findings): dicts and lists of
+    scalars, as mitmproxy requires for flow files. ``deepcopy``'s memo and dispatch made up a third of
+    taking a flow's state; the copy here gives the same result for those types, and falls back to
+    ``deepcopy`` for anything else.
+    """
+    metadata = flow.metadata
+    flow.metadata = {}
+    try:
+        state = flow.get_state()
+    finally:
+        flow.metadata = metadata
+    state["metadata"] = _plain_copy(metadata)
+    return state
+
+
+def _plain_copy(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return {key: _plain_copy(item) for key, item in value.items()}
+    if kind is list:
+        return [_plain_copy(item) for item in value]
+    if kind in (str, bytes, int, float, bool) or value is None:
+        return value
+    return copy.deepcopy(value)
 
 
 def write_batches(jobs: Connection, answers: Connection) -> None:
