@@ -11,11 +11,14 @@ from auditgate.core.addon_files import bundle
 addons = bundle(__file__, [
     "transport_errors",  # upstream down → OpenAI-shaped 502, not mitmproxy's HTML page
     "upstream_routing",  # 1. which upstream? any other host → 403 (never an open relay)
+    "tunnels",  # CONNECT tunnels not read by the gateway: an authenticated caller and an audit entry, or refused
     "caller_auth",  # 2. who is calling? no valid token → 401; the caller's credentials are removed
+    "body_limits",  # bodies within their size limits, inflated off the event loop; else 413
     "authorization",  # 3. may the caller's groups use this upstream, endpoint and model? → 403 otherwise
     "policy",  # 4. policy.yaml on the prompt as sent: allow, block (403 gateway_blocked), log, or approval
     "approval",  # 5. held until a second person approves (admin listener 127.0.0.1:8181), else 403
     "masking",  # 6. personal data masked: prompts if configured; replies, streams included
+    "request_gate",  # last check before the key goes on: an identity, and any approval required granted
     "key_custody",  # 7. the gateway's own upstream key goes on, and comes off again once sent
     "sse_streaming",  # response: event streams pass through as they arrive (masked ones by masking)
     "overhead",  # last to change the flow: the gateway's own time, in x-gateway-overhead-ms

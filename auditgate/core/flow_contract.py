@@ -128,6 +128,34 @@ class RefusalRecord(TypedDict):
     message: str
 
 
+class BodyLimitsRecord(TypedDict, total=False):
+    """Sizes seen by body_limits: never content."""
+    request_bytes: int  # as received (compressed if it was)
+    request_inflated_bytes: int  # after inflating a compressed request
+    response_bytes: int
+    response_inflated_bytes: int
+    limit_bytes: int  # the limit that refused the flow, when one did
+
+
+class TunnelRecord(TypedDict, total=False):
+    """A CONNECT tunnel the gateway relays without reading (a pass-through host): who, where, how much."""
+    caller: str | None
+    host: str
+    port: int
+    bytes_up: int
+    bytes_down: int
+    duration_ms: int
+    refused: str  # why the tunnel was refused, when it was
+
+
+class GuardRecord(TypedDict, total=False):
+    """An unexpected exception in one of the bundle's hooks, and what the guard did about it."""
+    addon: str
+    hook: str
+    error: str  # the exception's type name: never its message, which may quote request data
+    action: str  # refused | stream_ended | logged
+
+
 # ---- the keys, in the order a request meets their writers -------------------------------------------------
 PASSTHROUGH: FlowKey[bool] = FlowKey(
     "auditgate.passthrough", "upstream_routing (forward-mode CONNECT to a pass-through host)",
@@ -151,6 +179,10 @@ OVERHEAD_MS: FlowKey[float] = FlowKey("auditgate.overhead_ms", "overhead", "reco
 REFUSAL: FlowKey[RefusalRecord] = FlowKey(
     "auditgate.refusal", "any addon, through auditgate.core.refusal.refuse", "masking, audit_log, verify, evidence")
 FLOW_FILE: FlowKey[str] = FlowKey("auditgate.flow_file", "flow_recorder", "audit_log")
+BODY_LIMITS: FlowKey[BodyLimitsRecord] = FlowKey("auditgate.body_limits", "body_limits", "audit_log, records")
+TUNNEL: FlowKey[TunnelRecord] = FlowKey("auditgate.tunnel", "tunnels", "audit_log, evidence")
+GUARD: FlowKey[GuardRecord] = FlowKey(
+    "auditgate.guard", "the hook guard (auditgate.core.guard), for any addon of the bundle", "audit_log, evidence")
 
 
 # ---- services one addon offers another, outside any flow ------------------------------------------------------

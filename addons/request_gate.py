@@ -1,0 +1,3 @@
+"""The last request guard: no authenticated identity, or an approval required and not granted → refused."""
+
+addons = []
