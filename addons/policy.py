@@ -71,6 +71,9 @@ class PolicyRules:
             return
         self._reload_if_changed()
         if self.policy is None:
+            # Recorded all the same: the last request check (request_gate) refuses a request that
+            # carries no policy decision at all, as one whose policy check never ran.
+            POLICY.set(flow, {"rule": "no-policy-file", "action": "allow"})
             return
         if flow.request.stream:
             # A body streamed past the hooks (stream_large_bodies) was never seen: fail closed.

@@ -1,3 +1,55 @@
-"""The last request guard: no authenticated identity, or an approval required and not granted → refused."""
+"""The last request guard: a request goes on only with a route, a caller, and any approval it needs granted.
 
-addons = []
+Each earlier addon refuses what it finds wrong; this one does not trust that they all ran. A hook that
+silently did nothing (a bug, an addon unloaded, a hook replaced) would otherwise let a request through
+unchecked. It runs just before key custody puts the upstream key on, and checks what the request
+path must have left on the flow (``auditgate.core.flow_contract``): the upstream route, the
+authenticated identity, a policy decision that is not a block, and — when the policy asked for
+approval — an approval granted for it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from auditgate.core.flow_contract import APPROVAL, IDENTITY, POLICY, UPSTREAM
+from auditgate.core.refusal import is_answered, refuse
+
+logger = logging.getLogger("auditgate.addons.request_gate")
+
+GRANTED = ("approved", "reused")
+
+
+def missing_check(flow: http.HTTPFlow) -> str | None:
+    """What the request path failed to establish for this flow, or None when it may go on."""
+    if not UPSTREAM.get(flow):
+        return "no upstream route was decided for it"
+    if not IDENTITY.get(flow):
+        return "it has no authenticated caller"
+    policy = POLICY.get(flow)
+    if not policy:
+        return "no policy decision was made for it"
+    if policy.get("action") == "require_approval" and (APPROVAL.get(flow) or {}).get("status") not in GRANTED:
+        return f"policy rule {policy.get('rule')!r} requires an approval, and none was granted"
+    if policy.get("action") == "block":
+        return f"policy rule {policy.get('rule')!r} blocks it"
+    return None
+
+
+class RequestGate:
+    """Refuses (500 gateway_internal_error) a request the earlier addons should have refused and did not."""
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if not flow.live or is_answered(flow):
+            return
+        missing = missing_check(flow)
+        if missing:
+            logger.error("request %s %s reached the last check unrefused, but %s: refused", flow.request.method,
+                         flow.request.path.partition("?")[0], missing)
+            refuse(flow, 500, "gateway_internal_error",
+                   f"the gateway could not complete its checks on this request ({missing}), so it was not sent")
+
+
+addons = [RequestGate()]

@@ -34,6 +34,9 @@ def load_addon_module(directory: Path, name: str) -> ModuleType:
 
 
 def bundle(script: str, names: list[str]) -> list:
-    """The addons of each named module beside `script` (each module's own ``addons`` list), in order."""
+    """The addons of each named module beside `script` (each module's own ``addons`` list), in order,
+    each flow hook under the bundle's guard (``auditgate.core.guard``: an exception refuses the flow)."""
+    from auditgate.core.guard import guard_addon
+
     directory = Path(script).resolve().parent
-    return [addon for name in names for addon in load_addon_module(directory, name).addons]
+    return [guard_addon(addon) for name in names for addon in load_addon_module(directory, name).addons]

@@ -153,7 +153,8 @@ class GuardRecord(TypedDict, total=False):
     addon: str
     hook: str
     error: str  # the exception's type name: never its message, which may quote request data
-    action: str  # refused | stream_ended | logged
+    action: str  # refused | pending (a failed responseheaders, refused at the response) | stream_ended | killed | logged
+    also: list[dict]  # further failures on the same flow, in order
 
 
 # ---- the keys, in the order a request meets their writers -------------------------------------------------
