@@ -9,7 +9,7 @@ from mitmproxy import exceptions, http
 from auditgate.core.config import ConfigError
 from auditgate.core.flow_contract import AUTHORIZATION, IDENTITY, UPSTREAM
 from auditgate.core.options import add_gateway_options, rules_dir
-from auditgate.core.refusal import fails_closed, is_answered, refuse
+from auditgate.core.refusal import is_answered, refuse
 from auditgate.core.request_facts import facts_of
 from auditgate.identity.identities_file import IdentitiesFile, identities_file
 
@@ -38,7 +38,6 @@ class GroupAuthorization:
         else:
             logger.info("authorization: %d grant(s); anything not granted is refused", len(rules.grants))
 
-    @fails_closed
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return

@@ -10,7 +10,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from auditgate.core.credentials import remove_credential_headers
 from auditgate.core.flow_contract import KEY_HEADER
 from auditgate.core.options import add_gateway_options, load_rules
-from auditgate.core.refusal import fails_closed, is_answered, refuse
+from auditgate.core.refusal import is_answered, refuse
 from auditgate.routing.upstreams import Upstream, UpstreamTable, shared_upstreams
 
 logger = logging.getLogger("auditgate.addons.key_custody")
@@ -52,7 +52,6 @@ class KeyCustody:
             return None
         return self.table.route(flow.request.host, flow.request.port, isinstance(flow.client_conn.proxy_mode, ReverseMode))
 
-    @fails_closed
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return

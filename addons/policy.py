@@ -12,7 +12,7 @@ from auditgate.core.config import ConfigError
 from auditgate.core.file_watch import ChangedFile
 from auditgate.core.flow_contract import IDENTITY, POLICY, UPSTREAM, services
 from auditgate.core.options import add_gateway_options, load_rules, rules_dir
-from auditgate.core.refusal import fails_closed, is_answered, refuse
+from auditgate.core.refusal import is_answered, refuse
 from auditgate.core.request_facts import facts_of
 from auditgate.policy.loading import PiiTypes, load_policy_dir, match_input
 from auditgate.policy.rules import POLICY_FILE, Decision, Policy
@@ -65,7 +65,6 @@ class PolicyRules:
         except ConfigError as e:
             logger.error("keeping the previous policy: %s", e)
 
-    @fails_closed
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return

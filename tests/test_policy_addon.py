@@ -101,12 +101,14 @@ def test_a_policy_that_crashes_refuses_the_request(rules, monkeypatch):
     def crash(self, facts):
         raise RuntimeError("a rule met a shape it did not expect")
 
-    addon = PolicyRules()
+    from auditgate.core.guard import guard_addon
+
+    addon = guard_addon(PolicyRules())  # as addons/gateway.py's bundle() loads it
     with taddons.context(addon) as tctx:
         tctx.configure(addon, gateway_rules=str(rules))
         monkeypatch.setattr(Policy, "decide", crash)
         flow = _flow({"model": "m", "input": "hello"})
-        addon.request(flow)  # mitmproxy would log an escaping error and send the flow on
+        addon.request(flow)  # unguarded, mitmproxy would log the escaping error and send the flow on
         assert flow.response.status_code == 500 and flow.response.headers["x-should-retry"] == "false"
         assert json.loads(flow.response.content)["error"]["code"] == "gateway_internal_error"
         assert flow.metadata["auditgate.refusal"]["code"] == "gateway_internal_error"
