@@ -123,6 +123,7 @@ class Setup:
                   "--set", "flow_detail=0", "--set", "termlog_verbosity=info"]
         bare = int(procs.start(f"bare-{name}", [str(BIN / "mitmdump"), *common],
                                r"listening at 127\.0\.0\.1:(\d+)", target=True).group(1))
+        self.pids = {"bare mitmdump": procs.procs[-1].pid}
         rules = workdir / f"rules-{name}"
         shutil.copytree(SHIPPED_RULES, rules)
         (rules / "identities.yaml").write_text("service_tokens: []\n")
@@ -131,6 +132,7 @@ class Setup:
             f"gateway-{name}", [str(BIN / "mitmdump"), *common, "-s", script, "--set", f"gateway_rules={rules}",
                                 "--set", f"gateway_records={workdir / ('records-' + name)}"],
             r"OPENAI_BASE_URL=http://127\.0\.0\.1:(\d+)", env={"OPENAI_API_KEY": UPSTREAM_KEY}, target=True).group(1))
+        self.pids["gateway"] = procs.procs[-1].pid
         self.urls = {
             "direct": f"http://127.0.0.1:{port}/v1/responses",
             "bare mitmdump": f"http://127.0.0.1:{bare}/v1/responses",
@@ -145,6 +147,7 @@ class Setup:
                 r"OPENAI_BASE_URL=http://127\.0\.0\.1:(\d+)", env={"OPENAI_API_KEY": UPSTREAM_KEY, "PYTHONPATH": checkout},
                 target=True).group(1))
             self.urls["gateway before"] = f"http://127.0.0.1:{before}/v1/responses"
+            self.pids["gateway before"] = procs.procs[-1].pid
         if masking_alone:
             # The masking addon on its own (it loads alone, like every addon of the bundle): what
             # masking costs, apart from authentication, policy, recording and the audit log.
@@ -154,6 +157,7 @@ class Setup:
             masking = int(_wait_for(r"listening at 127\.0\.0\.1:(\d+)", procs.workdir / f"masking-{name}.log",
                                     procs.procs[-1]).group(1))
             self.urls["masking addon"] = f"http://127.0.0.1:{masking}/v1/responses"
+            self.pids["masking addon"] = procs.procs[-1].pid
 
 
 def sequential(url: str, token: str, n: int) -> list[float]:
@@ -199,6 +203,28 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time used so far by a process and every process below it (masking workers, the flow writer)."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])  # utime, stime
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += ticks.get(current, 0)
+        todo += children.get(current, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def request_scenario(setup: Setup, args, title: str, check=None) -> None:
     size = len(httpx.post(setup.urls["direct"], json=BODY).content)
     print(f"\n== {title}: reply {size} bytes; {args.rounds} rounds of {args.requests} sequential requests and "
@@ -207,17 +233,30 @@ def request_scenario(setup: Setup, args, title: str, check=None) -> None:
         check(httpx.post(setup.urls["gateway"], json=BODY, headers={"authorization": f"Bearer {setup.token}"}))
     latencies: dict[str, list[list[float]]] = {name: [] for name in setup.urls}
     rates: dict[str, list[float]] = {name: [] for name in setup.urls}
+    # How busy each target keeps its core while the clients run (its processes' CPU time over the
+    # wall time): a target that waits on something (a pipe, a lock, a disk) leaves the core idle, and
+    # its throughput then shows the wait, not the work.
+    busy: dict[str, list[float]] = {name: [] for name in setup.urls}
+    pinned = bool(CORES and CORES.target)
     # Rounds take turns, so a slow spell of this shared machine weighs on every target alike; the p50
     # and throughput ratios are the medians of the rounds' own ratios (p99 needs all samples).
     for _ in range(args.rounds):
         for name, url in setup.urls.items():
             latencies[name].append(sequential(url, setup.token, args.requests))
+            pid = setup.pids.get(name)
+            cpu, wall = (_cpu_seconds(pid) if pid else 0.0), time.monotonic()
             rates[name].append(concurrent(url, setup.token, args.concurrency, args.per_client))
+            if pid:
+                busy[name].append((_cpu_seconds(pid) - cpu) / (time.monotonic() - wall))
     pooled = {name: [x for round_ in rounds for x in round_] for name, rounds in latencies.items()}
     for name in setup.urls:
         lat = pooled[name]
         print(f"{name:14s} p50 {statistics.median(lat) * 1000:7.2f} ms   p99 {percentile(lat, 99) * 1000:7.2f} ms   "
               f"req/s by round {' '.join(f'{r:6.1f}' for r in rates[name])}")
+    if pinned:
+        print(f"core busy with the target while {args.concurrency} clients ran (CPU time of it and its child "
+              "processes over wall time, median of rounds): " + ", ".join(
+                  f"{name} {statistics.median(busy[name]) * 100:.0f}%" for name in setup.urls if busy[name]))
     for name in [n for n in setup.urls if n not in ("direct", "bare mitmdump")]:
         p50s = [statistics.median(t) / statistics.median(b) for t, b in zip(latencies[name], latencies["bare mitmdump"])]
         rounds = [g / b for g, b in zip(rates[name], rates["bare mitmdump"])]
