@@ -125,7 +125,8 @@ class CallerAuth:
             REMOVED_IDENTITY_HEADERS.set(flow, forged)
             client = flow.client_conn.peername[0]
             logger.warning("removed identity header(s) sent by client %s: %s", client, ", ".join(forged))
-        authenticator = self.authenticator  # one snapshot of identities.yaml for the whole request
+        # One snapshot of identities.yaml for the whole request (an edited file is parsed off the loop).
+        authenticator = (await self.identities.refreshed()).authenticator if self.identities else None
         credential, source = self._credential(flow, authenticator) if authenticator else (None, "authorization")
         # The caller's credentials are consumed here whatever the outcome: they never travel on.
         remove_credential_headers(flow.request.headers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ class PolicyRules:
         self.pii: PiiTypes | None = None
         self._path: Path | None = None
         self._watch: ChangedFile | None = None
+        self._rebuilding = asyncio.Lock()
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -52,23 +54,33 @@ class PolicyRules:
     @command.command("auditgate.policy.reload")
     def reload(self) -> None:
         """Re-read policy.yaml now; an invalid file keeps the rules already loaded."""
-        if self._watch:
-            self._watch.check_now()
-        self._reload_if_changed()
-
-    def _reload_if_changed(self) -> None:
-        if self._watch is None or not self._watch.changed():
+        if self._watch is None:
             return
+        self._watch.changed(now=True)  # the file as read now is the one in force: no second reload
         try:
-            self.policy, self.pii = load_policy_dir(self._path.parent)
-            self._log_loaded("policy reloaded")
+            self._adopt(load_policy_dir(self._path.parent))
         except ConfigError as e:
             logger.error("keeping the previous policy: %s", e)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def _reload_if_changed(self) -> None:
+        # An edited policy.yaml is read and compiled in a thread: the event loop, which carries every
+        # flow, does not wait on it. The request that noticed waits for the new rules; one rebuild at a time.
+        if self._watch is None or not self._watch.changed():
+            return
+        async with self._rebuilding:
+            try:
+                self._adopt(await asyncio.to_thread(load_policy_dir, self._path.parent))
+            except ConfigError as e:
+                logger.error("keeping the previous policy: %s", e)
+
+    def _adopt(self, loaded) -> None:
+        self.policy, self.pii = loaded
+        self._log_loaded("policy reloaded")
+
+    async def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return
-        self._reload_if_changed()
+        await self._reload_if_changed()
         if self.policy is None:
             # Recorded all the same: the last request check (request_gate) refuses a request that
             # carries no policy decision at all, as one whose policy check never ran.

@@ -151,3 +151,34 @@ def test_the_shipped_file_keeps_its_documentation_after_the_first_mint(tmp_path)
     text = (tmp_path / "identities.yaml").read_text()
     assert "# issuers:" in text and "# authorization:" in text
     assert text.count("\n") > shipped.count("\n")
+
+
+def test_an_edited_identities_file_is_parsed_off_the_event_loop_and_a_broken_edit_keeps_the_old(tmp_path,
+                                                                                               monkeypatch):
+    import asyncio
+    import shutil
+    import threading
+
+    from auditgate.identity.identities_file import IdentitiesFile
+
+    rules = tmp_path / "rules"
+    shutil.copytree(SHIPPED_RULES, rules)
+    (rules / "identities.yaml").write_text("service_tokens: []\n")
+    identities = IdentitiesFile(rules)
+    readers: list[threading.Thread] = []
+    read = IdentitiesFile._read
+
+    def spy(self, previous, generation):
+        readers.append(threading.current_thread())
+        return read(self, previous, generation)
+
+    monkeypatch.setattr(IdentitiesFile, "_read", spy)
+    add_service_token(rules, "carol", ["agents"])
+    identities._watch.check_now()
+    snapshot = asyncio.run(identities.refreshed())
+    assert len(snapshot.authenticator.service_tokens) == 1 and snapshot.generation == 2
+    assert readers and readers[-1] is not threading.main_thread()
+
+    (rules / "identities.yaml").write_text("service_tokens: [oops\n")
+    identities._watch.check_now()
+    assert asyncio.run(identities.refreshed()) is snapshot

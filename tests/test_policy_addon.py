@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 
 import pytest
 from mitmproxy import exceptions
@@ -41,6 +43,10 @@ def test_prompt_text_is_the_prompt_fields_only():
     assert prompt_texts(chat, "chat") == ["sys", "u"]
 
 
+def _request(addon, flow) -> None:
+    asyncio.run(addon.request(flow))  # the request hook is async: a changed policy.yaml is parsed off the loop
+
+
 @pytest.fixture
 def rules(tmp_path):
     (tmp_path / "policy.yaml").write_text(POLICY)
@@ -53,37 +59,37 @@ def test_decisions_on_flows_and_the_reload_command(rules):
         tctx.configure(addon, gateway_rules=str(rules))
         # The model name is not prompt text: only the prompt can trip a text rule.
         allowed = _flow({"model": "pineapple", "input": "hello"})
-        addon.request(allowed)
+        _request(addon, allowed)
         assert allowed.response is None
         assert allowed.metadata["auditgate.policy"]["rule"] == "default"
         blocked = _flow({"model": "m", "input": "I like PINEAPPLE"})
-        addon.request(blocked)
+        _request(addon, blocked)
         assert blocked.response.status_code == 403
         error = json.loads(blocked.response.content)["error"]
         assert error["code"] == "gateway_blocked" and error["message"] == "blocked by policy rule 'no-pineapple': no fruit"
         assert blocked.marked == ":no_entry:"
         # require_approval without an approval gate loaded fails closed.
         held = _flow({"model": "m", "input": "x", "tools": [{"type": "function", "name": "run_shell"}]})
-        addon.request(held)
+        _request(addon, held)
         assert json.loads(held.response.content)["error"]["code"] == "gateway_approval_unavailable"
 
         # A body streamed past the hooks (stream_large_bodies) cannot be inspected: refused.
         streamed = _flow({"model": "m", "input": "hello"})
         streamed.request.stream = True
-        addon.request(streamed)
+        _request(addon, streamed)
         assert json.loads(streamed.response.content)["error"]["code"] == "gateway_blocked"
         assert streamed.metadata["auditgate.policy"]["rule"] == "unreadable-body"
 
         (rules / "policy.yaml").write_text("rules:\n  - id: broken\n    action: nope\n")
         tctx.command(addon.reload)
         again = _flow({"model": "m", "input": "pineapple"})
-        addon.request(again)
+        _request(addon, again)
         assert again.response.status_code == 403  # the invalid edit was not taken
 
         (rules / "policy.yaml").write_text("default: allow\nrules: []\n")
         tctx.command(addon.reload)
         after = _flow({"model": "m", "input": "pineapple"})
-        addon.request(after)
+        _request(addon, after)
         assert after.response is None and after.metadata["auditgate.policy"]["rule"] == "default"
 
 
@@ -108,7 +114,30 @@ def test_a_policy_that_crashes_refuses_the_request(rules, monkeypatch):
         tctx.configure(addon, gateway_rules=str(rules))
         monkeypatch.setattr(Policy, "decide", crash)
         flow = _flow({"model": "m", "input": "hello"})
-        addon.request(flow)  # unguarded, mitmproxy would log the escaping error and send the flow on
+        _request(addon, flow)  # unguarded, mitmproxy would log the escaping error and send the flow on
         assert flow.response.status_code == 500 and flow.response.headers["x-should-retry"] == "false"
         assert json.loads(flow.response.content)["error"]["code"] == "gateway_internal_error"
         assert flow.metadata["auditgate.refusal"]["code"] == "gateway_internal_error"
+
+
+def test_an_edited_policy_is_compiled_off_the_event_loop_before_the_request_that_noticed_it(rules, monkeypatch):
+    import threading
+
+    policy_module = sys.modules[PolicyRules.__module__]
+    threads: list[threading.Thread] = []
+    load = policy_module.load_policy_dir
+
+    def spy(directory):
+        threads.append(threading.current_thread())
+        return load(directory)
+
+    addon = PolicyRules()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, gateway_rules=str(rules))
+        monkeypatch.setattr(policy_module, "load_policy_dir", spy)
+        (rules / "policy.yaml").write_text("default: allow\nrules: []\n")
+        addon._watch.check_now()
+        flow = _flow({"model": "m", "input": "pineapple"})
+        _request(addon, flow)
+        assert flow.response is None and flow.metadata["auditgate.policy"]["rule"] == "default"
+        assert threads and threads[-1] is not threading.main_thread()

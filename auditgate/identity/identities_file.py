@@ -5,11 +5,13 @@ the tokens, issuers and grants in force can never disagree between them, even fo
 
     identities = identities_file(rules_dir)   # the one reader of that file in this process
     snapshot = identities.current()           # re-reads the file if it changed (checked once a second)
+    snapshot = await identities.refreshed()   # the same, with the file read and parsed off the event loop
     snapshot.authenticator, snapshot.authorization
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ class IdentitiesFile:
         self.directory = directory
         self.path = directory / IDENTITIES_FILE
         self._watch = ChangedFile(self.path)
+        self._rebuilding = asyncio.Lock()
         self._snapshot = self._read(None, 1)  # ConfigError: the start (or option change) fails
 
     def _read(self, previous: IdentitiesSnapshot | None, generation: int) -> IdentitiesSnapshot:
@@ -57,6 +60,23 @@ class IdentitiesFile:
             self.reload()
         return self._snapshot
 
+    async def refreshed(self) -> IdentitiesSnapshot:
+        """current(), with an edited file read and parsed in a thread: the proxy's event loop, which carries
+        every flow, does not wait on the disk or the YAML parser. The request that noticed the change
+        waits for the new snapshot; flows meanwhile use the one in force. One rebuild at a time."""
+        if not self._watch.changed():
+            return self._snapshot
+        async with self._rebuilding:
+            previous = self._snapshot
+            try:
+                snapshot = await asyncio.to_thread(self._read, previous, previous.generation + 1)
+            except ConfigError as e:
+                logger.error("keeping the identities in force: %s", e)
+                return self._snapshot
+            if self._snapshot is previous:  # nothing newer was swapped in meanwhile (a strict reload)
+                self._adopt(snapshot)
+            return self._snapshot
+
     def reload_if_changed_strictly(self) -> None:
         """Re-read the file now if it changed; an invalid file raises ConfigError (a start, not a reload)."""
         if self._watch.changed(now=True):
@@ -69,10 +89,13 @@ class IdentitiesFile:
         except ConfigError as e:
             logger.error("keeping the identities in force: %s", e)
             return self._snapshot
+        self._adopt(snapshot)
+        return snapshot
+
+    def _adopt(self, snapshot: IdentitiesSnapshot) -> None:
         self._snapshot = snapshot
         snapshot.authenticator.prefetch_if_running()
         logger.info("identities reloaded: %s", snapshot.describe())
-        return snapshot
 
 
 _open: dict[Path, IdentitiesFile] = {}
