@@ -27,9 +27,11 @@ from auditgate.approval.store import (
     EXPIRED,
     PENDING,
     STORE_FILE,
+    TOO_LATE,
     Approval,
-    ApprovalStore,
-    SqliteApprovalStore,
+    DecisionTooLate,
+    StoreUnavailable,
+    ThreadedApprovalStore,
     new_approval_id,
     public_view,
 )
@@ -44,7 +46,7 @@ from auditgate.core.flow_contract import (
     services,
 )
 from auditgate.core.options import add_gateway_options, records_dir, rules_dir
-from auditgate.core.refusal import fails_closed, is_answered, refuse
+from auditgate.core.refusal import is_answered, refuse
 from auditgate.core.request_facts import facts_of
 from auditgate.identity.authenticator import AuthFailure
 from auditgate.identity.identities_file import IdentitiesFile, identities_file
@@ -53,6 +55,13 @@ logger = logging.getLogger("auditgate.addons.approval")
 
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8181"
 POLL_SECONDS = 1.0  # a held flow also re-reads the store this often: decisions made by another instance
+SWEEP_SECONDS = 1.0  # how often approvals past their expiry, or abandoned by their callers, are closed
+SWEEP_SKIP_QUEUED = 4  # calls already waiting on the store thread past which a sweep waits for the next turn
+DEFAULT_BUSY_TIMEOUT_MS = 2000
+DEFAULT_ABANDONED_GRACE_MS = 5000
+MAX_BUSY_TIMEOUT_MS = 60_000
+ABANDONED = "the caller went away before a decision"
+UNAVAILABLE_CODE = "gateway_approvals_unavailable"
 PREVIEW_CHARS = 1200
 _MASK_WINDOW = 4000
 
@@ -71,7 +80,7 @@ class ApprovalGate:
     """Holds require_approval flows in an async hook (never mitmproxy's intercept), serving the admin API and page."""
 
     def __init__(self) -> None:
-        self.store: ApprovalStore | None = None
+        self.store: ThreadedApprovalStore | None = None
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.masker = None
         self.admin_url = ""
@@ -80,6 +89,10 @@ class ApprovalGate:
         self._by_client: weakref.WeakKeyDictionary[connection.Client, list[_Held]] = weakref.WeakKeyDictionary()
         self.identities: IdentitiesFile | None = None
         self._tasks: set[asyncio.Task] = set()
+        # approval id → (time.monotonic() after which it is closed, its flow count when its last caller left)
+        self._abandoned: dict[str, tuple[float, int]] = {}
+        self._sweeper: asyncio.Task | None = None
+        self._last_sweep_error = ""
 
     # ---- options and lifecycle ----------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -98,6 +111,16 @@ class ApprovalGate:
             "Slack-compatible incoming webhook told about each new held request; 'env:NAME' reads it from the "
             "environment. Empty: no notification.",
         )
+        loader.add_option(
+            "approval_store_busy_timeout_ms", int, DEFAULT_BUSY_TIMEOUT_MS,
+            "How long a call to the approvals store waits for a lock held by another process (ms) before it "
+            "fails; a request needing approval is then refused (503 gateway_approvals_unavailable).",
+        )
+        loader.add_option(
+            "approval_abandoned_grace_ms", int, DEFAULT_ABANDONED_GRACE_MS,
+            "When every caller waiting on a pending approval has gone, how long (ms) an SDK retry has to attach "
+            "to it before it is closed as expired.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "approval_admin_listen" in updated:
@@ -110,12 +133,21 @@ class ApprovalGate:
             if not url or not url.startswith(("http://", "https://")):
                 raise exceptions.OptionsError("auditgate: approval_webhook_url must be an http(s) URL (or env:NAME "
                                               "naming one)")
-        if "gateway_records" in updated:
+        if "approval_store_busy_timeout_ms" in updated:
+            if not 0 <= ctx.options.approval_store_busy_timeout_ms <= MAX_BUSY_TIMEOUT_MS:
+                raise exceptions.OptionsError(f"auditgate: approval_store_busy_timeout_ms must be between 0 and "
+                                              f"{MAX_BUSY_TIMEOUT_MS}")
+        if "approval_abandoned_grace_ms" in updated and ctx.options.approval_abandoned_grace_ms < 0:
+            raise exceptions.OptionsError("auditgate: approval_abandoned_grace_ms must be 0 or more")
+        if updated & {"gateway_records", "approval_store_busy_timeout_ms"}:
+            # Opened now, on the store's own thread (the start waits for it): a store that cannot be opened
+            # stops the start. Every later call goes through that thread, never the event loop.
+            store = ThreadedApprovalStore(records_dir() / STORE_FILE, ctx.options.approval_store_busy_timeout_ms / 1000)
             try:
-                store = SqliteApprovalStore(records_dir() / STORE_FILE)
-            except Exception as e:
-                raise exceptions.OptionsError(f"auditgate: gateway_records: approvals store "
-                                              f"{records_dir() / STORE_FILE}: {e}") from None
+                store.open_now()
+            except StoreUnavailable as e:
+                store.close()
+                raise exceptions.OptionsError(f"auditgate: gateway_records: {e}") from None
             if self.store is not None:
                 self.store.close()
             self.store = store
@@ -144,9 +176,16 @@ class ApprovalGate:
 
     async def running(self) -> None:
         if self.store is not None:
-            closed = self.store.expire_orphans(self.instance, time.time())
-            if closed:
-                logger.warning("approvals: %d request(s) held before the last stop were closed as expired", closed)
+            try:
+                closed = await self.store.expire_orphans(self.instance, time.time())
+            except StoreUnavailable as e:
+                logger.error("approvals: could not close the requests held before the last stop: %s", e)
+            else:
+                if closed:
+                    logger.warning("approvals: %d request(s) held before the last stop were closed as expired",
+                                   closed)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         if self._server is None:
             await self._start_admin()
 
@@ -180,6 +219,9 @@ class ApprovalGate:
             self._server = None
         for task in self._tasks:
             task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -198,39 +240,76 @@ class ApprovalGate:
         result = await self.identities.current().authenticator.authenticate(credential)
         return result if isinstance(result, AuthFailure) else result.as_metadata()
 
-    def decide(self, approval_id: str, decision: str, decider: dict, reason: str | None) -> Approval:
-        """Approve or deny for `decider`; DecisionRefused (recorded) when four-eyes or the state forbids it."""
-        assert self.store is not None
-        approval = self.store.get(approval_id)
+    async def decide(self, approval_id: str, decision: str, decider: dict, reason: str | None) -> Approval:
+        """Approve or deny for `decider`. DecisionRefused (recorded) when four-eyes, the state or the expiry
+        forbids it, or when the audit log cannot record the decision (503 audit_unavailable: a decision that
+        cannot be audited does not stand); StoreUnavailable when the store cannot answer."""
+        if self.store is None:
+            raise StoreUnavailable("the approvals store is not configured")
+        approval = await self.store.get(approval_id)
         if approval is None:
             raise DecisionRefused(404, "not_found", f"no approval {approval_id!r}")
+        status = APPROVED if decision == "approve" else DENIED
+        audited: list[Approval] = []
+
+        def audit(decided: Approval) -> None:
+            # On the loop, inside the store's transaction: if the entry cannot be written, the store rolls back.
+            self._audit(decided, decider.get("name"), decided.status, reason)
+            audited.append(decided)
+
         try:
             check_decider(requester=approval.requester, approver_groups=approval.approver_groups,
                           status=approval.status, decider=decider, decision=decision)
-            decided = self.store.decide(approval_id, APPROVED if decision == "approve" else DENIED,
-                                        who(decider), reason, time.time())
+            # now=None: the store reads the clock once it holds the write lock, and compares it with the
+            # expiry in the same UPDATE (a decision that waited for the lock past the expiry does not stand).
+            decided = await self.store.decide(approval_id, status, who(decider), reason, None, before_commit=audit)
+        except DecisionTooLate as late:
+            closed = late.approval or approval
+            logger.warning("approvals: %s tried to %s %s after its expiry: refused, closed as expired",
+                           decider.get("name"), decision, approval_id)
+            self._audit_or_log(closed, None, EXPIRED, TOO_LATE)
+            await self._record_refusal(closed, decider, decision, late)
+            self._wake(approval_id)
+            raise
         except DecisionRefused as refused:
             if refused.code in ("self_approval_refused", "not_an_approver"):
-                entry = {"by": who(decider), "decision": decision, "code": refused.code, "at": time.time()}
-                self.store.add_refusal(approval_id, entry)
-                # Named like the decision it tried to make, as the audit log's evidence report counts them.
-                attempted = "refused_approved" if decision == "approve" else "refused_denied"
-                self._audit(approval, decider.get("name"), attempted, refused.message, code=refused.code)
                 logger.warning("approvals: %s may not %s %s: %s", decider.get("name"), decision, approval_id,
                                refused.code)
+                await self._record_refusal(approval, decider, decision, refused)
+            raise
+        except AuditUnavailable as e:
+            logger.error("approvals: %s's decision to %s %s was NOT taken: the audit log cannot record it (%s)",
+                         decider.get("name"), decision, approval_id, e)
+            raise DecisionRefused(503, "audit_unavailable", "the decision was not taken: the gateway cannot "
+                                  "record it in its audit log right now; try again later") from None
+        except StoreUnavailable:
+            if audited:  # the audit entry is written and the store could not commit: the log must say so
+                logger.error("approvals: %s's decision to %s %s is in the audit log but the approvals store could "
+                             "not commit it: it does not stand", decider.get("name"), decision, approval_id)
+                self._audit_or_log(audited[0], decider.get("name"), "decision_not_stored",
+                                   "the approvals store could not commit the decision above; it does not stand")
             raise
         logger.info("approvals: %s %s %s (rule %s, requested by %s)", decider.get("name"),
                     "approved" if decision == "approve" else "denied", approval_id, approval.rule,
                     approval.requester.get("name"))
-        self._audit(decided, decider.get("name"), decided.status, reason)
         self._wake(approval_id)
         return decided
+
+    async def _record_refusal(self, approval: Approval, decider: dict, decision: str, refused: DecisionRefused) -> None:
+        """A refused attempt to decide: kept with the approval and in the audit log (the refusal stands either
+        way), named like the decision it tried to make, as the evidence report counts them."""
+        entry = {"by": who(decider), "decision": decision, "code": refused.code, "at": time.time()}
+        try:
+            await self.store.add_refusal(approval.id, entry)
+        except StoreUnavailable as e:
+            logger.error("approvals: the refused attempt on %s could not be kept with it: %s", approval.id, e)
+        attempted = "refused_approved" if decision == "approve" else "refused_denied"
+        self._audit_or_log(approval, decider.get("name"), attempted, refused.message, code=refused.code)
 
     def public(self, approval: Approval) -> dict:
         return public_view(approval, time.time())
 
     # ---- the hold --------------------------------------------------------------------------------------
-    @fails_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return
@@ -240,6 +319,29 @@ class ApprovalGate:
         if self.store is None:
             refuse(flow, 403, "gateway_approval_unavailable", "the approvals store is not available")
             return
+        try:
+            await self._request(flow, policy)
+        except StoreUnavailable as e:
+            logger.error("approvals: a request for rule %s was refused: %s", policy.get("rule"), e)
+            self._refuse_for(flow, policy, "store_unavailable", UNAVAILABLE_CODE,
+                             "the approvals store is unavailable, so this request, which needs an approval, was "
+                             "not sent; try again later")
+        except AuditUnavailable as e:
+            logger.error("approvals: a request for rule %s was refused: the audit log cannot record it: %s",
+                         policy.get("rule"), e)
+            self._refuse_for(flow, policy, "audit_unavailable", "gateway_audit_unavailable",
+                             "the gateway cannot record the request for approval in its audit log, so it was not "
+                             "sent; try again later")
+
+    def _refuse_for(self, flow: http.HTTPFlow, policy: dict, status: str, code: str, message: str) -> None:
+        """Refuse (503) a request whose approval could not be handled; the approval record says why."""
+        record = APPROVAL.get(flow) or {"rule": str(policy.get("rule")), "requester": name_of(IDENTITY.get(flow))}
+        APPROVAL.set(flow, {**record, "status": status})
+        if not is_answered(flow):
+            refuse(flow, 503, code, message)
+            self._show(flow, f"refused: {status.replace('_', ' ')}", ":no_entry:")
+
+    async def _request(self, flow: http.HTTPFlow, policy: dict) -> None:
         started = time.time()
         # One approval sends one request upstream: an identical request that finds it already used
         # (and no reuse window open) asks again (bounded).
@@ -252,7 +354,7 @@ class ApprovalGate:
                 record["status"] = "changed_while_held"
                 refuse(flow, 403, "gateway_approval_denied", f"request {approval.id} changed while it was held")
                 return
-            if self.store.claim(approval.id, flow.id, time.time()):
+            if await self.store.claim(approval.id, flow.id, time.time()):
                 verb = "reused approval" if record.get("status") == "reused" else "approved"
                 self._show(flow, f"{verb} {approval.id} by {name_of(approval.decided_by)}", ":white_check_mark:")
                 return
@@ -261,14 +363,17 @@ class ApprovalGate:
     async def _hold(self, flow: http.HTTPFlow, policy: dict, started: float) -> tuple[Approval | None, dict]:
         """Wait for the approval this request needs; None once the flow has been answered instead."""
         now = time.time()
-        approval, how = self.store.hold(self._candidate(flow, policy, now), flow.id, now)
+        # The "requested" audit entry is written before the new approval is committed: no approval exists
+        # that the audit log does not know of (AuditUnavailable: nothing is held, the request is refused).
+        approval, how = await self.store.hold(
+            self._candidate(flow, policy, now), flow.id, now,
+            on_create=lambda created: self._audit(created, None, "requested", None))
         record = {"id": approval.id, "rule": approval.rule, "requester": approval.requester.get("name"),
                   "how": how, "requested_at": approval.created_at}
         APPROVAL.set(flow, record)
         if how == "created":
             logger.info("approvals: holding %s from %s for rule %s (%s)", approval.id, approval.requester.get("name"),
                         approval.rule, self.page_url)
-            self._audit(approval, None, "requested", None)
             self._notify(approval)
         held = _Held(flow, approval.id)
         if how != "reused":
@@ -282,6 +387,8 @@ class ApprovalGate:
         record["waited_s"] = round(time.time() - started, 3)
         if held.abandoned and approval.status in (PENDING, APPROVED):
             record["status"] = "abandoned"
+            if approval.status == PENDING:
+                await self._abandon(approval.id)
             refuse(flow, 408, "gateway_approval_abandoned", "the caller went away while the request was held")
             return None, record
         record.update(status="reused" if how == "reused" else approval.status, decided_by=name_of(approval.decided_by),
@@ -339,20 +446,26 @@ class ApprovalGate:
                 return approval
             now = time.time()
             if now >= approval.expires_at:
+                # StoreUnavailable here ends the hold with a refusal: the flow never outlives the expiry.
                 try:
-                    approval = self.store.decide(approval.id, EXPIRED, None, "not decided in time", now)
-                    self._audit(approval, None, EXPIRED, "not decided in time")
-                    self._wake(approval.id)
-                    logger.info("approvals: %s expired (rule %s)", approval.id, approval.rule)
+                    approval = await self.store.decide(approval.id, EXPIRED, None, "not decided in time", now)
                 except DecisionRefused:
-                    approval = self.store.get(approval.id) or approval
+                    approval = await self.store.get(approval.id) or approval
+                    continue
+                self._audit_or_log(approval, None, EXPIRED, "not decided in time")
+                self._wake(approval.id)
+                logger.info("approvals: %s expired (rule %s)", approval.id, approval.rule)
                 continue
             try:
                 await asyncio.wait_for(held.woken.wait(), min(POLL_SECONDS, approval.expires_at - now))
             except TimeoutError:
                 pass
             held.woken.clear()
-            approval = self.store.get(approval.id) or approval
+            try:
+                approval = await self.store.get(approval.id) or approval
+            except StoreUnavailable as e:
+                # Keep waiting on what was last read (a decision cannot be committed meanwhile either).
+                logger.warning("approvals: %s could not be re-read: %s", approval.id, e)
 
     def _show(self, flow: http.HTTPFlow, comment: str, mark: str) -> None:
         flow.comment, flow.marked = comment, mark
@@ -375,10 +488,60 @@ class ApprovalGate:
 
     def client_disconnected(self, client: connection.Client) -> None:
         # mitmproxy lets a hook run on after its client left; a held flow then must not go upstream
-        # when approved (the SDK's retry, attached to the same approval, goes instead).
+        # when approved (the SDK's retry, attached to the same approval, goes instead), and its approval
+        # is closed once no retry has come for it (_abandon).
         for held in self._by_client.pop(client, []):
             held.abandoned = True
             held.woken.set()
+
+    # ---- closing what nobody waits for any more ----------------------------------------------------------
+    async def _abandon(self, approval_id: str) -> None:
+        """Every caller of this pending approval here has gone: close it after the grace period unless a
+        retry attaches meanwhile (here, or through another instance: its flow count then differs)."""
+        if self._held.get(approval_id):
+            return  # another flow still waits on it here
+        try:
+            current = await self.store.get(approval_id)
+        except StoreUnavailable as e:
+            logger.warning("approvals: %s was abandoned and could not be re-read: %s", approval_id, e)
+            return  # it stays pending until its expiry, when the sweep closes it
+        if current is not None and current.status == PENDING:
+            grace = ctx.options.approval_abandoned_grace_ms / 1000
+            self._abandoned[approval_id] = (time.monotonic() + grace, len(current.flows))
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                await self._sweep()
+            except StoreUnavailable as e:
+                if str(e) != self._last_sweep_error:  # once per distinct failure, not every second
+                    logger.warning("approvals: could not close expired or abandoned approvals: %s", e)
+                self._last_sweep_error = str(e)
+            except Exception as e:  # the sweep must outlive any one failure
+                logger.error("approvals: the sweep of expired approvals failed: %s", e, exc_info=e)
+            else:
+                self._last_sweep_error = ""
+
+    async def _sweep(self) -> None:
+        """Close abandoned approvals whose grace ran out, and any pending approval past its expiry (a held flow
+        closes its own; this closes those nobody waits on, and those of instances that are gone)."""
+        if self.store is None or self.store.queued >= SWEEP_SKIP_QUEUED:
+            return  # the store is backed up (locked, slow): not one more call on the pile; next time
+        monotonic = time.monotonic()
+        for approval_id, (deadline, flows_seen) in list(self._abandoned.items()):
+            if deadline > monotonic:
+                continue
+            if not self._held.get(approval_id):
+                closed = await self.store.cancel_abandoned(approval_id, flows_seen, time.time(), ABANDONED)
+                if closed is not None:
+                    logger.info("approvals: %s closed as expired: %s", approval_id, ABANDONED)
+                    self._audit_or_log(closed, None, EXPIRED, ABANDONED)
+            self._abandoned.pop(approval_id, None)
+        for approval in await self.store.expire_overdue(time.time()):
+            logger.info("approvals: %s expired (rule %s)", approval.id, approval.rule)
+            self._audit_or_log(approval, None, EXPIRED, "not decided in time")
+            self._wake(approval.id)
 
     # ---- telling people ---------------------------------------------------------------------------------
     def _notify(self, approval: Approval) -> None:
@@ -400,16 +563,28 @@ class ApprovalGate:
 
     @staticmethod
     def _audit(approval: Approval, approver: str | None, decision: str, reason: str | None, **details) -> None:
+        """One approval entry in the audit log; AuditUnavailable when it cannot be written (whatever failed)."""
         events = services.audit_events
         if events is None:
-            return
+            return  # no audit log in this bundle (the addon loaded alone)
         fields = {"flow_id": approval.flows[0] if approval.flows else None,
                   "requester": approval.requester.get("name"), "approver": approver, "decision": decision,
                   "reason": reason, "details": {"approval_id": approval.id, "rule": approval.rule, **details}}
         try:
             events.append_event("approval", fields)
+        except AuditUnavailable:
+            raise
+        except Exception as e:
+            raise AuditUnavailable(f"{type(e).__name__}: {e}") from e
+
+    def _audit_or_log(self, approval: Approval, approver: str | None, decision: str, reason: str | None,
+                      **details) -> None:
+        """For what stands whether or not it is audited (an expiry, a refused attempt): a missing entry is an
+        error in the log, never silent."""
+        try:
+            self._audit(approval, approver, decision, reason, **details)
         except AuditUnavailable as e:
-            logger.debug("approvals: no audit entry for %s %s: %s", approval.id, decision, e)
+            logger.error("approvals: the audit log could not record %s %s: %s", approval.id, decision, e)
 
 
 addons = [ApprovalGate()]

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 
-from mitmproxy import http, tls
+from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from auditgate.core.flow_contract import PASSTHROUGH, UPSTREAM
 from auditgate.core.options import add_gateway_options, load_rules
-from auditgate.core.refusal import fails_closed, is_answered, refuse
+from auditgate.core.refusal import is_answered, refuse
 from auditgate.routing.upstreams import UpstreamTable, shared_upstreams
 
 logger = logging.getLogger("auditgate.addons.upstream_routing")
 
 
 class UpstreamRouting:
-    """Routes flows to configured upstreams; refuses other hosts with 403 and tunnels pass-through hosts."""
+    """Routes flows to configured upstreams; refuses other hosts with 403; marks CONNECTs to pass-through hosts."""
 
     def __init__(self) -> None:
         self.table: UpstreamTable | None = None
@@ -39,17 +39,13 @@ class UpstreamRouting:
         elif self.table.upstream_for(host, port):
             return
         elif self.table.is_passthrough(host, port):
+            # The tunnels addon decides whether this caller may have the tunnel, and relays and audits it.
+            # Nothing here lets it pass unread: without that addon the connection is intercepted like an
+            # upstream's, and each request in it refused below (a pass-through host is not an upstream).
             PASSTHROUGH.set(flow, True)
-            logger.info("pass-through tunnel to %s:%d for client %s", host, port, flow.client_conn.peername[0])
         else:
             refuse(flow, 403, "gateway_forbidden", f"{host}:{port} is not an upstream this gateway serves")
 
-    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        address = data.context.server.address
-        if self.table and address and self.table.is_passthrough(*address):
-            data.ignore_connection = True
-
-    @fails_closed
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -93,3 +95,45 @@ class AdminClient:
                 return found
             time.sleep(0.1)
         raise AssertionError(f"fewer than {count} pending approval(s) after {timeout}s: {self.pending()}")
+
+
+# Another process: opens the store file with its own connection, takes SQLite's write lock
+# (BEGIN EXCLUSIVE) and keeps it until told to let go on stdin.
+_LOCKER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("ROLLBACK")
+db.close()
+print("released", flush=True)
+"""
+
+
+class StoreLocker:
+    """A separate Python process holding the approvals store's write lock until release()."""
+
+    def __init__(self, path: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _LOCKER, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        assert line == "locked", f"the locker did not take the lock: {line!r}"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+            assert self.proc.stdout.readline().strip() == "released"
+            self.proc.wait(10)
+
+    def __enter__(self) -> "StoreLocker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.release()
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)

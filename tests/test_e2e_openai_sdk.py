@@ -85,10 +85,13 @@ def test_forward_refuses_hosts_it_does_not_serve(forward_env, tls_upstream_serve
     assert response.json()["error"]["code"] == "gateway_forbidden"
 
 
-def test_forward_passthrough_host_is_tunnelled_untouched(forward_env, tls_upstream, tls_upstream_server, tls_files):
+def test_forward_passthrough_host_is_tunnelled_untouched(forward_env, callers, tls_upstream, tls_upstream_server,
+                                                         tls_files):
     # 127.0.0.1:<port> is listed as pass-through: the client talks TLS with the upstream itself
     # (it must trust the upstream's own CA), and the gateway neither decrypts nor changes anything.
-    with httpx.Client(proxy=forward_env.url, verify=ssl.create_default_context(cafile=tls_files.ca_cert)) as client:
+    # Opening the tunnel takes the caller's gateway token as proxy credentials.
+    proxy = forward_env.url.replace("http://", f"http://agent:{callers.alice}@")
+    with httpx.Client(proxy=proxy, verify=ssl.create_default_context(cafile=tls_files.ca_cert)) as client:
         response = client.get(f"https://127.0.0.1:{tls_upstream_server.port}/v1/models",
                               headers={"Authorization": "Bearer caller-own-credential"})
     assert response.status_code == 200

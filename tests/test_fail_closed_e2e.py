@@ -43,12 +43,12 @@ def test_a_locked_approvals_store_refuses_the_held_request_instead_of_sending_it
         client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=token, max_retries=0, timeout=60)
         with pytest.raises(openai.InternalServerError) as refused:
             client.responses.create(model="gpt-test", input="please make a wire transfer of 5000 EUR")
-        assert refused.value.code == "gateway_internal_error"
+        assert refused.value.code == "gateway_approvals_unavailable"
         assert refused.value.response.headers["x-should-retry"] == "false"
         # Nothing reached the upstream, and the refusal is recorded like any other.
         assert not [r for r in upstream.received if b"wire transfer" in r.body]
-        [flow] = wait_for_flows(records, lambda f: f.response and f.response.status_code == 500)
-        assert REFUSAL.read(flow.metadata)["code"] == "gateway_internal_error"
+        [flow] = wait_for_flows(records, lambda f: f.response and f.response.status_code == 503)
+        assert REFUSAL.read(flow.metadata)["code"] == "gateway_approvals_unavailable"
         assert "database is locked" in gateway.log()
     finally:
         locker.execute("ROLLBACK")

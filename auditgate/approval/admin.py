@@ -14,13 +14,20 @@ so another site cannot make a browser approve anything.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Protocol
 
 from tornado import web
 
 from auditgate.approval.rules import DecisionRefused
-from auditgate.approval.store import APPROVED, DENIED, EXPIRED, PENDING
+from auditgate.approval.store import (
+    APPROVED,
+    DENIED,
+    EXPIRED,
+    PENDING,
+    StoreUnavailable,
+)
 from auditgate.core.credentials import bearer_token
 from auditgate.identity.authenticator import AuthFailure
 
@@ -28,11 +35,11 @@ from auditgate.identity.authenticator import AuthFailure
 class ApprovalGate(Protocol):
     """What the admin listener needs of the approval addon that serves it."""
 
-    store: object
+    store: object  # awaitable calls (ThreadedApprovalStore): the listener shares the proxy's event loop
 
     async def authenticate(self, credential: str | None) -> dict | AuthFailure: ...
 
-    def decide(self, approval_id: str, decision: str, decider: dict, reason: str | None): ...
+    async def decide(self, approval_id: str, decision: str, decider: dict, reason: str | None): ...
 
     def public(self, approval) -> dict: ...
 
@@ -44,7 +51,11 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+logger = logging.getLogger("auditgate.approval.admin")
+
 MAX_REASON = 500
+UNAVAILABLE = "approvals_unavailable"
+UNAVAILABLE_MESSAGE = "the approvals store is unavailable right now (the gateway log says why); nothing was changed"
 _STATUSES = {PENDING, APPROVED, DENIED, EXPIRED}
 
 
@@ -84,7 +95,11 @@ class ListHandler(_Base):
         status = self.get_query_argument("status", None)
         if status is not None and status not in _STATUSES:
             return self.error(400, "bad_status", f"status must be one of {', '.join(sorted(_STATUSES))}")
-        approvals = self.gate.store.list(status)
+        try:
+            approvals = await self.gate.store.list(status)
+        except StoreUnavailable as e:
+            logger.error("approvals admin: %s %s: %s", self.request.method, self.request.path, e)
+            return self.error(503, UNAVAILABLE, UNAVAILABLE_MESSAGE)
         self.set_header("content-type", "application/json")
         self.finish(json.dumps({"approvals": [self.gate.public(a) for a in approvals]}))
 
@@ -93,7 +108,11 @@ class ShowHandler(_Base):
     async def get(self, approval_id: str) -> None:
         if await self.approver() is None:
             return
-        approval = self.gate.store.get(approval_id)
+        try:
+            approval = await self.gate.store.get(approval_id)
+        except StoreUnavailable as e:
+            logger.error("approvals admin: %s %s: %s", self.request.method, self.request.path, e)
+            return self.error(503, UNAVAILABLE, UNAVAILABLE_MESSAGE)
         if approval is None:
             return self.error(404, "not_found", f"no approval {approval_id!r}")
         self.set_header("content-type", "application/json")
@@ -115,9 +134,13 @@ class DecideHandler(_Base):
         if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
             return self.error(400, "bad_reason", f"reason must be text of at most {MAX_REASON} characters")
         try:
-            decided = self.gate.decide(approval_id, decision, decider, reason or None)
+            decided = await self.gate.decide(approval_id, decision, decider, reason or None)
         except DecisionRefused as e:
             return self.error(e.status, e.code, e.message)
+        except StoreUnavailable as e:
+            logger.error("approvals: %s's decision on %s was not taken: %s", decider.get("name"), approval_id, e)
+            return self.error(503, UNAVAILABLE, "the approvals store is unavailable right now (the gateway log says "
+                              "why): the decision was not taken; try again")
         self.set_header("content-type", "application/json")
         self.finish(json.dumps(self.gate.public(decided)))
 

@@ -2,26 +2,49 @@
 
 The interface is what a PostgreSQL store would implement for several gateway instances sharing approvals;
 each call is one short transaction, and `hold` is atomic (a retry and its original never both create one).
+
+`SqliteApprovalStore` is plain blocking code; the gateway reaches it only through `ThreadedApprovalStore`,
+which runs every call on one thread of its own (the connection lives there), so a store that is locked by
+another process, slow or broken never holds up the proxy's event loop. Whatever goes wrong underneath
+(locked past the busy timeout, the file gone, corrupt, a full disk) comes out as `StoreUnavailable`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import json
+import logging
+import os
 import secrets
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from auditgate.approval.rules import DecisionRefused
 
+logger = logging.getLogger("auditgate.approval.store")
+
 STORE_FILE = "approvals.sqlite3"
 PENDING, APPROVED, DENIED, EXPIRED = "pending", "approved", "denied", "expired"
+DEFAULT_BUSY_TIMEOUT_S = 2.0
+TOO_LATE = "not decided before it expired"
+LOOP_STEP_TIMEOUT_S = 30.0
 
 
 def new_approval_id() -> str:
     return "apr_" + secrets.token_hex(5)
+
+
+class StoreUnavailable(RuntimeError):
+    """The approvals store could not answer: locked past its busy timeout, gone, corrupt, full, or too slow.
+
+    Whoever asked must refuse what it was about to do (never go on as if approved)."""
 
 
 @dataclass
@@ -56,24 +79,50 @@ class Approval:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class DecisionTooLate(DecisionRefused):
+    """A decision asked for after the approval's expiry: refused, and the approval closed as expired by that
+    very call (`approval` is the row as it now stands, for the audit log)."""
+
+    approval: Approval | None = None
+
+
+# Called inside the store's transaction, on the store's thread, before the change is committed: raising
+# rolls the change back (a decision that cannot be audited must not stand).
+BeforeCommit = Callable[[Approval], None]
+
+
 class ApprovalStore(Protocol):
-    def hold(self, candidate: Approval, flow_id: str, now: float) -> tuple[Approval, str]:
+    def hold(self, candidate: Approval, flow_id: str, now: float,
+             on_create: BeforeCommit | None = None) -> tuple[Approval, str]:
         """Attach flow_id to the approval for candidate.key, or create candidate. Returns (approval, how):
         "created"; "attached" (a pending one, or an approved one no flow has used yet: an SDK retry after
-        its original gave up); "reused" (approved, used, and still within its reuse window)."""
+        its original gave up); "reused" (approved, used, and still within its reuse window). `on_create`
+        runs before a new approval is committed."""
 
     def get(self, approval_id: str) -> Approval | None: ...
 
     def list(self, status: str | None = None, limit: int = 200) -> list[Approval]: ...
 
-    def decide(self, approval_id: str, status: str, by: dict | None, reason: str | None, now: float) -> Approval:
-        """pending → approved / denied / expired; DecisionRefused (409) when it is no longer pending."""
+    def decide(self, approval_id: str, status: str, by: dict | None, reason: str | None, now: float | None = None,
+               before_commit: BeforeCommit | None = None) -> Approval:
+        """pending → approved / denied / expired; DecisionRefused (409) when it is no longer pending, and
+        DecisionTooLate (409 approval_expired) when approved / denied at or after its expiry, which closes
+        it as expired instead: the expiry is compared in the same conditional UPDATE. `now` None: the time
+        at which the store takes the write lock."""
 
     def add_refusal(self, approval_id: str, refusal: dict) -> None: ...
 
     def claim(self, approval_id: str, flow_id: str, now: float) -> bool:
         """Whether flow_id may go upstream on this approval: it is approved, and no other flow has used it
         (or the reuse window is open). Recorded atomically, so one approval sends one request."""
+
+    def cancel_abandoned(self, approval_id: str, flows_seen: int, now: float, reason: str) -> Approval | None:
+        """Close a pending approval as expired because its callers went away, unless another flow attached
+        since (its flows are no longer `flows_seen`). The closed approval, or None."""
+
+    def expire_overdue(self, now: float) -> list[Approval]:
+        """Close as expired every pending approval past its expiry; returns those this call closed."""
 
     def expire_orphans(self, live_instance: str, now: float) -> int:
         """Close as expired the pending approvals of instances that are gone (their held flows are gone too)."""
@@ -97,20 +146,57 @@ CREATE INDEX IF NOT EXISTS approvals_by_status ON approvals (status, created_at)
 """
 
 
-class SqliteApprovalStore:
-    """Approvals in one SQLite file (WAL); safe to share between threads of one process."""
+def _unavailable(method):
+    """sqlite3 and OS errors of a store call → StoreUnavailable (with the cause kept for the log)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, OSError) as e:
+            raise StoreUnavailable(f"the approvals store {self.path} is unavailable: {type(e).__name__}: {e}") from e
+    return call
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+class SqliteApprovalStore:
+    """Approvals in one SQLite file (WAL). Blocking: the gateway calls it only from its store thread
+    (ThreadedApprovalStore); a lock keeps it safe to share between threads all the same."""
+
+    def __init__(self, path: Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # timeout: how long a statement waits for another connection's (another process's) lock
+            # before failing with "database is locked" (SQLite's busy timeout).
+            self._db = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False, isolation_level=None)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # WAL + NORMAL: a commit does not wait for fsync (a power cut may lose the last decisions,
+                # never corrupt the file).
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                path.chmod(0o600)
+                self._file = self._identity()
+            except BaseException:
+                self._db.close()
+                raise
+        except (sqlite3.Error, OSError) as e:
+            raise StoreUnavailable(f"the approvals store {path} cannot be opened: {type(e).__name__}: {e}") from e
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL + NORMAL: a commit does not wait for fsync (a power cut may lose the last decisions, never
-        # corrupt the file): approvals are decided inside the event loop.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        path.chmod(0o600)
+
+    def _identity(self) -> tuple[int, int]:
+        stat = os.stat(self.path)
+        return stat.st_dev, stat.st_ino
+
+    def _check_file(self) -> None:
+        """SQLite would go on writing into a file that was deleted or replaced (its open handle): the
+        approvals would then live nowhere anyone can see. Refuse instead, until the gateway is restarted."""
+        try:
+            same = self._identity() == self._file
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise StoreUnavailable(f"the approvals store {self.path} was removed or replaced while in use; "
+                                   "restore it or restart the gateway")
 
     # ---- rows ---------------------------------------------------------------------------------------
     @staticmethod
@@ -131,23 +217,36 @@ class SqliteApprovalStore:
         cursor = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM approvals WHERE {where}", args)
         return [self._row(r) for r in cursor.fetchall()]
 
+    def _one(self, approval_id: str) -> Approval | None:
+        found = self._select("id = ?", (approval_id,))
+        return found[0] if found else None
+
     def _update(self, approval: Approval) -> None:
         sets = ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
         self._db.execute(f"UPDATE approvals SET {sets} WHERE id = ?", (*self._values(approval)[1:], approval.id))
 
-    # ---- the interface ----------------------------------------------------------------------------------
-    def hold(self, candidate: Approval, flow_id: str, now: float) -> tuple[Approval, str]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = self._hold(candidate, flow_id, now)
-                self._db.execute("COMMIT")
-                return result
-            except BaseException:
+    def _transaction(self, work):
+        """Run work() inside BEGIN IMMEDIATE ... COMMIT (rolled back if it raises)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
+        except BaseException:
+            if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-                raise
+            raise
+        self._db.execute("COMMIT")
+        return result
 
-    def _hold(self, candidate: Approval, flow_id: str, now: float) -> tuple[Approval, str]:
+    # ---- the interface ----------------------------------------------------------------------------------
+    @_unavailable
+    def hold(self, candidate: Approval, flow_id: str, now: float,
+             on_create: BeforeCommit | None = None) -> tuple[Approval, str]:
+        with self._lock:
+            self._check_file()
+            return self._transaction(lambda: self._hold(candidate, flow_id, now, on_create))
+
+    def _hold(self, candidate: Approval, flow_id: str, now: float,
+              on_create: BeforeCommit | None) -> tuple[Approval, str]:
         recent = self._select("key = ? AND rule = ? ORDER BY created_at DESC LIMIT 5", (candidate.key, candidate.rule))
         for approval in recent:
             how = None
@@ -164,51 +263,80 @@ class SqliteApprovalStore:
         candidate.flows = [flow_id]
         self._db.execute(f"INSERT INTO approvals ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                          self._values(candidate))
+        if on_create is not None:
+            on_create(candidate)
         return candidate, "created"
 
+    @_unavailable
     def get(self, approval_id: str) -> Approval | None:
         with self._lock:
-            found = self._select("id = ?", (approval_id,))
-        return found[0] if found else None
+            self._check_file()
+            return self._one(approval_id)
 
+    @_unavailable
     def list(self, status: str | None = None, limit: int = 200) -> list[Approval]:
         with self._lock:
+            self._check_file()
             if status:
                 return self._select("status = ? ORDER BY created_at DESC LIMIT ?", (status, limit))
             return self._select("1 ORDER BY created_at DESC LIMIT ?", (limit,))
 
-    def decide(self, approval_id: str, status: str, by: dict | None, reason: str | None, now: float) -> Approval:
+    @_unavailable
+    def decide(self, approval_id: str, status: str, by: dict | None, reason: str | None, now: float | None = None,
+               before_commit: BeforeCommit | None = None) -> Approval:
         assert status in (APPROVED, DENIED, EXPIRED)
         with self._lock:
-            found = self._select("id = ?", (approval_id,))
-            if not found:
+            self._check_file()
+            found = self._one(approval_id)
+            if found is None:
                 raise DecisionRefused(404, "not_found", f"no approval {approval_id!r}")
-            approval = found[0]
-            if approval.status != PENDING:
-                raise DecisionRefused(409, "already_decided", f"this request is no longer pending (it is {approval.status})")
-            approval.status, approval.decided_at, approval.decided_by, approval.reason = status, now, by, reason
-            # Only a still-pending row changes: two deciders racing cannot both win.
-            sets = "status = ?, decided_at = ?, decided_by = ?, reason = ?"
-            cursor = self._db.execute(f"UPDATE approvals SET {sets} WHERE id = ? AND status = ?",
-                                      (status, now, json.dumps(by), reason, approval_id, PENDING))
-            if cursor.rowcount != 1:
-                raise DecisionRefused(409, "already_decided", "this request was decided a moment ago")
-            return approval
+            if found.status != PENDING:
+                raise DecisionRefused(409, "already_decided", f"this request is no longer pending (it is {found.status})")
+            return self._transaction(lambda: self._decide(approval_id, status, by, reason, now, before_commit))
 
+    def _decide(self, approval_id: str, status: str, by: dict | None, reason: str | None, now: float | None,
+                before_commit: BeforeCommit | None) -> Approval:
+        if now is None:
+            # The clock is read once the write lock is held, not when the decision was asked for: a decision
+            # that waited for the lock past the expiry is a decision after the expiry.
+            now = time.time()
+        # One conditional UPDATE: only a still-pending row changes (two deciders racing cannot both win), and
+        # an approval or a denial only before the expiry (a decision at or after it never stands).
+        cursor = self._db.execute(
+            "UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, reason = ? "
+            "WHERE id = ? AND status = ? AND (? OR expires_at > ?)",
+            (status, now, json.dumps(by), reason, approval_id, PENDING, status == EXPIRED, now))
+        if cursor.rowcount == 1:
+            decided = self._one(approval_id)
+            if before_commit is not None:
+                before_commit(decided)
+            return decided
+        current = self._one(approval_id)
+        if current is None or current.status != PENDING:
+            raise DecisionRefused(409, "already_decided", "this request was decided a moment ago")
+        # Still pending but past its expiry (nobody closed it yet): it is closed now, and the decision refused.
+        self._db.execute("UPDATE approvals SET status = ?, decided_at = ?, reason = ? WHERE id = ? AND status = ?",
+                         (EXPIRED, now, TOO_LATE, approval_id, PENDING))
+        self._db.execute("COMMIT")
+        raise DecisionTooLate(409, "approval_expired",
+                              f"this request expired {now - current.expires_at:.1f}s before the decision; "
+                              "it can no longer be approved or denied", self._one(approval_id))
+
+    @_unavailable
     def add_refusal(self, approval_id: str, refusal: dict) -> None:
         with self._lock:
-            found = self._select("id = ?", (approval_id,))
-            if found:
-                found[0].refusals.append(refusal)
-                self._db.execute("UPDATE approvals SET refusals = ? WHERE id = ?",
-                                 (json.dumps(found[0].refusals), approval_id))
+            self._check_file()
+            # Appended in one statement: two refusals at once both stay.
+            self._db.execute("UPDATE approvals SET refusals = json_insert(coalesce(refusals, '[]'), '$[#]', json(?)) "
+                             "WHERE id = ?", (json.dumps(refusal), approval_id))
 
+    @_unavailable
     def claim(self, approval_id: str, flow_id: str, now: float) -> bool:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                found = self._select("id = ?", (approval_id,))
-                approval = found[0] if found else None
+            self._check_file()
+
+            def work() -> bool:
+                approval = self._one(approval_id)
                 ok = approval is not None and approval.status == APPROVED and (
                     not approval.forwarded or flow_id in approval.forwarded
                     or (approval.decided_at is not None and now < approval.decided_at + approval.reuse_seconds))
@@ -216,14 +344,36 @@ class SqliteApprovalStore:
                     approval.forwarded.append(flow_id)
                     self._db.execute("UPDATE approvals SET forwarded = ? WHERE id = ?",
                                      (json.dumps(approval.forwarded), approval_id))
-                self._db.execute("COMMIT")
                 return ok
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            return self._transaction(work)
 
+    @_unavailable
+    def cancel_abandoned(self, approval_id: str, flows_seen: int, now: float, reason: str) -> Approval | None:
+        with self._lock:
+            self._check_file()
+            cursor = self._db.execute(
+                "UPDATE approvals SET status = ?, decided_at = ?, reason = ? "
+                "WHERE id = ? AND status = ? AND json_array_length(flows) = ?",
+                (EXPIRED, now, reason, approval_id, PENDING, flows_seen))
+            return self._one(approval_id) if cursor.rowcount == 1 else None
+
+    @_unavailable
+    def expire_overdue(self, now: float) -> list[Approval]:
+        with self._lock:
+            self._check_file()
+            # A read first: in WAL mode it needs no lock, so an idle store is never write-locked by the sweep.
+            if not self._db.execute("SELECT 1 FROM approvals WHERE status = ? AND expires_at <= ? LIMIT 1",
+                                    (PENDING, now)).fetchone():
+                return []
+            cursor = self._db.execute(
+                f"UPDATE approvals SET status = ?, decided_at = ?, reason = ? WHERE status = ? AND expires_at <= ? "
+                f"RETURNING {', '.join(_COLUMNS)}", (EXPIRED, now, "not decided in time", PENDING, now))
+            return [self._row(r) for r in cursor.fetchall()]
+
+    @_unavailable
     def expire_orphans(self, live_instance: str, now: float) -> int:
         with self._lock:
+            self._check_file()
             cursor = self._db.execute(
                 "UPDATE approvals SET status = ?, decided_at = ?, reason = ? WHERE status = ? AND instance != ?",
                 (EXPIRED, now, "the gateway holding the request stopped; the request is gone", PENDING, live_instance),
@@ -233,6 +383,175 @@ class SqliteApprovalStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+@dataclass
+class _LoopStep:
+    """A callback of the event loop's to run inside a store transaction, and whether the caller still waits."""
+
+    callback: Callable[[Approval], None]
+    gave_up: bool = False  # the caller's deadline passed: the step refuses to run (the transaction rolls back)
+    ran: bool = False  # the callback ran (its audit entry is written): the commit must be waited for
+
+
+def _outcome_nobody_awaits(future: asyncio.Future) -> None:
+    """A call whose caller stopped waiting finishes later: take its outcome (a rolled-back step's error
+    included) so that asyncio does not report it as never retrieved."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.debug("approvals store: a call that had timed out ended with %s", future.exception())
+
+
+class ThreadedApprovalStore:
+    """The same interface, awaitable: each call runs on one thread of its own that owns the SQLite connection.
+
+    The event loop never waits on SQLite: a store locked by another process costs the call that needs it
+    up to the busy timeout, on the store thread, and that call then fails with StoreUnavailable. Each call
+    also has a deadline (a queue behind a slow call, a hung disk) and the queue a bound: past either, the
+    call fails with StoreUnavailable rather than waiting.
+
+    `hold(on_create=)` and `decide(before_commit=)` take callbacks of the event loop (the audit log's):
+    each runs on the loop while the store thread holds the transaction open, so the change is committed
+    only if it returned, and never once the caller has stopped waiting.
+    """
+
+    MAX_QUEUED = 64
+
+    def __init__(self, path: Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
+                 call_timeout: float | None = None) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        # Room for one call queued behind another that waits out its busy timeout.
+        self.call_timeout = call_timeout if call_timeout is not None else 2 * busy_timeout + 1.0
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="approvals-store")
+        self._store: SqliteApprovalStore | None = None
+        self._queued = 0
+        self._closed = False
+
+    # ---- on the store thread --------------------------------------------------------------------------
+    def _open(self) -> None:
+        if self._store is None:
+            self._store = SqliteApprovalStore(self.path, self.busy_timeout)
+
+    def _run(self, name: str, args: tuple):
+        self._open()
+        return getattr(self._store, name)(*args)
+
+    def _close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    @staticmethod
+    def _on_loop(loop: asyncio.AbstractEventLoop, step: _LoopStep | None) -> BeforeCommit | None:
+        """The store thread's side of a loop step: run it on the loop and wait; its exception rolls back."""
+        if step is None:
+            return None
+
+        def run(approval: Approval) -> None:
+            done: concurrent.futures.Future = concurrent.futures.Future()
+
+            def on_loop() -> None:
+                if not done.set_running_or_notify_cancel():
+                    return
+                try:
+                    if step.gave_up:
+                        raise StoreUnavailable("the approvals store answered too late; nothing was changed")
+                    step.callback(approval)
+                    step.ran = True
+                    done.set_result(None)
+                except BaseException as e:  # handed to the store thread, which rolls back
+                    done.set_exception(e)
+            loop.call_soon_threadsafe(on_loop)
+            try:
+                done.result(timeout=LOOP_STEP_TIMEOUT_S)  # the loop never waits on the store: it gets to it soon
+            except concurrent.futures.TimeoutError:
+                if done.cancel():  # not started (a loop shutting down, say): it never will be; roll back
+                    raise StoreUnavailable("the event loop did not take the store's callback") from None
+                done.result()  # it ran or is running: its outcome decides
+        return run
+
+    # ---- from anywhere ------------------------------------------------------------------------------------
+    def open_now(self) -> None:
+        """Open the file (and make its table) now, waiting for it: for the gateway's start, where a store
+        that cannot be opened stops the start. StoreUnavailable if it cannot."""
+        future = self._executor.submit(self._open)
+        try:
+            future.result(timeout=self.call_timeout)
+        except concurrent.futures.TimeoutError:
+            raise StoreUnavailable(f"the approvals store {self.path} did not open within "
+                                   f"{self.call_timeout:g}s") from None
+
+    def close(self) -> None:
+        """Close the connection on its thread once the calls already queued are done; returns at once."""
+        if not self._closed:
+            self._closed = True
+            self._executor.submit(self._close)
+            self._executor.shutdown(wait=False)
+
+    @property
+    def queued(self) -> int:
+        """Calls sent to the store thread and not answered yet."""
+        return self._queued
+
+    async def _call(self, name: str, *args, step: _LoopStep | None = None):
+        if self._closed:
+            raise StoreUnavailable("the approvals store is closed")
+        if self._queued >= self.MAX_QUEUED:
+            raise StoreUnavailable(f"the approvals store is not keeping up ({self._queued} calls waiting)")
+        loop = asyncio.get_running_loop()
+        if step is not None:
+            args = (*args, self._on_loop(loop, step))
+        self._queued += 1
+        try:
+            future = loop.run_in_executor(self._executor, self._run, name, args)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), self.call_timeout)
+            except TimeoutError:
+                if step is None or not step.ran:
+                    if step is not None:
+                        step.gave_up = True  # on the loop, like the step itself: it cannot run after this
+                    future.add_done_callback(_outcome_nobody_awaits)
+                    raise StoreUnavailable(f"the approvals store did not answer within {self.call_timeout:g}s") from None
+            # The step ran (an audit entry says what changed): the commit is all that is left; wait for it.
+            try:
+                return await asyncio.wait_for(future, self.call_timeout)
+            except TimeoutError:
+                raise StoreUnavailable("the approvals store did not finish committing a change whose audit entry "
+                                       "is written") from None
+        finally:
+            self._queued -= 1
+
+    async def hold(self, candidate: Approval, flow_id: str, now: float,
+                   on_create: Callable[[Approval], None] | None = None) -> tuple[Approval, str]:
+        """on_create: run on the loop before a new approval is committed (raising: nothing is held)."""
+        return await self._call("hold", candidate, flow_id, now, step=_LoopStep(on_create) if on_create else None)
+
+    async def get(self, approval_id: str) -> Approval | None:
+        return await self._call("get", approval_id)
+
+    async def list(self, status: str | None = None, limit: int = 200) -> list[Approval]:
+        return await self._call("list", status, limit)
+
+    async def decide(self, approval_id: str, status: str, by: dict | None, reason: str | None, now: float | None,
+                     before_commit: Callable[[Approval], None] | None = None) -> Approval:
+        """before_commit: run on the loop before the decision is committed (raising: it does not stand)."""
+        return await self._call("decide", approval_id, status, by, reason, now,
+                                step=_LoopStep(before_commit) if before_commit else None)
+
+    async def add_refusal(self, approval_id: str, refusal: dict) -> None:
+        return await self._call("add_refusal", approval_id, refusal)
+
+    async def claim(self, approval_id: str, flow_id: str, now: float) -> bool:
+        return await self._call("claim", approval_id, flow_id, now)
+
+    async def cancel_abandoned(self, approval_id: str, flows_seen: int, now: float, reason: str) -> Approval | None:
+        return await self._call("cancel_abandoned", approval_id, flows_seen, now, reason)
+
+    async def expire_overdue(self, now: float) -> list[Approval]:
+        return await self._call("expire_overdue", now)
+
+    async def expire_orphans(self, live_instance: str, now: float) -> int:
+        return await self._call("expire_orphans", live_instance, now)
 
 
 def public_view(approval: Approval, now: float) -> dict:

@@ -160,7 +160,7 @@ class GuardRecord(TypedDict, total=False):
 # ---- the keys, in the order a request meets their writers -------------------------------------------------
 PASSTHROUGH: FlowKey[bool] = FlowKey(
     "auditgate.passthrough", "upstream_routing (forward-mode CONNECT to a pass-through host)",
-    "nobody yet: it marks the CONNECT in mitmweb and in memory")
+    "tunnels (a pass-through CONNECT needs an authenticated caller and an audit entry)")
 UPSTREAM: FlowKey[UpstreamRecord] = FlowKey(
     "auditgate.upstream", "upstream_routing", "authorization, policy, approval, audit_log")
 REMOVED_IDENTITY_HEADERS: FlowKey[list[str]] = FlowKey(
@@ -189,6 +189,8 @@ GUARD: FlowKey[GuardRecord] = FlowKey(
 # ---- services one addon offers another, outside any flow ------------------------------------------------------
 class AuditEvents(Protocol):
     """Appends a non-flow entry (an approval decision) to the audit log; raises AuditUnavailable."""
+
+    unavailable: str | None  # why the log cannot take entries now, or None
 
     def append_event(self, kind: str, fields: dict) -> dict: ...
 

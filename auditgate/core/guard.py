@@ -29,7 +29,7 @@ from typing import Any
 from auditgate.core.flow_contract import GUARD, GuardRecord, services
 from auditgate.core.refusal import refuse
 
-logger = logging.getLogger("auditgate.guard")
+logger = logging.getLogger(__name__)
 
 REQUEST_HOOKS = frozenset({"requestheaders", "request", "http_connect", "http_connect_upstream"})
 FLOW_HOOKS = REQUEST_HOOKS | frozenset({

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import uuid
 
@@ -42,33 +40,3 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str) -> None:
 def is_answered(flow: http.HTTPFlow) -> bool:
     """True once an earlier addon answered the flow (a refusal): later request hooks leave it alone."""
     return flow.response is not None
-
-
-def fails_closed(hook):
-    """A request hook that refuses its flow (500 gateway_internal_error, recorded) when it raises.
-
-    mitmproxy logs an exception escaping a hook and carries on with the flow: a request whose
-    routing, authorization, policy, approval or key custody check crashed would go upstream unchecked.
-    """
-    def refuse_after(flow: http.HTTPFlow, error: BaseException) -> None:
-        logger.error("%s failed on %s %s; the request is refused: %s", hook.__qualname__, flow.request.method,
-                     flow.request.pretty_host, error, exc_info=error)
-        refuse(flow, 500, "gateway_internal_error",
-               "the gateway could not complete its checks on this request, so it was not sent")
-
-    if inspect.iscoroutinefunction(hook):
-        @functools.wraps(hook)
-        async def guarded_async(self, flow: http.HTTPFlow) -> None:
-            try:
-                await hook(self, flow)
-            except Exception as e:
-                refuse_after(flow, e)
-        return guarded_async
-
-    @functools.wraps(hook)
-    def guarded(self, flow: http.HTTPFlow) -> None:
-        try:
-            hook(self, flow)
-        except Exception as e:
-            refuse_after(flow, e)
-    return guarded
