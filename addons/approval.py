@@ -18,6 +18,7 @@ from auditgate.approval.rules import (
     DecisionRefused,
     check_decider,
     name_of,
+    principal_of,
     request_key,
     who,
 )
@@ -254,7 +255,7 @@ class ApprovalGate:
 
         def audit(decided: Approval) -> None:
             # On the loop, inside the store's transaction: if the entry cannot be written, the store rolls back.
-            self._audit(decided, decider.get("name"), decided.status, reason)
+            self._audit(decided, decider.get("name"), decided.status, reason, approver_principal=principal_of(decider))
             audited.append(decided)
 
         try:
@@ -287,7 +288,8 @@ class ApprovalGate:
                 logger.error("approvals: %s's decision to %s %s is in the audit log but the approvals store could "
                              "not commit it: it does not stand", decider.get("name"), decision, approval_id)
                 self._audit_or_log(audited[0], decider.get("name"), "decision_not_stored",
-                                   "the approvals store could not commit the decision above; it does not stand")
+                                   "the approvals store could not commit the decision above; it does not stand",
+                                   approver_principal=principal_of(decider))
             raise
         logger.info("approvals: %s %s %s (rule %s, requested by %s)", decider.get("name"),
                     "approved" if decision == "approve" else "denied", approval_id, approval.rule,
@@ -304,10 +306,11 @@ class ApprovalGate:
         except StoreUnavailable as e:
             logger.error("approvals: the refused attempt on %s could not be kept with it: %s", approval.id, e)
         attempted = "refused_approved" if decision == "approve" else "refused_denied"
-        self._audit_or_log(approval, decider.get("name"), attempted, refused.message, code=refused.code)
+        self._audit_or_log(approval, decider.get("name"), attempted, refused.message, code=refused.code,
+                           approver_principal=principal_of(decider))
 
-    def public(self, approval: Approval) -> dict:
-        return public_view(approval, time.time())
+    def public(self, approval: Approval, viewer: dict | None = None) -> dict:
+        return public_view(approval, time.time(), viewer)
 
     # ---- the hold --------------------------------------------------------------------------------------
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -412,8 +415,9 @@ class ApprovalGate:
         upstream = UPSTREAM.get(flow) or {}
         request, facts = flow.request, facts_of(flow)
         host, port = str(upstream.get("host", request.host)), int(upstream.get("port", request.port))
-        key, body_hash = request_key(str(identity.get("name")), request.method, host, port, facts.path,
-                                     request.raw_content)
+        # Keyed by the caller's principal: two callers whose names read alike never share an approval.
+        caller = principal_of(identity) or f"name:{identity.get('name')}"
+        key, body_hash = request_key(caller, request.method, host, port, facts.path, request.raw_content)
         return Approval(
             id=new_approval_id(), key=key, rule=str(policy.get("rule")), requester=identity,
             approver_groups=list(policy.get("approvers") or ()), created_at=now,
@@ -567,9 +571,11 @@ class ApprovalGate:
         events = services.audit_events
         if events is None:
             return  # no audit log in this bundle (the addon loaded alone)
+        # The principals (stable subjects) beside the names: who approved whose request is compared on them.
         fields = {"flow_id": approval.flows[0] if approval.flows else None,
                   "requester": approval.requester.get("name"), "approver": approver, "decision": decision,
-                  "reason": reason, "details": {"approval_id": approval.id, "rule": approval.rule, **details}}
+                  "reason": reason, "details": {"approval_id": approval.id, "rule": approval.rule,
+                                                "requester_principal": approval.requester_principal, **details}}
         try:
             events.append_event("approval", fields)
         except AuditUnavailable:

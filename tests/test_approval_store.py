@@ -23,9 +23,9 @@ from auditgate.approval.store import (
 )
 from tests.honesty_approval_race import decide_each
 
-ALICE = {"name": "alice", "groups": ["agents"], "method": "service_token"}
-BOB = {"name": "bob", "groups": ["agents", "approvers"], "method": "service_token"}
-MALLORY = {"name": "mallory", "groups": ["agents"], "method": "service_token"}
+ALICE = {"name": "alice", "groups": ["agents"], "method": "service_token", "token_id": "a11ce00000000001"}
+BOB = {"name": "bob", "groups": ["agents", "approvers"], "method": "service_token", "token_id": "b0b0000000000002"}
+MALLORY = {"name": "mallory", "groups": ["agents"], "method": "service_token", "token_id": "3a11000000000003"}
 
 
 # ---- four-eyes ---------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_an_expired_pending_approval_is_not_attached_to(store):
     assert how == "created" and again.id != held.id
 
 
-CAROL = {"name": "carol", "groups": ["approvers"], "method": "service_token"}
+CAROL = {"name": "carol", "groups": ["approvers"], "method": "service_token", "token_id": "ca40100000000004"}
 
 
 def _race(path, approval_ids: list[str], pause: float) -> dict[str, list[tuple]]:

@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from auditgate.identity.service_tokens import add_service_token
+from auditgate.identity.service_tokens import add_service_token, token_hash
 from tests.agent_app import run_agent
 from tests.conftest import UPSTREAM_KEY, gateway_env, make_rules
 from tests.gateway_process import GatewayProcess
@@ -200,7 +200,9 @@ def test_service_tokens_keep_working_under_grants(reverse, upstream, oidc):
     client = openai.OpenAI(api_key=oidc.service_token, max_retries=0)
     client.responses.create(model="gpt-test", input=marker)
     [flow] = _recorded(oidc.records / "reverse", marker)
-    assert flow.metadata["auditgate.identity"] == {"name": "svc-agent", "groups": ["agents"], "method": "service_token"}
+    assert flow.metadata["auditgate.identity"] == {
+        "name": "svc-agent", "groups": ["agents"], "method": "service_token",
+        "token_id": token_hash(oidc.service_token).removeprefix("sha256:")[:16]}
 
 
 # ---- authorization -------------------------------------------------------------------------------

@@ -6,7 +6,10 @@
     POST /api/approvals/ID/deny      {"reason": "..."}              deny
     GET  /approvals                                                 the approver page (its data comes from the API)
 
-Every API call needs `Authorization: Bearer <token>` (a service token or OIDC JWT from identities.yaml).
+Every API call needs `Authorization: Bearer <token>` (a service token or OIDC JWT from identities.yaml),
+and shows that caller only what is theirs to see: their own requests (the same principal, see
+auditgate.approval.rules) and those a rule lets them decide (its `approvers` groups meet theirs). Any other
+approval does not exist for them: it is left out of lists, and fetching it by id is 404 as for an unknown id.
 The page keeps the token in the tab's sessionStorage and sends it as that header, never as a cookie,
 so another site cannot make a browser approve anything.
 """
@@ -20,13 +23,19 @@ from typing import Protocol
 
 from tornado import web
 
-from auditgate.approval.rules import DecisionRefused
+from auditgate.approval.rules import (
+    DecisionRefused,
+    may_see,
+    principal_of,
+    visible_name,
+)
 from auditgate.approval.store import (
     APPROVED,
     DENIED,
     EXPIRED,
     PENDING,
     StoreUnavailable,
+    Viewer,
 )
 from auditgate.core.credentials import bearer_token
 from auditgate.identity.authenticator import AuthFailure
@@ -41,7 +50,7 @@ class ApprovalGate(Protocol):
 
     async def decide(self, approval_id: str, decision: str, decider: dict, reason: str | None): ...
 
-    def public(self, approval) -> dict: ...
+    def public(self, approval, viewer: dict) -> dict: ...
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -88,35 +97,48 @@ class _Base(web.RequestHandler):
         return result
 
 
+def _viewer_summary(viewer: dict) -> dict:
+    """Who the listing is for, as the page shows it ("signed in as")."""
+    return {"name": viewer.get("name"), "display": visible_name(viewer.get("name")),
+            "principal": principal_of(viewer), "groups": list(viewer.get("groups") or ())}
+
+
 class ListHandler(_Base):
     async def get(self) -> None:
-        if await self.approver() is None:
+        viewer = await self.approver()
+        if viewer is None:
             return
         status = self.get_query_argument("status", None)
         if status is not None and status not in _STATUSES:
             return self.error(400, "bad_status", f"status must be one of {', '.join(sorted(_STATUSES))}")
         try:
-            approvals = await self.gate.store.list(status)
+            # Filtered in the store (before its LIMIT), by the same rule as may_see.
+            approvals = await self.gate.store.list(status, viewer=Viewer.of(viewer))
         except StoreUnavailable as e:
             logger.error("approvals admin: %s %s: %s", self.request.method, self.request.path, e)
             return self.error(503, UNAVAILABLE, UNAVAILABLE_MESSAGE)
+        approvals = [a for a in approvals if may_see(a.requester, a.approver_groups, viewer)]  # and again here
         self.set_header("content-type", "application/json")
-        self.finish(json.dumps({"approvals": [self.gate.public(a) for a in approvals]}))
+        self.finish(json.dumps({"viewer": _viewer_summary(viewer),
+                                "approvals": [self.gate.public(a, viewer) for a in approvals]}))
 
 
 class ShowHandler(_Base):
     async def get(self, approval_id: str) -> None:
-        if await self.approver() is None:
+        viewer = await self.approver()
+        if viewer is None:
             return
         try:
             approval = await self.gate.store.get(approval_id)
         except StoreUnavailable as e:
             logger.error("approvals admin: %s %s: %s", self.request.method, self.request.path, e)
             return self.error(503, UNAVAILABLE, UNAVAILABLE_MESSAGE)
-        if approval is None:
+        # Someone else's approval that this caller may not decide reads as an unknown one: not even whether
+        # it exists is told.
+        if approval is None or not may_see(approval.requester, approval.approver_groups, viewer):
             return self.error(404, "not_found", f"no approval {approval_id!r}")
         self.set_header("content-type", "application/json")
-        self.finish(json.dumps(self.gate.public(approval)))
+        self.finish(json.dumps(self.gate.public(approval, viewer)))
 
 
 class DecideHandler(_Base):
@@ -142,7 +164,7 @@ class DecideHandler(_Base):
             return self.error(503, UNAVAILABLE, "the approvals store is unavailable right now (the gateway log says "
                               "why): the decision was not taken; try again")
         self.set_header("content-type", "application/json")
-        self.finish(json.dumps(self.gate.public(decided)))
+        self.finish(json.dumps(self.gate.public(decided, decider)))
 
 
 class StaticText(_Base):

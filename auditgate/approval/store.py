@@ -7,6 +7,10 @@ each call is one short transaction, and `hold` is atomic (a retry and its origin
 which runs every call on one thread of its own (the connection lives there), so a store that is locked by
 another process, slow or broken never holds up the proxy's event loop. Whatever goes wrong underneath
 (locked past the busy timeout, the file gone, corrupt, a full disk) comes out as `StoreUnavailable`.
+
+The file holds names and masked prompt previews: it, its `-wal` and `-shm` files are 0600 and the directories
+the store creates 0700, whatever the umask. Its schema is versioned (`PRAGMA user_version`): an older store
+is upgraded in place when opened, and one written by a newer gateway is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from auditgate.approval.rules import DecisionRefused
+from auditgate.approval.rules import (
+    DecisionRefused,
+    decisions_open_to,
+    principal_of,
+    visible_name,
+)
 
 logger = logging.getLogger("auditgate.approval.store")
 
@@ -74,9 +83,28 @@ class Approval:
     decided_by: dict | None = None
     reason: str | None = None
     refusals: list[dict] = field(default_factory=list)  # refused attempts to decide (self-approval, ...)
+    # The requester's stable subject (auditgate.approval.rules.principal_of), kept in a column of its own so
+    # that the admin API lists a caller's own requests in SQL. None: an identity without one (older rows).
+    requester_principal: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.requester_principal is None:
+            self.requester_principal = principal_of(self.requester)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Whom a listing is for: their own requests (by principal) and those their groups may decide."""
+
+    principal: str | None
+    groups: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, identity: dict) -> "Viewer":
+        return cls(principal_of(identity), tuple(g for g in identity.get("groups") or () if isinstance(g, str)))
 
 
 @dataclass(frozen=True)
@@ -102,7 +130,8 @@ class ApprovalStore(Protocol):
 
     def get(self, approval_id: str) -> Approval | None: ...
 
-    def list(self, status: str | None = None, limit: int = 200) -> list[Approval]: ...
+    def list(self, status: str | None = None, limit: int = 200, viewer: Viewer | None = None) -> list[Approval]:
+        """Newest first; with a viewer, only the approvals auditgate.approval.rules.may_see shows them."""
 
     def decide(self, approval_id: str, status: str, by: dict | None, reason: str | None, now: float | None = None,
                before_commit: BeforeCommit | None = None) -> Approval:
@@ -132,18 +161,59 @@ class ApprovalStore(Protocol):
 
 _COLUMNS = ("id", "key", "rule", "requester", "approver_groups", "created_at", "expires_at", "reuse_seconds", "status",
             "model", "method", "host", "path", "body_sha256", "preview", "tools", "instance", "flows", "forwarded",
-            "decided_at", "decided_by", "reason", "refusals")
+            "decided_at", "decided_by", "reason", "refusals", "requester_principal")
 _JSON = {"requester", "approver_groups", "tools", "flows", "forwarded", "decided_by", "refusals"}
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS approvals (
+# Version 0: the table as first shipped. Each later version is one step of _upgrade, in order.
+SCHEMA_VERSION = 1  # 1: requester_principal (the requester's stable subject), backfilled from requester
+_CREATE = (
+    """CREATE TABLE IF NOT EXISTS approvals (
     id TEXT PRIMARY KEY, key TEXT NOT NULL, rule TEXT NOT NULL, requester TEXT NOT NULL,
     approver_groups TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, reuse_seconds REAL NOT NULL,
     status TEXT NOT NULL, model TEXT, method TEXT, host TEXT, path TEXT, body_sha256 TEXT, preview TEXT, tools TEXT,
     instance TEXT, flows TEXT, forwarded TEXT, decided_at REAL, decided_by TEXT, reason TEXT, refusals TEXT
-);
-CREATE INDEX IF NOT EXISTS approvals_by_key ON approvals (key, created_at);
-CREATE INDEX IF NOT EXISTS approvals_by_status ON approvals (status, created_at);
-"""
+)""",
+    "CREATE INDEX IF NOT EXISTS approvals_by_key ON approvals (key, created_at)",
+    "CREATE INDEX IF NOT EXISTS approvals_by_status ON approvals (status, created_at)",
+)
+# What a viewer may see (auditgate.approval.rules.may_see), in SQL: their own (the same principal), or a rule
+# whose approver groups meet theirs. Parameters: the viewer's principal, their groups as a JSON list.
+_VISIBLE = ("((requester_principal IS NOT NULL AND requester_principal = ?) OR EXISTS ("
+            "SELECT 1 FROM json_each(approvals.approver_groups) AS rule_group "
+            "WHERE rule_group.value IN (SELECT value FROM json_each(?))))")
+PRIVATE_FILE, PRIVATE_DIRECTORY = 0o600, 0o700
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _private_directories(directory: Path) -> None:
+    """Create directory and its missing parents as 0700 whatever the umask (mkdir's mode is masked by it, so
+    each is chmod-ed too). Directories that exist already, or that another process creates meanwhile, are
+    left as they are: they are not the store's."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for created in reversed(missing):
+        try:
+            created.mkdir(mode=PRIVATE_DIRECTORY)
+        except FileExistsError:
+            continue
+        os.chmod(created, PRIVATE_DIRECTORY)
+
+
+def _private_store_file(path: Path) -> None:
+    """Create the store file as 0600 before SQLite opens it, and make an existing one (and the side files an
+    earlier run left) 0600. SQLite gives the -wal and -shm files it creates the database file's mode, past the
+    umask: they are private from their first byte."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE)
+    finally:
+        os.close(fd)
+    for suffix in SIDE_FILES:
+        try:
+            os.chmod(f"{path}{suffix}", PRIVATE_FILE)
+        except FileNotFoundError:
+            pass
 
 
 def _unavailable(method):
@@ -164,7 +234,8 @@ class SqliteApprovalStore:
     def __init__(self, path: Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _private_directories(path.parent)
+            _private_store_file(path)
             # timeout: how long a statement waits for another connection's (another process's) lock
             # before failing with "database is locked" (SQLite's busy timeout).
             self._db = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False, isolation_level=None)
@@ -173,8 +244,7 @@ class SqliteApprovalStore:
                 # WAL + NORMAL: a commit does not wait for fsync (a power cut may lose the last decisions,
                 # never corrupt the file).
                 self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.executescript(_SCHEMA)
-                path.chmod(0o600)
+                self._upgrade_schema()
                 self._file = self._identity()
             except BaseException:
                 self._db.close()
@@ -182,6 +252,43 @@ class SqliteApprovalStore:
         except (sqlite3.Error, OSError) as e:
             raise StoreUnavailable(f"the approvals store {path} cannot be opened: {type(e).__name__}: {e}") from e
         self._lock = threading.Lock()
+
+    def _schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _upgrade_schema(self) -> None:
+        """Create the table, or bring an older store up to SCHEMA_VERSION, in one write transaction (two
+        processes opening an old store at once: the second finds it upgraded). A store of a newer version is
+        refused: this gateway would not know what its columns mean."""
+        version = self._schema_version()  # a read: a store already current is opened without the write lock
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(f"the approvals store {self.path} has schema version {version}, newer than this "
+                                   f"gateway's ({SCHEMA_VERSION}); run the newer gateway, or move the file away")
+        if version < SCHEMA_VERSION:
+            self._transaction(self._upgrade)
+
+    def _upgrade(self) -> None:
+        version = self._schema_version()
+        if version >= SCHEMA_VERSION:
+            return
+        for statement in _CREATE:
+            self._db.execute(statement)
+        if version < 1:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(approvals)")}
+            if "requester_principal" not in columns:
+                self._db.execute("ALTER TABLE approvals ADD COLUMN requester_principal TEXT")
+            rows = self._db.execute("SELECT id, requester FROM approvals WHERE requester_principal IS NULL").fetchall()
+            for approval_id, requester in rows:
+                try:
+                    principal = principal_of(json.loads(requester))
+                except (TypeError, ValueError, AttributeError):
+                    principal = None  # an unreadable requester is nobody's own request (approvers still see it)
+                if principal is not None:
+                    self._db.execute("UPDATE approvals SET requester_principal = ? WHERE id = ?",
+                                     (principal, approval_id))
+            self._db.execute("CREATE INDEX IF NOT EXISTS approvals_by_requester "
+                             "ON approvals (requester_principal, created_at)")
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
 
     def _identity(self) -> tuple[int, int]:
         stat = os.stat(self.path)
@@ -274,12 +381,17 @@ class SqliteApprovalStore:
             return self._one(approval_id)
 
     @_unavailable
-    def list(self, status: str | None = None, limit: int = 200) -> list[Approval]:
+    def list(self, status: str | None = None, limit: int = 200, viewer: Viewer | None = None) -> list[Approval]:
+        where, args = ["1"], []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if viewer is not None:
+            where.append(_VISIBLE)
+            args += [viewer.principal, json.dumps(list(viewer.groups))]
         with self._lock:
             self._check_file()
-            if status:
-                return self._select("status = ? ORDER BY created_at DESC LIMIT ?", (status, limit))
-            return self._select("1 ORDER BY created_at DESC LIMIT ?", (limit,))
+            return self._select(f"{' AND '.join(where)} ORDER BY created_at DESC LIMIT ?", (*args, limit))
 
     @_unavailable
     def decide(self, approval_id: str, status: str, by: dict | None, reason: str | None, now: float | None = None,
@@ -529,8 +641,8 @@ class ThreadedApprovalStore:
     async def get(self, approval_id: str) -> Approval | None:
         return await self._call("get", approval_id)
 
-    async def list(self, status: str | None = None, limit: int = 200) -> list[Approval]:
-        return await self._call("list", status, limit)
+    async def list(self, status: str | None = None, limit: int = 200, viewer: Viewer | None = None) -> list[Approval]:
+        return await self._call("list", status, limit, viewer)
 
     async def decide(self, approval_id: str, status: str, by: dict | None, reason: str | None, now: float | None,
                      before_commit: Callable[[Approval], None] | None = None) -> Approval:
@@ -554,10 +666,22 @@ class ThreadedApprovalStore:
         return await self._call("expire_orphans", live_instance, now)
 
 
-def public_view(approval: Approval, now: float) -> dict:
-    """An approval as the API and the page show it (its de-dup key left out)."""
+def public_view(approval: Approval, now: float, viewer: dict | None = None) -> dict:
+    """An approval as the API and the page show it to viewer (its de-dup key left out).
+
+    Callers only ever get approvals `may_see` lets them see. An approver of the rule gets all of it; a
+    requester seeing their own request (and not an approver of its rule) gets the decision and its reason,
+    but of the people who decided or tried to, only the decider's name (which the refusal told them anyway).
+    """
     data = approval.as_dict()
     data.pop("key", None)
     data["age_s"] = round(now - approval.created_at, 1)
     data["expires_in_s"] = round(max(0.0, approval.expires_at - now), 1) if approval.status == PENDING else 0
+    data["requester_display"] = visible_name(approval.requester.get("name"))
+    if viewer is not None:
+        if not set(viewer.get("groups") or ()) & set(approval.approver_groups):
+            data["decided_by"] = {"name": approval.decided_by.get("name")} if approval.decided_by else None
+            data["refusals"] = [{k: r[k] for k in ("decision", "code", "at") if k in r} for r in approval.refusals]
+            data.pop("instance", None)
+        data["viewer_may"] = decisions_open_to(approval.requester, approval.approver_groups, approval.status, viewer)
     return data

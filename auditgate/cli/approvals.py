@@ -1,5 +1,7 @@
 """`auditgate approvals list|show|approve|deny ID [--reason TEXT]`: decide held requests through the admin API.
 
+The API shows each caller their own requests and those they may decide, nobody else's: `list` is that.
+
 The approver's own gateway token is read from $AUDITGATE_TOKEN (never from the command line, where other
 users could see it in the process list); the admin listener from --url or $AUDITGATE_ADMIN_URL.
 """
@@ -44,8 +46,16 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = 
         raise ApiError(0, "unreachable", f"cannot reach the admin listener at {args.url}: {e}") from None
 
 
+def _requester(approval: dict) -> str:
+    """The requester's name as it shows (the API's requester_display: invisible characters removed), marked
+    with '*' when the name as spelled differs from it."""
+    raw = (approval.get("requester") or {}).get("name") or "?"
+    shown = approval.get("requester_display") or raw
+    return shown if shown == raw else f"{shown}*"
+
+
 def _summary(approval: dict) -> str:
-    requester = (approval.get("requester") or {}).get("name", "?")
+    requester = _requester(approval)
     age = approval.get("age_s", 0)
     return (f"{approval['id']}  {approval['status']:<8}  {requester:<16}  {approval.get('model') or '-':<16}  "
             f"{approval['rule']:<28}  {age:>6.0f}s")
@@ -63,6 +73,8 @@ def _list(args: argparse.Namespace) -> int:
     print(f"{'id':<14}  {'status':<8}  {'caller':<16}  {'model':<16}  {'rule':<28}  {'age':>7}")
     for approval in approvals:
         print(_summary(approval))
+    if any(_requester(a).endswith("*") for a in approvals):
+        print("* the caller's name has hidden or look-alike characters: `show` gives who it really is")
     return 0
 
 
@@ -74,7 +86,8 @@ def _show(args: argparse.Namespace) -> int:
     requester = approval.get("requester") or {}
     lines = [
         ("id", approval["id"]), ("status", approval["status"]), ("rule", approval["rule"]),
-        ("caller", f"{requester.get('name')} (groups: {', '.join(requester.get('groups') or [])})"),
+        ("caller", f"{_requester(approval)} (groups: {', '.join(requester.get('groups') or [])})"),
+        ("subject", approval.get("requester_principal") or "-"),
         ("request", f"{approval['method']} {approval['host']}{approval['path']}"), ("model", approval.get("model")),
         ("tools", ", ".join(approval.get("tools") or []) or "-"),
         ("approvers", ", ".join(approval.get("approver_groups") or [])),
@@ -86,6 +99,8 @@ def _show(args: argparse.Namespace) -> int:
         lines.append(("reason", approval.get("reason") or "-"))
     for refusal in approval.get("refusals") or []:
         lines.append(("refused", f"{(refusal.get('by') or {}).get('name')}: {refusal.get('code')}"))
+    if approval.get("viewer_may") is not None:
+        lines.append(("you may", ", ".join(approval["viewer_may"]) or "nothing (waiting for an approver)"))
     for key, value in lines:
         print(f"{key:>11}: {value}")
     print("     prompt (masked):")

@@ -67,6 +67,7 @@ class IdentityRecord(TypedDict, total=False):
     email: str
     display_name: str
     jti: str
+    token_id: str  # a service token's id (its hash's first 16 hex digits, as listed in identities.yaml)
 
 
 class AuthFailureRecord(TypedDict, total=False):

@@ -34,6 +34,13 @@ def token_hash(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def token_id(digest: str) -> str:
+    """A service token's stable id, recorded with its identity: the first 16 hex digits of its SHA-256 (as in
+    identities.yaml, where an operator finds it). It names the token without being it, and stays the same
+    when the token's name changes: four-eyes compares it, never the name."""
+    return digest.removeprefix("sha256:")[:16]
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who made a request: what is recorded with the flow (never the credential)."""
@@ -41,7 +48,8 @@ class Identity:
     name: str
     groups: tuple[str, ...] = ()
     method: str = "service_token"  # or "oidc"
-    # OIDC identities add issuer, subject and, where the token has them, email, display_name and jti.
+    # OIDC identities add issuer, subject and, where the token has them, email, display_name and jti;
+    # service-token identities add token_id. issuer + subject, or token_id, is the stable subject.
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def as_metadata(self) -> dict:
@@ -108,7 +116,8 @@ def _service_tokens(file: RulesFile) -> ServiceTokens:
         if digest in by_hash:
             raise ConfigError(path, f"{where}: the same token hash is already listed for {by_hash[digest].name!r}", at=at + ("token_sha256",))
         names.add(name)
-        by_hash[digest] = Identity(name=name, groups=_validate_groups(path, where, entry.get("groups"), at + ("groups",)))
+        groups = _validate_groups(path, where, entry.get("groups"), at + ("groups",))
+        by_hash[digest] = Identity(name=name, groups=groups, extra={"token_id": token_id(digest)})
     return ServiceTokens(by_hash)
 
 
