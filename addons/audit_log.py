@@ -1,4 +1,10 @@
-"""Appends one hash-chained entry per recorded flow, and per gateway event, to <records>/audit/; fails closed."""
+"""Appends one hash-chained entry per recorded flow, and per gateway event, to <records>/audit/; fails closed.
+
+Whatever goes wrong on the way to an entry (the disk, a descriptor, a key file, a bug in building the
+entry) closes the gateway the same way: the reply not sent yet is refused with 503
+gateway_audit_unavailable, new requests are refused, and the periodic tick (which survives any error
+and logs it) writes an audit_resumed entry naming the outage once the log takes entries again.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +20,20 @@ from mitmproxy import version as mitmproxy_version
 from auditgate.audit.chain import (
     AUDIT_SUBDIR,
     PUBLIC_KEY_FILE,
-    AuditWriteError,
     AuditWriter,
     BrokenLogError,
     WriterSettings,
+    key_id,
     load_or_create_private_key,
     load_private_key_file,
     public_key_pem,
     public_key_record,
+    sync_and_close,
     utc_timestamp,
     write_atomically,
 )
-from auditgate.audit.entries import flow_fields, rules_digests, rules_signature
+from auditgate.audit.entries import flow_fields, read_rules_digests, rules_signature
+from auditgate.audit.errors import describe
 from auditgate.core.flow_contract import REFUSAL, AuditUnavailable, services
 from auditgate.core.options import add_gateway_options, records_dir, rules_dir
 from auditgate.core.refusal import is_answered, refuse
@@ -41,11 +49,10 @@ RULES_CHECK_SECONDS = 2.0
 MAX_UNAUDITED_IDS = 10_000
 
 
-def _fsync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync_and_close(fd: int, sync: bool = True) -> None:
+    error = sync_and_close(fd, sync)
+    if error is not None:
+        raise error
 
 
 class AuditLog:
@@ -58,6 +65,7 @@ class AuditLog:
         self._unavailable_since: str | None = None
         self._refused_while_unavailable = 0
         self._unaudited: list[str] = []
+        self._withheld: list[str] = []  # entries written, not durable: their replies were refused
         self._started = False
         self._flows_this_run = 0
         self._task: asyncio.Task | None = None
@@ -65,6 +73,8 @@ class AuditLog:
         self._next_rules_check = 0.0
         self._sync_future: asyncio.Future | None = None
         self._synced_seq = 0
+        self._key_files_stale = False  # a rotated key is in the log and in use, not yet in its file
+        self._rejected_pending: tuple | None = None  # (mtime, size) of a pending key already refused
 
     # ---- options and lifecycle ----------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -121,6 +131,8 @@ class AuditLog:
             raise exceptions.OptionsError(f"auditgate: the audit log cannot be continued: {e}") from None
         except (OSError, ValueError) as e:
             raise exceptions.OptionsError(f"auditgate: audit log {audit_dir} / key {key_path}: {e}") from None
+        except Exception as e:  # whatever else: the gateway does not start without its audit log
+            raise exceptions.OptionsError(f"auditgate: audit log {audit_dir} / key {key_path}: {describe(e)}") from None
         self.writer, self.key_path, self._started = writer, key_path, False
         logger.info(
             "audit log: %s (continuing after seq %d%s); signing key %s %s (id %s…), public key in %s",
@@ -152,8 +164,9 @@ class AuditLog:
             if self._started and not self.unavailable:
                 self.writer.append("gateway_stop", {"pid": os.getpid(), "flows": self._flows_this_run})
             self.writer.close()
-        except AuditWriteError as e:
-            logger.error("the audit log could not be closed cleanly: %s", e)
+            self._synced_seq = self.writer.seq  # closed with an fsync that succeeded
+        except Exception as e:
+            logger.error("the audit log could not be closed cleanly: %s", describe(e))
         self.writer, self._started = None, False
         if services.audit_events is self:
             services.audit_events = None
@@ -164,7 +177,7 @@ class AuditLog:
             return
         try:
             self._write_start_entries()
-        except AuditWriteError as e:
+        except Exception as e:
             self._fail(e)
 
     def _write_start_entries(self) -> None:
@@ -205,25 +218,30 @@ class AuditLog:
         if self.writer is None:
             return None
         self._ensure_started()
-        if self.unavailable:
-            self._note_unaudited(flow)
-            return None
-        try:
-            entry = self.writer.append("flow", flow_fields(flow, time.time()), sanitized=True)
-        except AuditWriteError as e:
-            self._fail(e)
-            response = flow.response
-            if response is not None and not response.stream and flow.request.method != "CONNECT":
-                # Not sent yet: the caller gets the refusal instead of an unrecorded answer (and the flow
-                # recorder, which serialises on the loop's next turn, records the refusal).
-                refuse(flow, 503, UNAVAILABLE_CODE, "the gateway could not write its audit log for this request")
-            self._note_unaudited(flow)
-            return None
-        self._flows_this_run += 1
-        self._after_write()
-        if self.writer.settings.fsync == "entry":
-            return self._durable(entry["seq"])
+        if not self.unavailable:
+            try:
+                entry = self.writer.append("flow", flow_fields(flow, time.time()), sanitized=True)
+            except Exception as e:  # any error at all: this reply is not sent without its entry
+                self._fail(e)
+            else:
+                self._flows_this_run += 1
+                self._after_write()
+                if self.writer.settings.fsync == "entry":
+                    return self._durable(flow, entry["seq"])
+                return None
+        # No entry: a reply not sent yet is refused instead (the flow recorder, which takes the flow's
+        # state on the loop's next turn, records the refusal); one already streamed is noted as unaudited.
+        refused_here = (REFUSAL.get(flow) or {}).get("code") == UNAVAILABLE_CODE  # by the request hook: counted
+        if self._can_withhold(flow) and not refused_here:
+            self._refused_while_unavailable += 1
+            refuse(flow, 503, UNAVAILABLE_CODE, "the gateway could not write its audit log for this request")
+        self._note_unaudited(flow)
         return None
+
+    @staticmethod
+    def _can_withhold(flow: http.HTTPFlow) -> bool:
+        response = flow.response
+        return response is not None and not response.stream and flow.request.method != "CONNECT"
 
     def _note_unaudited(self, flow: http.HTTPFlow) -> None:
         refusal = REFUSAL.get(flow) or {}
@@ -239,10 +257,10 @@ class AuditLog:
             raise AuditUnavailable(self.unavailable)
         try:
             entry = self.writer.append(kind, fields)
-        except AuditWriteError as e:
+            self._after_write()
+        except Exception as e:
             self._fail(e)
-            raise AuditUnavailable(str(e)) from None
-        self._after_write()
+            raise AuditUnavailable(self.unavailable) from None
         return entry
 
     def _check_rules(self, force: bool = False) -> None:
@@ -254,34 +272,56 @@ class AuditLog:
         signature = rules_signature(directory)
         if not force and signature == self._rules_signature:
             return
-        self._rules_signature = signature
         # Built from strings only; not passed through json_safe, which would drop a file named like a credential.
-        self.writer.append("config", {"reason": "start" if force else "changed", "rules_dir": str(directory),
-                                      "files": rules_digests(directory)}, sanitized=True)
+        digests, unreadable = read_rules_digests(directory)
+        fields = {"reason": "start" if force else "changed", "rules_dir": str(directory), "files": digests}
+        if unreadable:
+            fields["unreadable"] = unreadable  # in the directory but not readable: what the gateway saw, said
+        self.writer.append("config", fields, sanitized=True)
+        self._rules_signature = signature  # only once written: a failed write is tried again
 
     def _adopt_pending_key(self) -> None:
+        """`auditgate audit rotate-key` left a new key: a key_rotation entry, then the key files.
+
+        A failure half-way closes the gateway (through the caller); the next try completes what is left,
+        never rotates twice to the same key."""
         pending = self.key_path.with_name(self.key_path.name + PENDING_KEY_SUFFIX)
-        if not pending.exists():
+        try:
+            stat = pending.stat()
+        except FileNotFoundError:
+            return
+        if (stat.st_mtime_ns, stat.st_size) == self._rejected_pending:
             return
         try:
             new_key = load_private_key_file(pending)
         except (OSError, ValueError) as e:
-            logger.error("ignoring the pending audit key %s: %s", pending, e)
-            pending.rename(pending.with_name(pending.name + ".rejected"))
+            logger.error("ignoring the pending audit key %s: %s", pending, describe(e))
+            self._rejected_pending = (stat.st_mtime_ns, stat.st_size)
+            try:
+                pending.rename(pending.with_name(pending.name + ".rejected"))
+            except OSError as e:
+                logger.error("could not set the refused pending audit key %s aside: %s", pending, describe(e))
             return
         old_id = self.writer.key_id
-        self.writer.rotate_key(new_key)
+        if key_id(new_key.public_key()) != old_id:  # else: rotated already, only the files are left to do
+            self.writer.rotate_key(new_key)
+            self._key_files_stale = True
+            logger.info("audit signing key rotated: %s… → %s…", old_id[:16], self.writer.key_id[:16])
         os.replace(pending, self.key_path)  # the old private key is gone; its public key stays in the log
         write_atomically(self.writer.directory / PUBLIC_KEY_FILE, public_key_pem(new_key.public_key()))
-        logger.info("audit signing key rotated: %s… → %s…", old_id[:16], self.writer.key_id[:16])
+        self._key_files_stale = False
 
     # ---- the periodic tick: interval checkpoints, config changes, key rotation, recovery ----------------
     async def _tick_forever(self) -> None:
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            self.tick()
+            try:
+                self.tick()
+            except Exception as e:  # tick() handles its own errors; this task must outlive even a bug there
+                logger.error("the audit log's periodic tick failed: %s", describe(e), exc_info=True)
 
     def tick(self) -> None:
+        """Interval checkpoints, rules changes, key rotation, resuming after an outage; never raises."""
         if self.writer is None:
             return
         try:
@@ -289,72 +329,106 @@ class AuditLog:
                 self._try_resume()
                 return
             self._ensure_started()
+            if self.unavailable:
+                return
             self._adopt_pending_key()
             self._check_rules()
             if self.writer.checkpoint_due():
                 self.writer.checkpoint("interval")
             self._after_write()
-        except AuditWriteError as e:
+        except Exception as e:
             self._fail(e)
 
-    def _fail(self, error: Exception) -> None:
+    def _fail(self, error: BaseException) -> None:
+        reason = describe(error)
         if not self.unavailable:
-            logger.error("audit log unavailable, refusing new requests with 503 %s: %s", UNAVAILABLE_CODE, error)
+            logger.error("audit log unavailable, refusing new requests with 503 %s: %s", UNAVAILABLE_CODE, reason)
+            if not isinstance(error, OSError):  # a bug, not the disk: where it happened helps (no message: see describe)
+                logger.debug("the audit log's error", exc_info=error)
             self._unavailable_since = utc_timestamp()
-        self.unavailable = str(error)
+        self.unavailable = reason
 
     def _try_resume(self) -> None:
         fields = {"unavailable_since": self._unavailable_since, "reason": self.unavailable,
                   "refused_requests": self._refused_while_unavailable, "unaudited_flows": list(self._unaudited)}
+        if self._withheld:
+            fields["withheld_flows"] = list(self._withheld)
         try:
             if not self._started:  # the log failed before this run's first entries: they come first
                 self._write_start_entries()
+            if self._key_files_stale:  # a rotation whose key files could not be written: those first
+                self._adopt_pending_key()
             self.writer.append("audit_resumed", fields)
             self.writer.checkpoint("resumed")
-        except AuditWriteError as e:
-            self.unavailable = str(e)
+            self._after_write()
+        except Exception as e:
+            self.unavailable = describe(e)
             return
         logger.warning("audit log writable again after refusing %d request(s); serving again",
                        self._refused_while_unavailable)
         self.unavailable, self._unavailable_since = None, None
-        self._refused_while_unavailable, self._unaudited = 0, []
-        self._after_write()
+        self._refused_while_unavailable, self._unaudited, self._withheld = 0, [], []
 
     # ---- durability -----------------------------------------------------------------------------------
     def _after_write(self) -> None:
-        if not self.writer.sync_wanted:
-            return
-        fd = self.writer.dup_for_sync()
-        if fd is None:
+        """Files rotated away from, and the log after a checkpoint, are fsynced in a thread; an error closes.
+
+        Raises (AuditWriteError) only when no descriptor to sync could be had; its callers fail closed."""
+        sync = self.writer.settings.fsync != "never"
+        fds = [(fd, sync) for fd in self.writer.take_retired()]
+        if self.writer.sync_wanted:
+            fd = self.writer.dup_for_sync()
+            if fd is not None:
+                fds.append((fd, True))
+        if not fds:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            _fsync_and_close(fd)
-            return
-        loop.run_in_executor(None, _fsync_and_close, fd).add_done_callback(self._sync_done)
+            loop = None
+        for fd, sync_it in fds:
+            if loop is None:
+                try:
+                    _fsync_and_close(fd, sync_it)
+                except OSError as e:
+                    self._fail(e)
+            else:
+                loop.run_in_executor(None, _fsync_and_close, fd, sync_it).add_done_callback(self._sync_done)
 
     def _sync_done(self, future: asyncio.Future) -> None:
         if not future.cancelled() and future.exception() is not None:
             self._fail(future.exception())
 
-    async def _durable(self, seq: int) -> None:
-        """Group commit: wait until an fsync that started after entry `seq` was written has finished."""
+    async def _durable(self, flow: http.HTTPFlow, seq: int) -> None:
+        """Group commit: wait until an fsync that started after entry `seq` was written has succeeded.
+
+        If none could (a failed fsync closes the log), the reply is refused instead: with fsync=entry no
+        reply goes out before its entry is on disk."""
         while self._synced_seq < seq and self.writer is not None and not self.unavailable:
             if self._sync_future is None:
                 self._sync_future = asyncio.ensure_future(self._sync_now())
             await asyncio.shield(self._sync_future)
+        if self._synced_seq >= seq:
+            return
+        if self._can_withhold(flow):
+            logger.error("the audit entry of flow %s may not be on disk; its reply is withheld", flow.id)
+            self._refused_while_unavailable += 1
+            if len(self._withheld) < MAX_UNAUDITED_IDS:
+                self._withheld.append(flow.id)
+            refuse(flow, 503, UNAVAILABLE_CODE, "the gateway could not make its audit entry for this request durable")
 
     async def _sync_now(self) -> None:
-        target = self.writer.seq
-        fd = self.writer.dup_for_sync()
         try:
+            if self.writer is None:  # shut down meanwhile: closing synced it, or said why not
+                return
+            target = self.writer.seq
+            fd = self.writer.dup_for_sync()
             if fd is not None:
                 await asyncio.to_thread(_fsync_and_close, fd)
-        except OSError as e:
+            self._synced_seq = max(self._synced_seq, target)
+        except Exception as e:
             self._fail(e)
         finally:
-            self._synced_seq = max(self._synced_seq, target)
             self._sync_future = None
 
 

@@ -1,4 +1,12 @@
-"""Records every exchange, refused ones included, in rotated mitmproxy flow files with credentials scrubbed."""
+"""Records every exchange, refused ones included, in rotated mitmproxy flow files with credentials scrubbed.
+
+Fails closed without making responses wait for the disk: flows are written by a child process after
+their response went out, and the child answers each batch. While recording fails (the disk refused a
+batch, the writer process died or stopped answering, or too much waits for it) new requests are
+refused with 503 gateway_records_unavailable and replies not yet sent are withheld; every flow whose
+record was lost anyway is named in the audit log ("records_lost"), so the verifier can tell a loss
+the gateway reported from a record removed afterwards.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +22,27 @@ from auditgate.core.credentials import (
     CREDENTIAL_METADATA_KEYS,
     remove_credential_headers,
 )
-from auditgate.core.flow_contract import FLOW_FILE
+from auditgate.core.flow_contract import FLOW_FILE, REFUSAL, services
 from auditgate.core.options import add_gateway_options, records_dir
-from auditgate.recording.writer import FlowFileWriter, flow_state
+from auditgate.core.refusal import is_answered, refuse
+from auditgate.recording.writer import (
+    FlowFileWriter,
+    LostRecord,
+    Outcome,
+    describe,
+    flow_state,
+)
 
 logger = logging.getLogger("auditgate.addons.flow_recorder")
 
 FLOWS_SUBDIR = "flows"
 FLUSH_SECONDS = 0.05
 FLUSH_BYTES = 256 * 1024
+UNAVAILABLE_CODE = "gateway_records_unavailable"
+LOST_EVENT = "records_lost"
+HEALTH_SECONDS = 0.25  # how often a failing recorder checks whether it can record again
+STALL_SECONDS = 5.0  # a writer that has not answered a batch for this long is failing
+MAX_LOST_IDS = 10_000  # lost flows named per report; more are counted
 
 
 class FlowRecorder:
@@ -30,26 +50,39 @@ class FlowRecorder:
 
     def __init__(self) -> None:
         self.directory: Path | None = None
-        self._writer = FlowFileWriter()
+        self._writer = FlowFileWriter(self._on_outcome)
         self._path: Path | None = None
         self._bytes = 0  # handed to the writer for the current file
         self._day: str | None = None
         self._seq = 0
         self._pending: list[tuple[Path, http.HTTPFlow]] = []  # finished, state not yet taken
         self._drain_scheduled = False
-        self._batch: list[tuple[str, dict]] = []  # states taken, not yet handed to the writer
+        self._batch: list[tuple[str, str, dict]] = []  # states taken, not yet handed to the writer
         self._batch_bytes = 0
         self._flush_timer: asyncio.TimerHandle | None = None
+        # Why recording fails now, by cause ("disk", "writer", "queue"); new requests are refused while any is set.
+        self.failing: dict[str, str] = {}
+        self._refused_while_failing = 0
+        self._probe_outstanding = False
+        self._lost: list[LostRecord] = []  # lost, not yet in the audit log
+        self._lost_uncounted = 0  # lost beyond MAX_LOST_IDS: only counted
+        self._task: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
         loader.add_option(
             "gateway_flows_max_mb", int, 100, "Start a new flow file once the current one reaches this many megabytes."
         )
+        loader.add_option(
+            "gateway_flows_queue_mb", int, 64,
+            "Refuse new requests (503 gateway_records_unavailable) while more than this many megabytes of flows "
+            "wait for the flow file writer; twice as much and further records are dropped (and reported lost).",
+        )
 
     def configure(self, updated: set[str]) -> None:
-        if "gateway_flows_max_mb" in updated and ctx.options.gateway_flows_max_mb < 1:
-            raise exceptions.OptionsError("auditgate: gateway_flows_max_mb must be at least 1")
+        for name in ("gateway_flows_max_mb", "gateway_flows_queue_mb"):
+            if name in updated and getattr(ctx.options, name) < 1:
+                raise exceptions.OptionsError(f"auditgate: {name} must be at least 1")
         if "gateway_records" in updated:
             directory = records_dir() / FLOWS_SUBDIR
             try:
@@ -66,6 +99,15 @@ class FlowRecorder:
         # Without this mitmproxy keeps no copy of a streamed body, and the record would lose it.
         ctx.options.update(store_streamed_bodies=True)
         self._writer.start()  # now rather than on the first flow, which would wait for the spawn
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch_health())
+
+    # ---- flows ------------------------------------------------------------------------------------------
+    def request(self, flow: http.HTTPFlow) -> None:
+        if self.failing and flow.live and not is_answered(flow):
+            self._refused_while_failing += 1
+            refuse(flow, 503, UNAVAILABLE_CODE,
+                   "the gateway cannot record requests right now, so it serves none until it can")
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # A refused CONNECT (forward mode, host not served) never reaches the response hook.
@@ -74,6 +116,7 @@ class FlowRecorder:
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.live:
+            self._withhold_while_failing(flow)
             self.record(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -81,8 +124,23 @@ class FlowRecorder:
             self.record(flow)
 
     def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
         self._write_out()
-        self._writer.close()
+        self._writer.close()  # every answer is in: the losses among them are reported below
+        self._report_lost()
+        if self._lost or self._lost_uncounted:
+            logger.error("%d lost flow record(s) could not be reported in the audit log",
+                         len(self._lost) + self._lost_uncounted)
+
+    def _withhold_while_failing(self, flow: http.HTTPFlow) -> None:
+        """A reply not sent yet, of a flow admitted before recording failed, is refused rather than sent unrecorded."""
+        response = flow.response
+        if (self.failing and response is not None and not response.stream and REFUSAL.get(flow) is None
+                and flow.request.method != "CONNECT"):
+            self._refused_while_failing += 1
+            refuse(flow, 503, UNAVAILABLE_CODE, "the gateway could not record this request, so its reply was withheld")
 
     def record(self, flow: http.HTTPFlow) -> None:
         # Defence in depth: the addons before us already took credentials off; make sure.
@@ -112,7 +170,12 @@ class FlowRecorder:
         self._drain_scheduled = False
         pending, self._pending = self._pending, []
         for path, flow in pending:
-            self._batch.append((str(path), flow_state(flow)))
+            try:
+                state = flow_state(flow)
+            except Exception as e:  # the flow is lost, not the batch: said so below
+                self._take_lost([LostRecord(flow.id, path.name, f"its state could not be taken ({describe(e)})")])
+                continue
+            self._batch.append((str(path), flow.id, state))
             self._batch_bytes += len(flow.request.raw_content or b"") + len(
                 flow.response.raw_content or b"" if flow.response else b"") + 2048
         # Each hand-over wakes the writer process, which costs this process more than the pickling:
@@ -133,13 +196,26 @@ class FlowRecorder:
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         if not batch:
             return
-        try:
-            size = self._writer.write(batch)
-        except OSError as e:
-            logger.error("could not record %d flow(s) to %s: %s", len(batch), self.directory, e)
+        limit = self._queue_limit()
+        if self._writer.queued_bytes > 2 * limit:
+            # Memory stays bounded: past twice the limit records are dropped, each one reported.
+            self._take_lost([LostRecord(flow_id, os.path.basename(path), "the flow file writer's queue was full")
+                             for path, flow_id, _ in batch])
             return
-        current = str(self._path)
-        self._bytes += size * sum(path == current for path, _ in batch) // len(batch)
+        size = self._writer.submit(batch)
+        if self._writer.queued_bytes > limit:
+            self._set_failing("queue", f"{self._writer.queued_bytes // (1024 * 1024)} MB of flows wait for the "
+                                       "flow file writer")
+        if size:
+            current = str(self._path)
+            self._bytes += size * sum(path == current for path, _, _ in batch) // len(batch)
+
+    @staticmethod
+    def _queue_limit() -> int:
+        try:
+            return ctx.options.gateway_flows_queue_mb * 1024 * 1024
+        except (AttributeError, KeyError):  # loaded without its options (a unit test)
+            return 64 * 1024 * 1024
 
     @staticmethod
     def _now() -> datetime:
@@ -159,6 +235,97 @@ class FlowRecorder:
             self._day = day
             logger.info("recording flows to %s", self._path)
         return self._path
+
+    # ---- health: what the writer answers, and getting back to recording ------------------------------------
+    def _on_outcome(self, outcome: Outcome) -> None:
+        if outcome.probe or outcome.ended:
+            self._probe_outstanding = False
+        if outcome.lost:
+            self._take_lost(outcome.lost)
+        if outcome.error:
+            self._set_failing("writer" if outcome.ended else "disk", outcome.error)
+            if outcome.ended:
+                self._probe()  # starts the next writer, and proves it works before flows are admitted again
+        elif outcome.answered:
+            # Any answer shows a live writer. Only a probe clears a disk error: it writes PROBE_BYTES, so
+            # a disk with room for one small record but not the next does not let traffic flap back in.
+            self._clear_failing("writer", *(("disk",) if outcome.probe else ()))
+
+    def _set_failing(self, cause: str, reason: str) -> None:
+        if not self.failing:
+            logger.error("recording flows failed, refusing new requests with 503 %s: %s", UNAVAILABLE_CODE, reason)
+            self._refused_while_failing = 0
+        if cause == "disk" and cause not in self.failing:
+            self._path = None  # the next flows go to a new file: a fault of this one file ends there
+        self.failing[cause] = reason
+
+    def _clear_failing(self, *causes: str) -> None:
+        if not self.failing:
+            return
+        for cause in causes:
+            self.failing.pop(cause, None)
+        if not self.failing:
+            logger.warning("recording flows again after refusing %d request(s); serving again",
+                           self._refused_while_failing)
+
+    def _probe(self) -> None:
+        if self._probe_outstanding:
+            return
+        directory = self._path.parent if self._path is not None else self.directory
+        if directory is not None:
+            self._writer.probe(str(directory))
+            self._probe_outstanding = True
+
+    def check_health(self) -> None:
+        """What the periodic task does: notice a stalled writer, try to record again, report losses."""
+        if self._writer.oldest_unanswered_age() > STALL_SECONDS:
+            self._set_failing("writer", f"the flow file writer has not answered for over {STALL_SECONDS:g} s")
+        if "queue" in self.failing and self._writer.queued_bytes < self._queue_limit() // 2:
+            self._clear_failing("queue")
+        if "disk" in self.failing or "writer" in self.failing:
+            self._writer.start()
+            self._probe()
+        if self._lost or self._lost_uncounted:
+            self._report_lost()
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_SECONDS)
+            try:
+                self.check_health()
+            except Exception as e:  # the watch must outlive any one failure, and say so
+                logger.error("checking the flow recorder's health failed: %s", describe(e), exc_info=True)
+
+    # ---- losses, into the audit log --------------------------------------------------------------------------
+    def _take_lost(self, records: list[LostRecord]) -> None:
+        reasons = sorted({r.reason for r in records})
+        logger.error("the records of %d flow(s) were lost (%s): %s", len(records),
+                     ", ".join(r.flow_id for r in records[:5]) + (" ..." if len(records) > 5 else ""), "; ".join(reasons))
+        room = MAX_LOST_IDS - len(self._lost)
+        self._lost.extend(records[:max(0, room)])
+        self._lost_uncounted += max(0, len(records) - max(0, room))
+        self._report_lost()
+
+    def _report_lost(self) -> None:
+        events = services.audit_events
+        if events is None or not (self._lost or self._lost_uncounted):
+            return  # without the audit log (the recorder loaded alone) the gateway's log is all there is
+        by_reason: dict[str, list[LostRecord]] = {}
+        for record in self._lost:
+            by_reason.setdefault(record.reason, []).append(record)
+        for reason, records in by_reason.items():
+            fields = {"reason": reason, "count": len(records),
+                      "flows": [{"flow_id": r.flow_id, "flow_file": r.flow_file} for r in records]}
+            if self._lost_uncounted:
+                fields["unnamed"] = self._lost_uncounted  # lost too, beyond what one report names
+            try:
+                events.append_event(LOST_EVENT, fields)
+            except Exception as e:  # the audit log refuses requests itself meanwhile; tried again later
+                logger.error("the audit log could not take the report of %d lost flow record(s) yet: %s",
+                             len(records), describe(e))
+                return
+            self._lost = [r for r in self._lost if r.reason != reason]
+            self._lost_uncounted = 0
 
 
 addons = [FlowRecorder()]

@@ -110,7 +110,8 @@ def test_a_full_disk_refuses_new_requests_until_the_log_is_writable_again(setup)
     asyncio.run(scenario())
     entries = _entries(tmp_path / "records")
     [resumed] = [e for e in entries if e["kind"] == "audit_resumed"]
-    assert resumed["refused_requests"] == 1 and resumed["unavailable_since"] and resumed["unaudited_flows"] == []
+    # The reply in flight (withheld) and the new request (refused before forwarding).
+    assert resumed["refused_requests"] == 2 and resumed["unavailable_since"] and resumed["unaudited_flows"] == []
     result = verify(tmp_path / "records")
     assert result.status == "verified", result.summary()
     assert [f.kind for f in result.findings] == ["refused unaudited"]
@@ -215,7 +216,8 @@ def test_an_fsync_error_with_fsync_entry_closes_the_gateway(setup, monkeypatch):
                            confdir=str(tmp_path / "conf"), gateway_audit_fsync="entry")
             log._ensure_started()  # no periodic tick: it would try to resume while the disk still fails
             disk.hold(log.writer.path)
-            waiter = log.response(_flow())
+            flow = _flow()
+            waiter = log.response(flow)
             assert asyncio.iscoroutine(waiter)
             hook = asyncio.ensure_future(waiter)
             assert await asyncio.to_thread(disk.entered.wait, 10)
@@ -225,12 +227,181 @@ def test_an_fsync_error_with_fsync_entry_closes_the_gateway(setup, monkeypatch):
             await asyncio.wait_for(hook, 10)  # the failed fsync ends the wait: no flow hangs on a broken disk
             assert "fsync failed" in disk.events and "fsync returned" not in disk.events
             assert log.unavailable and "Input/output error" in log.unavailable
+            # Its entry may not be on disk: the reply it waited for is withheld, not released.
+            assert flow.response.status_code == 503
+            assert flow.metadata["auditgate.refusal"]["code"] == "gateway_audit_unavailable"
             # Fail closed: nothing more is served, nor decided, until the log is durable again.
             _assert_closed(log)
             disk.armed = False
+            log.tick()  # durable again: the outage is on record, naming the withheld reply
+            assert log.unavailable is None
+            log.done()
+        return flow.id
+
+    withheld = asyncio.run(scenario())
+    [resumed] = [e for e in _entries(tmp_path / "records") if e["kind"] == "audit_resumed"]
+    assert resumed["withheld_flows"] == [withheld] and "Input/output error" in resumed["reason"]
+
+
+def test_an_fsync_error_at_rotation_closes_the_gateway(setup, monkeypatch):
+    tmp_path, rules = setup
+    real_fsync, failed = os.fsync, []
+
+    def fsync(fd):  # the disk fails the old file's flush once it is rotated away from
+        if os.fstat(fd).st_ino == rotated_away:
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    async def scenario():
+        nonlocal rotated_away
+        log = AuditLog()
+        with taddons.context(log) as tctx:
+            tctx.configure(log, gateway_records=str(tmp_path / "records"), gateway_rules=str(rules),
+                           confdir=str(tmp_path / "conf"))
+            log._ensure_started()
+            await asyncio.sleep(0.1)  # the start checkpoint's own fsync
+            rotated_away = os.stat(log.writer.path).st_ino
+            monkeypatch.setattr(os, "fsync", fsync)
+            log.writer._day_end = 0  # midnight: the next entry opens a new file
+            first = _flow()
+            log.response(first)
+            assert first.response.status_code == 200 and log.writer.path.stat().st_ino != rotated_away
+            deadline = time.monotonic() + 5
+            while not log.unavailable and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # the old file is synced in a thread, off the loop
+            assert failed and "Input/output error" in log.unavailable
+            _assert_closed(log)
+            monkeypatch.setattr(os, "fsync", real_fsync)
+            log.tick()
+            assert log.unavailable is None
             log.done()
 
+    rotated_away = None
     asyncio.run(scenario())
+    assert verify(tmp_path / "records", check_flows=False).status == "verified"
+
+
+def test_any_error_building_an_entry_refuses_the_reply_and_is_on_record(setup):
+    tmp_path, rules = setup
+
+    async def scenario():
+        log = AuditLog()
+        with taddons.context(log) as tctx:
+            tctx.configure(log, gateway_records=str(tmp_path / "records"), gateway_rules=str(rules),
+                           confdir=str(tmp_path / "conf"))
+            log._ensure_started()
+            odd = _flow()
+            odd.request.timestamp_start = None  # not an OSError: flow_fields raises TypeError
+            assert log.response(odd) is None
+            assert odd.response.status_code == 503  # never sent as a 200 without its entry
+            assert log.unavailable == "TypeError"
+            _assert_closed(log)
+            log.tick()
+            assert log.unavailable is None
+            log.done()
+        return odd.id
+
+    odd_id = asyncio.run(scenario())
+    entries = _entries(tmp_path / "records")
+    assert odd_id not in {e.get("flow_id") for e in entries}
+    [resumed] = [e for e in entries if e["kind"] == "audit_resumed"]
+    assert resumed["reason"] == "TypeError" and resumed["refused_requests"] == 2
+
+
+def test_an_unreadable_or_vanishing_rules_file_is_recorded_and_the_tick_goes_on(setup, monkeypatch):
+    from pathlib import Path
+
+    tmp_path, rules = setup
+    log = AuditLog()
+    with taddons.context(log) as tctx:
+        tctx.configure(log, gateway_records=str(tmp_path / "records"), gateway_rules=str(rules),
+                       confdir=str(tmp_path / "conf"))
+        log._ensure_started()
+        (rules / "notes.txt").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO)
+        (rules / "gone.yaml").write_text("x: 1\n")
+        real_read = Path.read_bytes
+
+        def read_bytes(path):  # another process removes gone.yaml between our listing and our read
+            if path.name == "gone.yaml":
+                path.unlink()
+            return real_read(path)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        log._next_rules_check = 0
+        log.tick()
+        monkeypatch.setattr(Path, "read_bytes", real_read)
+        assert log.unavailable is None
+        log.writer._last_checkpoint = 0  # an interval checkpoint is due: the tick still writes it
+        log.writer.append("event", {})
+        log.tick()
+        log.done()
+    entries = _entries(tmp_path / "records")
+    [changed] = [e for e in entries if e["kind"] == "config" and e["reason"] == "changed"]
+    assert "gone.yaml" not in changed["files"] and "upstreams.yaml" in changed["files"]
+    assert changed["unreadable"] == {"notes.txt": "OSError: Input/output error"}
+    assert [e["reason"] for e in entries if e["kind"] == "checkpoint"][-2] == "interval"
+
+
+def test_the_tick_task_outlives_an_error_and_reports_it(setup, caplog):
+    import logging
+
+    tmp_path, rules = setup
+
+    async def scenario():
+        log = AuditLog()
+        with taddons.context(log) as tctx:
+            tctx.configure(log, gateway_records=str(tmp_path / "records"), gateway_rules=str(rules),
+                           confdir=str(tmp_path / "conf"))
+            calls = []
+
+            def tick():
+                calls.append(time.monotonic())
+                if len(calls) == 1:
+                    raise RuntimeError("a bug in the tick")
+
+            log.tick = tick
+            monkeypatched = asyncio.get_running_loop().create_task(log._tick_forever())
+            await asyncio.sleep(2.3)
+            monkeypatched.cancel()
+            assert len(calls) == 2
+            del log.tick
+            log.done()
+
+    with caplog.at_level(logging.ERROR, logger="auditgate.addons.audit_log"):
+        asyncio.run(scenario())
+    assert "periodic tick failed: RuntimeError" in caplog.text
+
+
+def test_a_key_file_that_cannot_be_replaced_closes_the_gateway_until_it_can(setup):
+    tmp_path, rules = setup
+    log = AuditLog()
+    with taddons.context(log) as tctx:
+        tctx.configure(log, gateway_records=str(tmp_path / "records"), gateway_rules=str(rules),
+                       confdir=str(tmp_path / "conf"))
+        log._ensure_started()
+        key_path = tmp_path / "conf" / "audit-signing-key.pem"
+        (tmp_path / "old.pem").write_bytes((tmp_path / "records" / "audit" / "public-key.pem").read_bytes())
+        new_key = create_private_key_file(key_path.with_name(key_path.name + ".next"))
+        saved = key_path.read_bytes()
+        key_path.unlink()
+        key_path.mkdir()  # the key's place is taken: the new key cannot be moved there
+        (key_path / "keep").write_text("")
+        log.tick()
+        assert log.unavailable and "IsADirectoryError" in log.unavailable
+        _assert_closed(log)
+        log.tick()  # still in the way: stays closed, and does not rotate a second time
+        assert log.unavailable
+        (key_path / "keep").unlink()
+        key_path.rmdir()
+        key_path.write_bytes(saved)
+        log.tick()
+        assert log.unavailable is None
+        assert key_id(load_private_key_file(key_path).public_key()) == key_id(new_key.public_key())
+        log.done()
+    entries = _entries(tmp_path / "records")
+    assert [e["kind"] for e in entries].count("key_rotation") == 1
+    assert verify(tmp_path / "records", [tmp_path / "old.pem"], check_flows=False).status == "verified"
 
 
 def test_key_rotation_and_config_changes_are_entries(setup):

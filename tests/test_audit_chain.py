@@ -226,3 +226,46 @@ def test_two_runs_chain_into_one_verifiable_log(tmp_path):
 
 def parse_lines(path):
     return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_a_key_rotation_at_a_checkpoint_boundary_or_cut_by_a_failed_write_still_verifies(tmp_path):
+    from auditgate.audit.chain import AuditWriteError, public_key_pem
+
+    old = create_private_key_file(tmp_path / "old.pem")
+    new = create_private_key_file(tmp_path / "new.pem")
+    records = tmp_path / "records"
+    # Two entries per checkpoint: the rotation entry is the second, where an N-entries checkpoint would fall.
+    writer = AuditWriter(records / "audit", old, WriterSettings(checkpoint_entries=2))
+    writer.append("gateway_start", {"signing_key": public_key_record(old.public_key())})
+    fd = writer._fd
+    saved, full = os.dup(fd), os.open("/dev/full", os.O_WRONLY)
+    real_write = writer._write_line
+    calls = []
+
+    def write_line(line):  # the rotation entry reaches the disk; its checkpoint hits a full disk
+        calls.append(line)
+        if len(calls) == 2:
+            os.dup2(full, fd)
+        try:
+            real_write(line)
+        finally:
+            os.dup2(saved, fd)
+
+    writer._write_line = write_line
+    with pytest.raises(AuditWriteError):
+        writer.rotate_key(new)
+    del writer._write_line
+    os.close(saved)
+    os.close(full)
+    writer.append("event", {})  # the rotation's checkpoint, signed by the old key, is written first
+    writer.append("gateway_stop", {})
+    writer.close()
+    entries = parse_lines(writer.path)
+    rotation = next(e for e in entries if e["kind"] == "key_rotation")
+    following = next(e for e in entries if e["seq"] == rotation["seq"] + 1)
+    assert following["kind"] == "checkpoint" and following["reason"] == "key_rotation"
+    assert following["key_id"] == rotation["old_key_id"]
+    pem = tmp_path / "anchor.pem"
+    pem.write_bytes(public_key_pem(old.public_key()))
+    result = verify(records, [pem], check_flows=False)
+    assert result.status == "verified", result.summary()

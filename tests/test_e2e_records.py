@@ -36,7 +36,10 @@ def test_flows_are_recorded_with_identity_and_without_credentials(reverse_env, u
     plain, streamed, refused = sorted(flows, key=lambda f: f.request.timestamp_start)
     for flow in (plain, streamed):
         assert flow.response.status_code == 200
-        assert flow.metadata["auditgate.identity"] == {"name": "alice", "groups": ["agents"], "method": "service_token"}
+        identity = flow.metadata["auditgate.identity"]
+        assert identity == {"name": "alice", "groups": ["agents"], "method": "service_token",
+                            "token_id": identity["token_id"]}  # a digest's prefix, never the token
+        assert identity["token_id"] not in callers.alice
         assert flow.metadata["auditgate.upstream"]["key_source"] == "env:OPENAI_API_KEY"
         assert "authorization" not in flow.request.headers
         assert float(flow.response.headers["x-gateway-overhead-ms"]) >= 0

@@ -9,6 +9,7 @@ from mitmproxy import io
 from mitmproxy.test import taddons, tflow
 
 from addons.flow_recorder import FlowRecorder
+from auditgate.recording.writer import MIN_RESTART_SECONDS
 
 
 def _read(path):
@@ -84,46 +85,146 @@ def test_the_writer_process_is_outside_the_gateways_group_and_is_restarted_if_ki
     with taddons.context(recorder) as tctx:
         tctx.configure(recorder, gateway_records=str(tmp_path))
         recorder.record(_flow(b"first"))
-        recorder._drain()
-        recorder._flush()
+        recorder._write_out()
         child = recorder._writer._process
         # A Ctrl-C to the gateway's process group must not reach it while it still holds flows.
         assert os.getpgid(child.pid) != os.getpgid(0)
-        deadline = time.monotonic() + 10
-        while not any(p.stat().st_size for p in (tmp_path / "flows").glob("*.mitm")) and time.monotonic() < deadline:
-            time.sleep(0.02)  # the writer has written the first flow
+        assert recorder._writer.flush(10)  # written and answered
         os.kill(child.pid, signal.SIGKILL)
         child.wait(5)
+        time.sleep(MIN_RESTART_SECONDS)
         recorder.record(_flow(b"second"))
-        recorder._drain()
-        recorder._flush()  # the pipe is broken: a new writer is started and takes the batch
-        assert recorder._writer._process is not child
+        recorder._write_out()  # the pipe is broken: a new writer is started and takes the batch, whole
+        assert recorder._writer.flush(10)
+        assert recorder._writer.pid not in (None, child.pid)
+        assert not recorder.failing  # the new writer answered: recording works again
         recorder.done()
     [path] = (tmp_path / "flows").glob("*.mitm")
     assert [f.response.content for f in _read(path)] == [b"first", b"second"]
 
 
-def test_a_write_the_disk_refuses_is_reported_and_what_was_written_stays_readable(tmp_path, caplog):
-    import logging
-    import time
-
+def test_a_write_the_disk_refuses_is_answered_flow_by_flow_and_what_was_written_stays_readable(tmp_path):
     from auditgate.recording.writer import FlowFileWriter
 
     good = tmp_path / "good.mitm"
-    writer = FlowFileWriter()
+    outcomes = []
+    writer = FlowFileWriter(outcomes.append)
+    kept, lost, after = _flow(b"kept"), _flow(b"lost"), _flow(b"after")
+    unencodable = _flow(b"odd")
+    unencodable.metadata["odd"] = {1, 2}  # pickles, but is no tnetstring: loses itself only
     try:
-        writer.write([(str(good), _flow(b"kept").get_state())])
-        writer.write([("/dev/full", _flow(b"lost").get_state())])  # every write fails: ENOSPC
-        writer.write([(str(good), _flow(b"after").get_state())])
-        deadline = time.monotonic() + 10
-        with caplog.at_level(logging.ERROR, logger="auditgate.recording.writer"):
-            while "could not record" not in caplog.text and time.monotonic() < deadline:
-                time.sleep(0.05)
-                writer.report_errors()
+        writer.submit([(str(good), kept.id, kept.get_state()), (str(good), unencodable.id, unencodable.get_state())])
+        writer.submit([("/dev/full", lost.id, lost.get_state())])  # every write fails: ENOSPC
+        writer.submit([(str(good), after.id, after.get_state())])
+        assert writer.flush(10)
     finally:
         writer.close()
-    assert "could not record 1 flow(s) to /dev/full" in caplog.text
+    assert [o.error for o in outcomes] == [None, "OSError: No space left on device", None]
+    assert [[(l.flow_id, l.flow_file) for l in o.lost] for o in outcomes] == [
+        [(unencodable.id, "good.mitm")], [(lost.id, "full")], []]
+    assert "cannot be encoded" in outcomes[0].lost[0].reason
     assert [f.response.content for f in _read(good)] == [b"kept", b"after"]
+
+
+def test_a_stopped_writer_never_blocks_the_loop_and_its_queue_refuses_new_requests(tmp_path):
+    import os
+    import signal
+    import time
+
+    async def scenario():
+        recorder = FlowRecorder()
+        with taddons.context(recorder) as tctx:
+            tctx.configure(recorder, gateway_records=str(tmp_path), gateway_flows_queue_mb=1)
+            recorder._writer.start()
+            child = recorder._writer.pid
+            os.kill(child, signal.SIGSTOP)
+            try:
+                slowest = 0.0
+                for _ in range(8):  # 300 KB each: the 64 KiB pipe is full at once, the rest waits in the queue
+                    started = time.monotonic()
+                    recorder.response(_flow(b"x" * 300_000))
+                    recorder._write_out()
+                    slowest = max(slowest, time.monotonic() - started)
+                assert slowest < 0.1  # a blocking pipe write would hang here for as long as the writer is stopped
+                assert recorder._writer.queued_bytes > 1024 * 1024 and "queue" in recorder.failing
+                new = _flow()
+                new.response = None
+                recorder.request(new)
+                assert new.response.status_code == 503
+                assert new.metadata["auditgate.refusal"]["code"] == "gateway_records_unavailable"
+                admitted = _flow(b"the upstream's reply")
+                recorder.response(admitted)  # admitted before: its reply is withheld, not sent unrecorded
+                assert admitted.response.status_code == 503
+            finally:
+                os.kill(child, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while recorder.failing and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # the loop writes the queue as the pipe drains
+                recorder.check_health()
+            assert not recorder.failing
+            later = _flow()
+            later.response = None
+            recorder.request(later)
+            assert later.response is None
+            recorder.done()
+
+    asyncio.run(scenario())
+    flows = [f for p in (tmp_path / "flows").glob("*.mitm") for f in _read(p)]
+    assert len(flows) == 9 and flows[-1].response.status_code == 503
+
+
+def test_lost_records_are_reported_in_the_audit_log_and_verified_as_reported(tmp_path):
+    import time
+
+    from addons.audit_log import AuditLog
+    from auditgate.audit.verify import verify
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "upstreams.yaml").write_text("upstreams: []\n")
+
+    async def scenario():
+        recorder, log = FlowRecorder(), AuditLog()
+        with taddons.context(recorder, log) as tctx:
+            tctx.configure(recorder, gateway_records=str(tmp_path / "records"), gateway_rules=str(rules))
+            tctx.configure(log, gateway_records=str(tmp_path / "records"), gateway_rules=str(rules),
+                           confdir=str(tmp_path / "conf"))
+            tctx.master.options.add_option("store_streamed_bodies", bool, False, "mitmproxy's own, not in the harness")
+            log.running()
+            recorder.running()
+            # The file the recorder writes next cannot take a byte (as on a full disk).
+            recorder._current_path().symlink_to("/dev/full")
+            served = _flow(b"served, record lost")
+            recorder.response(served)
+            log.response(served)
+            deadline = time.monotonic() + 10
+            while not recorder.failing and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert "No space left on device" in recorder.failing["disk"]
+            refused = _flow()
+            refused.response = None
+            recorder.request(refused)
+            assert refused.response.status_code == 503
+            recorder.response(refused)
+            log.response(refused)
+            # The probe finds the directory writable: the recorder moves to a new file and serves again.
+            while recorder.failing and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not recorder.failing
+            after = _flow(b"after")
+            recorder.response(after)
+            log.response(after)
+            recorder.done()
+            log.done()
+        return served.id
+
+    lost_id = asyncio.run(scenario())
+    result = verify(tmp_path / "records")
+    assert result.status == "incomplete", result.summary()
+    # The file that was a device is named, not read; the flow meant for it is a loss the gateway reported.
+    assert sorted(f.kind for f in result.findings) == ["not a flow file", "record lost (reported)"], result.summary()
+    [reported] = [f for f in result.findings if f.kind == "record lost (reported)"]
+    assert lost_id in reported.message and result.flows_lost_reported == 1
 
 
 def test_flow_state_equals_mitmproxys_own_and_is_a_copy():

@@ -28,6 +28,7 @@ PUBLIC_KEY_FILE = "public-key.pem"
 GENESIS_HASH = "0" * 64
 FILE_PATTERN = re.compile(r"^audit-(\d{12})-(\d{8}T\d{6}Z)\.jsonl$")
 CHECKPOINT_CONTEXT = "auditgate-audit-checkpoint:v1"
+MAX_ENTRY_DEPTH = 64  # the gateway's entries nest a few levels (json_safe stops at 16); deeper is not an entry
 ROTATION_CONTEXT = "auditgate-audit-key-rotation:v1"
 
 # Keys that name a credential are never copied into an entry, whatever addon put them in flow metadata.
@@ -110,12 +111,29 @@ def parse_entry_line(line: bytes) -> dict:
     def no_constant(text):
         raise CanonicalJsonError(f"{text} is not allowed")
 
-    value = json.loads(
-        line.decode("utf-8"), object_pairs_hook=no_duplicates, parse_float=no_float, parse_constant=no_constant
-    )
+    try:
+        value = json.loads(
+            line.decode("utf-8"), object_pairs_hook=no_duplicates, parse_float=no_float, parse_constant=no_constant
+        )
+    except RecursionError:
+        raise CanonicalJsonError(f"nested deeper than {MAX_ENTRY_DEPTH} levels") from None
     if not isinstance(value, dict):
         raise CanonicalJsonError("an entry must be a JSON object")
+    if _nesting(value) > MAX_ENTRY_DEPTH:
+        raise CanonicalJsonError(f"nested deeper than {MAX_ENTRY_DEPTH} levels")
     return value
+
+
+def _nesting(value) -> int:
+    """How deeply objects and arrays nest in value (iteratively: a hostile line cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_ENTRY_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def entry_hash(entry: dict) -> str:
@@ -366,6 +384,8 @@ class AuditWriter:
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock()
         self._needs_new_file = True  # every run starts a file of its own
+        self._rotating_to: Ed25519PrivateKey | None = None  # a key rotation whose checkpoint is not written yet
+        self._retired_fds: list[int] = []  # files rotated away from, not yet synced and closed
         # A run that follows a crash says so in its first entry, naming where the previous run stopped.
         self._recovery: dict | None = None if self.tail.clean else self.tail.recovery_note()
 
@@ -386,6 +406,7 @@ class AuditWriter:
 
         Fields go through json_safe() (no floats, no credential-named keys) unless the caller already did.
         """
+        self._finish_key_rotation()
         entry = self._write(kind, fields if sanitized else json_safe(fields), may_rotate=True)
         self._since_checkpoint += 1
         if self._since_checkpoint >= self.settings.checkpoint_entries:
@@ -394,6 +415,10 @@ class AuditWriter:
 
     def checkpoint(self, reason: str, key: Ed25519PrivateKey | None = None) -> dict:
         """Sign the chain head (the last entry's seq and hash) and append the signature as an entry."""
+        self._finish_key_rotation()
+        return self._checkpoint(reason, key)
+
+    def _checkpoint(self, reason: str, key: Ed25519PrivateKey | None = None) -> dict:
         key = key or self.signing_key
         fields = {
             "reason": reason,
@@ -410,16 +435,28 @@ class AuditWriter:
 
     def rotate_key(self, new_key: Ed25519PrivateKey) -> dict:
         """A key_rotation entry, vouched for by a checkpoint signed with the old key; the new key signs after."""
+        self._finish_key_rotation()
         old_id, new_public = self.key_id, new_key.public_key()
         new_id = key_id(new_public)
-        entry = self.append("key_rotation", {
+        # Not append(): its own N-entries checkpoint could come between, and the old key signs only the next entry.
+        entry = self._write("key_rotation", {
             "old_key_id": old_id,
             "new_key": public_key_record(new_public),
             "new_key_proof": sign_b64(new_key, rotation_message(old_id, new_id)),
-        }, sanitized=True)
-        self.checkpoint("key_rotation")
-        self.signing_key, self.key_id = new_key, new_id
+        }, may_rotate=True)
+        self._since_checkpoint += 1
+        self._rotating_to = new_key
+        self._finish_key_rotation()
         return entry
+
+    def _finish_key_rotation(self) -> None:
+        """The rotation entry's checkpoint, signed by the old key, then the new key; if a write failed in
+        between, the next write finishes it first (the verifier accepts the old key only right there)."""
+        if self._rotating_to is None:
+            return
+        self._checkpoint("key_rotation")
+        new_key, self._rotating_to = self._rotating_to, None
+        self.signing_key, self.key_id = new_key, key_id(new_key.public_key())
 
     def _write(self, kind: str, fields: dict, may_rotate: bool) -> dict:
         now = self.clock()
@@ -459,38 +496,72 @@ class AuditWriter:
     def _open_next(self, now: float) -> None:
         if self._fd is not None:
             if not self._needs_new_file and self._since_checkpoint:
-                self.checkpoint("rotation")  # every file but the live one ends with a signed checkpoint
-            self._close_fd()
+                self._checkpoint("rotation")  # every file but the live one ends with a signed checkpoint
+            # Synced and closed by whoever syncs (the gateway: in a thread, failing closed on an error).
+            self._retired_fds.append(self._fd)
+            self._fd = None
+            self.sync_wanted = self.settings.fsync != "never" or self.sync_wanted
         path = self.directory / audit_file_name(self.seq + 1, now)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
             raise AuditWriteError(e.errno, f"could not open the audit log {path}: {e.strerror or e}") from e
-        self._fd, self._path, self._size = fd, path, os.fstat(fd).st_size
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            os.close(fd)
+            raise AuditWriteError(e.errno, f"could not open the audit log {path}: {e.strerror or e}") from e
+        self._fd, self._path, self._size = fd, path, size
         self._day_end = (int(now) // 86400 + 1) * 86400  # the next UTC midnight: a new file each day
         self._needs_new_file = False
 
     # -- durability
     def dup_for_sync(self) -> int | None:
-        """A descriptor a thread may fsync and close while this one keeps writing (or rotates)."""
+        """A descriptor a thread may fsync and close while this one keeps writing (or rotates).
+
+        Raises AuditWriteError when no descriptor can be had (the process is out of them)."""
         self.sync_wanted = False
-        return os.dup(self._fd) if self._fd is not None else None
+        if self._fd is None:
+            return None
+        try:
+            return os.dup(self._fd)
+        except OSError as e:
+            raise AuditWriteError(e.errno, f"could not sync the audit log {self._path}: {e.strerror or e}") from e
+
+    def take_retired(self) -> list[int]:
+        """Descriptors of files rotated away from: the caller fsyncs (unless fsync=never) and closes them."""
+        retired, self._retired_fds = self._retired_fds, []
+        return retired
 
     def close(self) -> None:
         """Sign what is unsigned, sync and close. The gateway appends gateway_stop first, so a clean
-        shutdown always ends on a checkpoint with reason "shutdown"."""
-        if self._fd is None:
-            return
+        shutdown always ends on a checkpoint with reason "shutdown". Raises AuditWriteError when the last
+        entries may not be on disk (a failed fsync), after closing everything."""
+        errors: list[OSError] = []
         try:
-            self.checkpoint("shutdown")  # a run that ends on this was not cut short
+            if self._fd is not None:
+                self.checkpoint("shutdown")  # a run that ends on this was not cut short
         finally:
-            self._close_fd()
+            for fd in [*self.take_retired(), *([self._fd] if self._fd is not None else [])]:
+                error = sync_and_close(fd, self.settings.fsync != "never")
+                if error is not None:
+                    errors.append(error)
+            self._fd = None
+        if errors:
+            e = errors[0]
+            raise AuditWriteError(e.errno, f"could not sync the audit log in {self.directory}: {e.strerror or e}")
 
-    def _close_fd(self) -> None:
-        if self._fd is not None:
-            try:
-                os.fsync(self._fd)
-            except OSError:
-                pass
-            os.close(self._fd)
-        self._fd = None
+
+def sync_and_close(fd: int, sync: bool = True) -> OSError | None:
+    """fsync (if asked) and close a descriptor; the fsync's error, if any (the descriptor is closed either way)."""
+    error = None
+    if sync:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            error = e
+    try:
+        os.close(fd)
+    except OSError as e:
+        error = error or e
+    return error

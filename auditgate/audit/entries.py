@@ -6,13 +6,17 @@ import hashlib
 from pathlib import Path
 
 from auditgate.audit.chain import json_safe, sha256_hex
+from auditgate.audit.errors import describe
 from auditgate.core.flow_contract import (
     APPROVAL,
+    BODY_LIMITS,
     FLOW_FILE,
+    GUARD,
     IDENTITY,
     MASKING,
     POLICY,
     REFUSAL,
+    TUNNEL,
     UPSTREAM,
 )
 from auditgate.core.request_facts import facts_of
@@ -40,25 +44,59 @@ def flow_fields(flow, now: float) -> dict:
         "approval": json_safe(APPROVAL.get(flow)),
         "masking": json_safe(MASKING.get(flow)),
         "refusal": json_safe(REFUSAL.get(flow)),
+        "guard": json_safe(GUARD.get(flow)),  # a hook of the bundle that failed on this flow, and what it caused
+        "tunnel": json_safe(TUNNEL.get(flow)),  # a CONNECT: who tunnelled where (or why it was refused)
+        "body_limits": json_safe(BODY_LIMITS.get(flow)),
         "request_sha256": sha256_hex(request.raw_content),
         "response_sha256": sha256_hex(response.raw_content) if response else None,
         "flow_file": FLOW_FILE.get(flow),
     }
 
 
+def read_rules_digests(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """SHA-256 of every file below the rules directory (hidden files, e.g. half-written temporaries, aside),
+    and what could not be read, with why.
+
+    Rules files change under the gateway (an editor's save, an operator's swap): a file removed between
+    listing and reading is simply not in force any more; one that cannot be read is named, not skipped.
+    """
+    digests: dict[str, str] = {}
+    unreadable: dict[str, str] = {}
+    for path in _listing(directory):
+        relative = path.relative_to(directory)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        try:
+            if not path.is_file():
+                continue
+            digests[relative.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            unreadable[relative.as_posix()] = describe(e)
+    return digests, unreadable
+
+
 def rules_digests(directory: Path) -> dict[str, str]:
-    """SHA-256 of every file below the rules directory (hidden files, e.g. half-written temporaries, aside)."""
-    digests = {}
-    if directory.is_dir():
-        for path in sorted(directory.rglob("*")):
-            relative = path.relative_to(directory)
-            if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-                digests[relative.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digests
+    """SHA-256 of every readable file below the rules directory (see read_rules_digests)."""
+    return read_rules_digests(directory)[0]
 
 
 def rules_signature(directory: Path) -> tuple:
+    """(path, mtime, size) of every file: cheap to take each tick; a change means the digests are due again."""
+    signature = []
+    for path in _listing(directory):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # removed meanwhile
+        if not path.is_dir():
+            signature.append((str(path), stat.st_mtime_ns, stat.st_size, stat.st_mode))
+    return tuple(signature)
+
+
+def _listing(directory: Path) -> list[Path]:
     try:
-        return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in directory.rglob("*") if p.is_file()))
-    except OSError:
-        return ()
+        return sorted(directory.rglob("*")) if directory.is_dir() else []
+    except OSError:  # a subdirectory removed while walking: the next tick sees the directory as it is then
+        return []

@@ -11,6 +11,7 @@ from collections import Counter
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
+from auditgate.approval.rules import normalized_name
 from auditgate.audit.verify import Located, VerifyResult, verify
 
 SAMPLE_LIMIT = 5
@@ -114,7 +115,7 @@ def build_evidence(result: VerifyResult, date_from: str | None = None, date_to: 
     approval_events = of_kind("approval")  # requested, approved, denied, expired, refused_* (a refused attempt)
     decided = Counter(str(l.entry.get("decision")) for l in approval_events)
     approvals = [l for l in approval_events if l.entry.get("decision") == "approved" and l.entry.get("approver")]
-    same = [l for l in approvals if l.entry.get("approver") == l.entry.get("requester")]
+    same = [l for l in approvals if _same_person(l.entry)]
     refused_attempts = [l for l in approval_events if str(l.entry.get("decision")).startswith("refused_")]
     flows_with_approval = [l for l in flows if isinstance(l.entry.get("approval"), dict)]
 
@@ -169,6 +170,9 @@ def build_evidence(result: VerifyResult, date_from: str | None = None, date_to: 
         "restarts_after_crash": [l.where for l in starts if l.entry.get("recovered")],
         "audit_outages": [{"where": l.where, "since": l.entry.get("unavailable_since"),
                            "refused_requests": l.entry.get("refused_requests")} for l in outages],
+        # Flow records the gateway itself reported lost (a full disk, a writer that died): not removed later.
+        "records_lost_reports": [{"where": l.where, "reason": l.entry.get("reason"), "count": l.entry.get("count")}
+                                 for l in of_kind("records_lost")],
     }
     pick = lambda items: [_sample(l) for l in items[:SAMPLE_LIMIT]]  # noqa: E731
     samples = {
@@ -217,7 +221,8 @@ def _controls(f: dict, v: dict) -> list[dict]:
         "A.8.16": [f"Outcomes: {_inline(f['outcomes']) or 'none'}; {refused} refused request(s); status codes "
                    f"{_inline(f['status_codes']) or 'none'}.",
                    f"Gateway starts: {f['gateway_starts']}; restarts after a crash: {len(f['restarts_after_crash'])}; "
-                   f"audit outages: {len(f['audit_outages'])}."],
+                   f"audit outages: {len(f['audit_outages'])}; flow records reported lost by the gateway: "
+                   f"{sum(r['count'] for r in f['records_lost_reports'] if isinstance(r['count'], int))}."],
         "A.8.11": [f"Masked entities by type: {_inline(f['masked_entities_by_type']) or 'none'} "
                    f"(by direction: {_inline(f['masked_entities_by_direction']) or 'none'}); "
                    f"{f['flows_with_masking']} request(s) with masking applied. Types and counts only: the log never "
@@ -337,3 +342,13 @@ def write_evidence_pack(records_dir: Path, out: Path, date_from: str | None = No
     (out / "report.md").write_text(render_markdown(pack), encoding="utf-8")
     (out / "report.html").write_text(render_html(pack), encoding="utf-8")
     return pack
+
+
+def _same_person(entry: dict) -> bool:
+    """An approval by its own requester: the same stable subject, or names that read the same (NFKC,
+    invisible characters removed, case folded) — a zero-width space makes no second person."""
+    requester, approver = entry.get("requester_principal"), entry.get("approver_principal")
+    if requester and approver and requester == approver:
+        return True
+    return normalized_name(entry.get("requester")) is not None and (
+        normalized_name(entry.get("requester")) == normalized_name(entry.get("approver")))

@@ -17,14 +17,28 @@ from auditgate.core.flow_contract import REFUSAL
 
 FLOWS_SUBDIR = "flows"
 _MAX_LENGTH_DIGITS = 12
+MAX_DEPTH = 64  # mitmproxy's flow states nest about six levels, the gateway's metadata a few more
 
 
 class TnetstringError(ValueError):
     pass
 
 
-def _parse_one(data: bytes | memoryview, pos: int) -> tuple[object, int]:
-    """The value starting at pos, and the position after it."""
+class TooDeep:
+    """A list or dict nested deeper than MAX_DEPTH, skipped unread (its length says where it ends)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def __repr__(self) -> str:
+        return f"TooDeep(at byte {self.offset})"
+
+
+def _parse_one(data: bytes | memoryview, pos: int, depth: int = 0, deep: list | None = None) -> tuple[object, int]:
+    """The value starting at pos, and the position after it.
+
+    Containers nested deeper than MAX_DEPTH are not descended into (a crafted record cannot exhaust the
+    stack): they become TooDeep, and their offset is added to `deep`."""
     colon = pos
     end_of_digits = min(len(data), pos + _MAX_LENGTH_DIGITS + 1)
     while colon < end_of_digits and 0x30 <= data[colon] <= 0x39:
@@ -52,18 +66,24 @@ def _parse_one(data: bytes | memoryview, pos: int) -> tuple[object, int]:
         if length:
             raise TnetstringError(f"null with a payload at byte {pos}")
         value = None
+    elif kind in (0x5D, 0x7D) and depth >= MAX_DEPTH:
+        value = TooDeep(pos)
+        if deep is not None:
+            deep.append(pos)
     elif kind == 0x5D:  # ]
         value, inner = [], start
         while inner < stop:
-            item, inner = _parse_one(data[:stop], inner)
+            item, inner = _parse_one(data[:stop], inner, depth + 1, deep)
             value.append(item)
     elif kind == 0x7D:  # }
         value, inner = {}, start
         while inner < stop:
-            key, inner = _parse_one(data[:stop], inner)
+            key, inner = _parse_one(data[:stop], inner, depth + 1, deep)
             if inner >= stop:
                 raise TnetstringError(f"a dict key without a value at byte {inner}")
-            item, inner = _parse_one(data[:stop], inner)
+            if not isinstance(key, (bytes, str)):
+                raise TnetstringError(f"a dict key that is not a string at byte {inner}")
+            item, inner = _parse_one(data[:stop], inner, depth + 1, deep)
             value[key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key] = item
     else:
         raise TnetstringError(f"unknown type {chr(kind)!r} at byte {stop}")
@@ -71,19 +91,20 @@ def _parse_one(data: bytes | memoryview, pos: int) -> tuple[object, int]:
 
 
 def parse_tnetstring(data: bytes) -> object:
-    value, end = _parse_one(memoryview(data), 0)
+    value, end = _parse_one(memoryview(data), 0, 0, [])
     if end != len(data):
         raise TnetstringError(f"{len(data) - end} bytes after the value")
     return value
 
 
-def iter_records(data: bytes):
+def iter_records(data: bytes, deep: list | None = None):
     """Yield (offset, value) for each record; a record cut short at the end raises TnetstringError with
-    `.offset` set, so a crash-cut file can be told from a damaged one."""
+    `.offset` set, so a crash-cut file can be told from a damaged one. Offsets of parts nested too deep
+    to read are added to `deep`."""
     view, pos = memoryview(data), 0
     while pos < len(data):
         try:
-            value, end = _parse_one(view, pos)
+            value, end = _parse_one(view, pos, 0, deep)
         except (TnetstringError, ValueError) as e:
             error = TnetstringError(f"unreadable flow record at byte {pos}: {e}")
             error.offset = pos
@@ -115,17 +136,22 @@ class FlowFile:
     records: list[FlowRecord] = field(default_factory=list)
     cut_at: int | None = None  # byte offset of an unreadable (partial) last record
     error: str | None = None
+    too_deep: list[int] = field(default_factory=list)  # offsets of parts nested deeper than MAX_DEPTH, not read
 
 
 def read_flow_file(path: Path) -> FlowFile:
     result = FlowFile(path.name)
+    if not path.is_file():  # a device or a FIFO under a flow file's name would be read forever
+        result.error = "not a regular file"
+        return result
     data = path.read_bytes()
     try:
-        for offset, value in iter_records(data):
+        for offset, value in iter_records(data, result.too_deep):
             if not isinstance(value, dict):
                 continue
             metadata = value.get("metadata") if isinstance(value.get("metadata"), dict) else {}
             refusal = REFUSAL.read(metadata) if isinstance(REFUSAL.read(metadata), dict) else {}
+            refusal = refusal if isinstance(refusal.get("code"), (str, type(None))) else {}
             result.records.append(FlowRecord(
                 file=path.name, offset=offset, flow_id=str(value.get("id")),
                 request_sha256=_body_digest(value.get("request")), response_sha256=_body_digest(value.get("response")),

@@ -26,9 +26,11 @@ from auditgate.audit.chain import (
     rotation_message,
     verify_signature,
 )
-from auditgate.audit.flow_files import FlowFile, read_flow_files
+from auditgate.audit.flow_files import MAX_DEPTH, FlowFile, read_flow_files
 
 FAILED, INCOMPLETE, NOTE = "failed", "incomplete", "note"
+RECORDS_LOST_EVENT = "records_lost"  # the gateway's own report of flows whose records did not reach a file
+REFUSED_UNAVAILABLE = ("gateway_audit_unavailable", "gateway_records_unavailable")
 EXIT_CODES = {"verified": 0, FAILED: 1, INCOMPLETE: 3}
 
 
@@ -71,6 +73,7 @@ class VerifyResult:
     keys_seen: list[str] = field(default_factory=list)
     flow_entries: int = 0
     flows_matched: int = 0
+    flows_lost_reported: int = 0  # flow entries without a record whose loss the gateway reported itself
     flow_files: int = 0
     findings: list[Finding] = field(default_factory=list)
     log: list[Located] = field(default_factory=list, repr=False)
@@ -112,6 +115,9 @@ class VerifyResult:
         lines.append(f"  signed: entries up to seq {self.signed_upto} are covered by a checkpoint signed with a trusted key")
         lines.append(f"  flows: {self.flows_matched} of {self.flow_entries} flow entries matched their record "
                      f"in {self.flow_files} flow file(s) (request and response body digests)")
+        if self.flows_lost_reported:
+            lines.append(f"  flows: {self.flows_lost_reported} flow record(s) lost and reported lost by the gateway "
+                         "itself (not tampering; see the findings)")
         for finding in self.findings:
             lines.append(f"  {finding.severity.upper():10s} {finding.kind}: {finding.where}: {finding.message}")
         verdict = {
@@ -346,31 +352,61 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
     crash_window = _crash_window(result)
     unconsumed: dict[tuple[str, str], list] = {}
     for flow_file in flow_files.values():
+        if flow_file.error == "not a regular file":
+            result.add(INCOMPLETE, "not a flow file", flow_file.name, None,
+                       "it is not a regular file (a device, a FIFO or a link to one): not read")
         if flow_file.cut_at is not None:
             result.add(INCOMPLETE, "truncated flow file", flow_file.name, None,
                        f"ends with an unreadable record at byte {flow_file.cut_at} (cut by a crash, or damaged)")
+        if flow_file.too_deep:
+            offsets = ", ".join(map(str, flow_file.too_deep[:5])) + (" ..." if len(flow_file.too_deep) > 5 else "")
+            result.add(INCOMPLETE, "nested too deep", flow_file.name, None,
+                       f"{len(flow_file.too_deep)} part(s) of its records nest deeper than {MAX_DEPTH} levels and "
+                       f"were not read (at byte {offsets}); the gateway writes nothing that deep")
         for record in flow_file.records:
             unconsumed.setdefault((record.file, record.flow_id), []).append(record)
     acknowledged: set[str] = set()
+    withheld: set[str] = set()
+    lost = _reported_losses(result)
     for located in result.log:
-        acknowledged.update(str(i) for i in located.entry.get("unaudited_flows") or [])
+        acknowledged.update(str(i) for i in _list(located.entry.get("unaudited_flows")))
+        withheld.update(str(i) for i in _list(located.entry.get("withheld_flows")))
     for located in result.log:
         entry = located.entry
         if entry.get("kind") != "flow":
             continue
         result.flow_entries += 1
         name, flow_id = entry.get("flow_file"), entry.get("flow_id")
+        name = name if isinstance(name, str) else None  # an entry edited to hold anything else fails below
+        flow_id = flow_id if isinstance(flow_id, str) else repr(flow_id)
         candidates = unconsumed.get((name, flow_id), [])
         wanted = (entry.get("request_sha256"), entry.get("response_sha256"))
         match = next((r for r in candidates if (r.request_sha256, r.response_sha256) == wanted), None)
         if match is not None:
             candidates.remove(match)
             result.flows_matched += 1
+        elif candidates and flow_id in withheld:
+            candidates.pop(0)
+            result.add(NOTE, "reply withheld", located.where, located.seq,
+                       f"flow {flow_id}: its reply was withheld (its entry could not be made durable); the record "
+                       "holds what the caller got instead")
         elif candidates:
             record = candidates[0]
             which = "request" if record.request_sha256 != wanted[0] else "response"
             result.add(FAILED, "flow modified", located.where, located.seq,
                        f"flow {flow_id} in {name}: the recorded {which} body does not match the audited digest")
+        elif flow_id in lost:
+            report, reason = lost[flow_id]
+            result.flows_lost_reported += 1
+            refused = entry.get("refusal") if isinstance(entry.get("refusal"), dict) else None
+            if refused:
+                result.add(NOTE, "record lost (reported)", located.where, located.seq,
+                           f"flow {flow_id} was refused ({refused.get('code')}) and its record never reached "
+                           f"{name}; the gateway reported the loss at {report}: {reason}")
+            else:
+                result.add(INCOMPLETE, "record lost (reported)", located.where, located.seq,
+                           f"flow {flow_id} was served but its record never reached {name}; the gateway reported "
+                           f"the loss itself at {report} ({reason}): not tampering, but its bodies cannot be checked")
         elif name is None:
             result.add(FAILED, "flow missing", located.where, located.seq, f"flow {flow_id} names no flow file")
         elif located.seq in crash_window:
@@ -384,15 +420,35 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
     for records in unconsumed.values():
         for record in records:
             where = f"{record.file}@{record.offset}"
-            if record.refusal_code == "gateway_audit_unavailable":
+            if record.refusal_code in REFUSED_UNAVAILABLE:
                 result.add(NOTE, "refused unaudited", where, None,
-                           f"flow {record.flow_id} was refused with 503 while the audit log was unavailable")
+                           f"flow {record.flow_id} was refused with 503 ({record.refusal_code}) while the gateway "
+                           "could not audit or record it")
             elif record.flow_id in acknowledged:
                 result.add(INCOMPLETE, "known gap", where, None,
                            f"flow {record.flow_id} was served while the audit log failed; the log says so")
             else:
                 result.add(FAILED, "unaudited flow", where, None,
                            f"flow {record.flow_id} has no audit entry: its entry was removed")
+
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _reported_losses(result: VerifyResult) -> dict[str, tuple[str, str]]:
+    """flow id → (where the gateway reported its record lost, why), from its records_lost entries.
+
+    Only entries that are part of the chain count: an inserted or edited report fails the chain and
+    signature checks like any other entry."""
+    lost: dict[str, tuple[str, str]] = {}
+    for located in result.log:
+        if located.entry.get("kind") != RECORDS_LOST_EVENT:
+            continue
+        for item in _list(located.entry.get("flows")):
+            if isinstance(item, dict) and item.get("flow_id") is not None:
+                lost.setdefault(str(item["flow_id"]), (located.where, str(located.entry.get("reason"))))
+    return lost
 
 
 def verify(records_dir: Path, pubkeys: list[Path] | None = None, check_flows: bool = True) -> VerifyResult:
