@@ -16,6 +16,7 @@ from auditgate.core.credentials import (
     proxy_credential,
     remove_credential_headers,
     remove_identity_headers,
+    remove_query_credentials,
 )
 from auditgate.core.flow_contract import (
     AUTH_FAILURE,
@@ -100,6 +101,19 @@ class CallerAuth:
     def client_disconnected(self, client: connection.Client) -> None:
         self._connect_credentials.pop(client, None)
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # A credential in the URL (?api_key=, ?key=, ?access_token=...) is never read by the gateway and
+        # must not be kept: it comes off before any later hook, mitmweb's view (added after the scripts)
+        # or a refusal's log line sees the URL. The request hook does it again for a flow without this one.
+        self._remove_query_credentials(flow)
+
+    @staticmethod
+    def _remove_query_credentials(flow: http.HTTPFlow) -> None:
+        removed = remove_query_credentials(flow.request)
+        if removed:
+            logger.warning("removed credential query parameter(s) sent by client %s: %s",
+                           flow.client_conn.peername[0] if flow.client_conn.peername else "?", ", ".join(removed))
+
     def _credential(self, flow: http.HTTPFlow, authenticator: CallerAuthenticator) -> tuple[str | None, str]:
         """The credential this request authenticates with, and where it came from."""
         headers = flow.request.headers
@@ -120,6 +134,7 @@ class CallerAuth:
             return
         for key in CREDENTIAL_METADATA_KEYS:  # mitmproxy's proxyauth, if switched on, parks the password here
             flow.metadata.pop(key, None)
+        self._remove_query_credentials(flow)
         forged = remove_identity_headers(flow.request.headers)
         if forged:
             REMOVED_IDENTITY_HEADERS.set(flow, forged)

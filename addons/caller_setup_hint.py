@@ -14,6 +14,22 @@ from auditgate.core.flow_contract import services
 logger = logging.getLogger("auditgate.addons.caller_setup_hint")
 
 CA_CERT_FILE = "mitmproxy-ca-cert.pem"
+TRACES_PATH = "/v1/traces/ingest"
+
+
+def reverse_mode_traces_hint(base: str) -> str:
+    """What a reverse-mode caller using the Agents SDK must do so its trace uploads stay inside."""
+    return (
+        "auditgate: Agents SDK users in reverse mode: the SDK uploads traces to https://api.openai.com"
+        f"{TRACES_PATH} whatever OPENAI_BASE_URL says, with OPENAI_API_KEY (your gateway token) as its "
+        "credential, past this gateway. Keep them inside with one of:\n"
+        "  export OPENAI_AGENTS_DISABLE_TRACING=1      # no trace uploads at all\n"
+        "  or send them here (masked, recorded and audited under masking.yaml's 'traces' setting):\n"
+        "    from agents import set_trace_processors\n"
+        "    from agents.tracing.processors import BackendSpanExporter, BatchTraceProcessor\n"
+        f"    set_trace_processors([BatchTraceProcessor(BackendSpanExporter(endpoint=\"{base}{TRACES_PATH}\"))])\n"
+        "  or use the gateway in forward mode (HTTPS_PROXY), where the uploads pass through it like any request."
+    )
 
 
 def _url_host(host: str) -> str:
@@ -46,6 +62,8 @@ class CallerSetupHint:
             logger.info(
                 "auditgate %s: callers export\n%s", server.mode.description, "\n".join(f"  export {l}" for l in lines)
             )
+            if isinstance(server.mode, ReverseMode):
+                logger.info("%s", reverse_mode_traces_hint(base))
         if services.minted_identity:
             # Printed last, so the start-up output ends by pointing at the one-time token.
             logger.info("auditgate: ready. The token of '%s' is printed once above (OPENAI_API_KEY=agt_...); only its "

@@ -85,3 +85,50 @@ def test_missing_file(tmp_path):
 def test_ipv6_hosts_are_accepted(tmp_path):
     table = load_upstreams(_write(tmp_path, "upstreams:\n  - host: '::1'\n"))
     assert table.upstream_for("::1", 443)
+
+
+# ---- which caller headers go on, and the gateway's own organization and project ---------------------------------
+def test_forwarded_headers_default_to_what_the_sdks_send(tmp_path):
+    upstream = load_upstreams(_write(tmp_path, "upstreams:\n  - host: a.example\n")).upstream_for("a.example", 443)
+    for name in ("content-type", "accept", "accept-encoding", "user-agent", "openai-beta", "idempotency-key",
+                 "x-stainless-lang", "x-stainless-retry-count", "host", "content-length", "transfer-encoding"):
+        assert upstream.forwards(name), name
+    for name in ("cookie", "openai-organization", "openai-project", "x-forwarded-for", "traceparent",
+                 "x-ms-client-principal-name", "authorization", "api-key", "x-stainless"):
+        assert not upstream.forwards(name), name
+    assert upstream.gateway_headers() == {}
+
+
+def test_an_upstream_names_its_own_forwarded_headers_organization_and_project(tmp_path):
+    table = load_upstreams(_write(tmp_path, """
+upstreams:
+  - host: a.example
+    forward_headers: [Content-Type, x-tenant-*]
+    organization: org-gateway
+    project: proj_gateway
+"""))
+    upstream = table.upstream_for("a.example", 443)
+    assert upstream.forwards("content-type") and upstream.forwards("x-tenant-id") and upstream.forwards("host")
+    assert not upstream.forwards("user-agent") and not upstream.forwards("x-stainless-lang")
+    assert upstream.gateway_headers() == {"openai-organization": "org-gateway", "openai-project": "proj_gateway"}
+
+
+@pytest.mark.parametrize("entry, reason", [
+    ("forward_headers: [authorization]", "carries a credential"),
+    ("forward_headers: [X-Api-Key]", "carries a credential"),
+    ("key_header: x-key\n    forward_headers: [x-key]", "carries a credential"),
+    ("forward_headers: [x-ms-client-principal-name]", "asserts an identity"),
+    ("forward_headers: [cf-access-authenticated-user-email]", "asserts an identity"),
+    ("forward_headers: [OpenAI-Organization]", "set by the gateway"),
+    ("forward_headers: [openai-project]", "set by the gateway"),
+    ("forward_headers: ['*']", "a lone '*' is not allowed"),
+    ("forward_headers: ['bad header']", "is not a header name"),
+    ("forward_headers: ['x-*-y']", "is not a header name"),
+    ("forward_headers: content-type", "must be a list of header names"),
+    ("organization: ''", "'organization' must be a non-empty string"),
+    ("project: \"p\\nx-evil: 1\"", "'project' must be a non-empty string on one line"),
+])
+def test_forwarded_headers_that_would_let_a_caller_choose_credentials_or_identity_are_refused(tmp_path, entry, reason):
+    with pytest.raises(ConfigError) as info:
+        load_upstreams(_write(tmp_path, f"upstreams:\n  - host: a.example\n    {entry}\n"))
+    assert reason in str(info.value) and info.value.line is not None

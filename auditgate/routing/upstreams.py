@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from auditgate.core.config import ConfigError, RulesFile, check_keys
+from auditgate.core.credentials import is_credential_header, is_identity_header
 
 UPSTREAMS_FILE = "upstreams.yaml"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+
+# The caller's headers that go on to an upstream when its entry names none (``forward_headers``):
+# what the openai SDK and the Agents SDK send besides their credential (a name ending in "*" is a
+# prefix). Anything else a caller sends (cookies, tracing headers, another proxy's identity headers,
+# OpenAI-Organization / OpenAI-Project) stays at the gateway.
+DEFAULT_FORWARD_HEADERS = (
+    "accept",
+    "accept-encoding",
+    "content-type",
+    "user-agent",
+    "openai-beta",  # the Assistants and trace-ingest APIs' version switch
+    "idempotency-key",
+    "x-stainless-*",  # the SDKs' platform, retry-count and timeout headers
+)
+# How a request is framed on the wire (not the caller's to choose, and needed to carry it): always kept.
+FRAMING_HEADERS = frozenset({
+    "host", "content-length", "content-encoding", "transfer-encoding", "connection", "upgrade", "te",
+    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+})
+# Set from the upstream's entry (``organization``, ``project``), never from the caller: the gateway's
+# key decides which organization and project pay and see the request.
+GATEWAY_SET_HEADERS = ("openai-organization", "openai-project")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 
 
 @dataclass(frozen=True)
@@ -23,6 +48,10 @@ class Upstream:
     key_file: str | None = None
     # "authorization" sends "Bearer <key>"; any other header (e.g. Azure's "api-key") carries the bare key.
     key_header: str = "authorization"
+    # The caller's headers that go on (lowercase names; "x-stainless-*" is a prefix); see DEFAULT_FORWARD_HEADERS.
+    forward_headers: tuple[str, ...] = DEFAULT_FORWARD_HEADERS
+    organization: str | None = None  # sent as OpenAI-Organization
+    project: str | None = None  # sent as OpenAI-Project
 
     @property
     def key_source(self) -> str:
@@ -45,6 +74,21 @@ class Upstream:
 
     def auth_header_value(self, key: str) -> str:
         return f"Bearer {key}" if self.key_header == "authorization" else key
+
+    def forwards(self, name: str) -> bool:
+        """Whether a caller's header of this (lowercase) name goes on to this upstream."""
+        if name in FRAMING_HEADERS:
+            return True
+        return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in self.forward_headers)
+
+    def gateway_headers(self) -> dict[str, str]:
+        """The headers the gateway sets itself from this entry (OpenAI-Organization, OpenAI-Project)."""
+        headers = {}
+        if self.organization:
+            headers["openai-organization"] = self.organization
+        if self.project:
+            headers["openai-project"] = self.project
+        return headers
 
 
 @dataclass(frozen=True)
@@ -76,7 +120,7 @@ class UpstreamTable:
         return self.reverse_target(host, port) if reverse else self.upstream_for(host, port)
 
 
-_UPSTREAM_KEYS = {"host", "port", "key_env", "key_file", "key_header"}
+_UPSTREAM_KEYS = {"host", "port", "key_env", "key_file", "key_header", "forward_headers", "organization", "project"}
 _PASSTHROUGH_KEYS = {"host", "port"}
 
 
@@ -89,6 +133,39 @@ def _host_port(path: Path, where: str, entry: dict, at: tuple = ()) -> tuple[str
     if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
         raise ConfigError(path, f"{where}: 'port' must be a number from 1 to 65535, got {port!r}", at=at + ("port",))
     return host.strip().lower(), port
+
+
+def _has_line_break(value: str) -> bool:
+    return any(c in value for c in "\r\n\0")
+
+
+def _forward_headers(path: Path, where: str, entry: dict, key_header: str, at: tuple) -> tuple[str, ...]:
+    names = entry.get("forward_headers")
+    if names is None:
+        return DEFAULT_FORWARD_HEADERS
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ConfigError(path, f"{where}: 'forward_headers' must be a list of header names", at=at)
+    kept = []
+    for name in (n.strip().lower() for n in names):
+        plain = name[:-1] if name.endswith("*") else name
+        if not plain or not _HEADER_NAME.fullmatch(plain) or "*" in plain:
+            raise ConfigError(path, f"{where}: forward_headers: {name!r} is not a header name (or a prefix ending "
+                                    "in '*'; a lone '*' is not allowed)", at=at)
+        if name.endswith("*"):
+            # A prefix may cover credential or identity headers: those are removed whatever this list says.
+            kept.append(name)
+            continue
+        if is_credential_header(name) or name == key_header:
+            raise ConfigError(path, f"{where}: forward_headers: {name!r} carries a credential; the caller's never "
+                                    "goes upstream (the gateway sends its own key)", at=at)
+        if is_identity_header(name):
+            raise ConfigError(path, f"{where}: forward_headers: {name!r} asserts an identity; a caller's is "
+                                    "never forwarded", at=at)
+        if name in GATEWAY_SET_HEADERS:
+            raise ConfigError(path, f"{where}: forward_headers: {name!r} is set by the gateway from this entry's "
+                                    f"'{name.removeprefix('openai-')}', never taken from the caller", at=at)
+        kept.append(name)
+    return tuple(dict.fromkeys(kept))
 
 
 def load_upstreams(rules_dir: Path) -> UpstreamTable:
@@ -111,13 +188,22 @@ def _upstream_table(file: RulesFile) -> UpstreamTable:
         for name, value in (("key_env", key_env), ("key_file", key_file), ("key_header", entry.get("key_header"))):
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(path, f"{where}: '{name}' must be a non-empty string", at=("upstreams", i, name))
+        for name in ("organization", "project"):
+            value = entry.get(name)
+            if value is not None and (not isinstance(value, str) or not value.strip() or _has_line_break(value)):
+                raise ConfigError(path, f"{where}: '{name}' must be a non-empty string on one line",
+                                  at=("upstreams", i, name))
+        key_header = (entry.get("key_header") or "authorization").lower()
         upstreams.append(
             Upstream(
                 host=host,
                 port=port,
                 key_env=None if key_file else (key_env or DEFAULT_KEY_ENV),
                 key_file=key_file,
-                key_header=(entry.get("key_header") or "authorization").lower(),
+                key_header=key_header,
+                forward_headers=_forward_headers(path, where, entry, key_header, ("upstreams", i, "forward_headers")),
+                organization=(entry.get("organization") or "").strip() or None,
+                project=(entry.get("project") or "").strip() or None,
             )
         )
     passthrough = []
