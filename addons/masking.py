@@ -1,5 +1,6 @@
 """Masks personal data in replies (and, where configured, requests) with Presidio, streamed replies included."""
 
+import functools
 import logging
 import os
 import time
@@ -16,14 +17,16 @@ from auditgate.core.request_facts import facts_of, is_event_stream, media_type
 from auditgate.masking.body import BodyNotMaskable, mask_body
 from auditgate.masking.config import MaskingSettings, load_masking_settings
 from auditgate.masking.engine import PiiMasker, shared_masker
+from auditgate.masking.errors import describe
 from auditgate.masking.stream import (
+    Decoder,
     SseStreamMasker,
-    StreamNotDecodable,
+    StreamNotMaskable,
     TextStreamMasker,
     error_events,
     stream_decoder,
 )
-from auditgate.masking.workers import MaskingWorkerError, MaskingWorkers
+from auditgate.masking.workers import MaskingBusy, MaskingWorkerError, MaskingWorkers
 
 logger = logging.getLogger("auditgate.addons.masking")
 
@@ -32,14 +35,19 @@ class MaskingFailed(Exception):
     """Masking could not be completed; nothing unmasked may be released."""
 
 
+class MaskingQueueFull(MaskingFailed):
+    """Every masking worker is busy and the line of waiting bodies is full: refused at once (503)."""
+
+
 @dataclass
 class _StreamState:
-    sse: SseStreamMasker
-    decode: Callable[[bytes], bytes] | None
+    sse: SseStreamMasker | None  # None: the stream failed before its masker was made
+    decode: Decoder | None
     kind: str
     seconds: float = 0.0
     failed: str | None = None
-    events_out: int = 0
+    error_sent: bool = False  # the SSE error event went out; nothing more does
+    callable: Callable | None = None  # what this addon set as flow.response.stream
 
 
 @dataclass
@@ -77,12 +85,13 @@ class PiiMasking:
                     raise exceptions.OptionsError(
                         f"auditgate: masking.yaml {direction}.entities: no recognizer for {', '.join(sorted(unknown))}"
                     )
-        self._stop_workers()
+        self._stop_workers(wait=0)  # a new configuration at run time: the loop does not wait for the old pool
         self.settings, self.masker = settings, masker
         if settings is None:
             logger.warning("PII masking is off: %s has no masking.yaml", rules_dir())
             return
-        self.workers = MaskingWorkers(settings, settings.workers or os.cpu_count() or 1)
+        self.workers = MaskingWorkers(settings, settings.workers or os.cpu_count() or 1,
+                                      queue_max=settings.queue_max_jobs)
         logger.info(
             "PII masking: responses %s, requests %s; %d worker process(es)",
             "on" if settings.response.enabled else "off", "on" if settings.request.enabled else "off",
@@ -105,9 +114,9 @@ class PiiMasking:
     def done(self) -> None:
         self._stop_workers()
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self, wait: float = 2.0) -> None:
         if self.workers:
-            self.workers.close()
+            self.workers.close(wait)
             self.workers = None
 
     # ---- requests ---------------------------------------------------------------------------------
@@ -134,28 +143,39 @@ class PiiMasking:
             except Exception as e:  # escaping, it would let the request go upstream unmasked
                 self._fail_unexpectedly(flow, "request", e)
 
-    # ---- responses --------------------------------------------------------------------------------
+    # ---- responses ----------------------------------------------------------------------------------
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.live or self.settings is None or not self.settings.response.enabled or not flow.response:
             return
         if not is_event_stream(flow.response):
             return
+        # From here on the stream goes through this addon's callable whatever happens: an exception
+        # escaping this hook would leave flow.response.stream unset, and the next addon would stream
+        # the reply through raw.
         try:
-            decode = stream_decoder(flow.response.headers.get("content-encoding", ""))
-        except StreamNotDecodable as e:
-            self._state(flow).failed = str(e)
-            decode = None
-        if decode or self._state(flow).failed:
-            # The client gets the masked events (or our error event) uncompressed.
-            flow.response.headers.pop("content-encoding", None)
-            flow.response.headers.pop("content-length", None)
-        state = _StreamState(self._new_sse_masker(flow), decode, facts_of(flow).endpoint)
-        if self._state(flow).failed:
-            state.failed = self._state(flow).failed
+            kind = facts_of(flow).endpoint
+        except Exception:
+            kind = "chat" if "/chat/" in flow.request.path else "responses"
+        try:
+            state = _StreamState(self._new_sse_masker(), None, kind)
+            state.decode = stream_decoder(flow.response.headers.get("content-encoding", ""))
+        except Exception as e:  # StreamNotDecodable, or anything unexpected: the stream ends with the error event
+            reason = str(e) if isinstance(e, StreamNotMaskable) else describe(e)
+            if not isinstance(e, StreamNotMaskable):
+                logger.error("masking a stream could not start: %s", reason)
+            state = _StreamState(None, None, kind, failed=f"stream: {reason}")
         self._streams[flow.id] = state
-        flow.response.stream = lambda data: self._stream_chunk(state, data)
+        state.callable = functools.partial(self._stream_chunk, state)
+        flow.response.stream = state.callable
+        headers = flow.response.headers
+        if state.decode or state.failed:
+            headers.pop("content-encoding", None)  # the client gets the masked events (or the error) plain
+        # The masked stream's length is not the upstream's: never pass its content-length on.
+        if headers.pop("content-length", None) is not None and flow.response.http_version.startswith("HTTP/1") \
+                and "transfer-encoding" not in headers:
+            headers["transfer-encoding"] = "chunked"
 
-    def _new_sse_masker(self, flow: http.HTTPFlow) -> SseStreamMasker:
+    def _new_sse_masker(self) -> SseStreamMasker:
         masker = self.masker
         entities = masker.entities("response")
         holdback = self.settings.stream_holdback_chars
@@ -171,49 +191,69 @@ class PiiMasking:
             sse.sync_findings.extend((entity, path) for entity in found)
             return masked
 
-        sse = SseStreamMasker(text_masker, mask_sync)
+        sse = SseStreamMasker(text_masker, mask_sync, self.settings.stream_event_max_bytes,
+                              self.settings.stream_max_bytes)
         return sse
 
     def _stream_chunk(self, state: _StreamState, data: bytes) -> bytes | list[bytes]:
         # Runs inside mitmproxy's event loop for every chunk: per-delta work is a few regex searches,
-        # and Presidio runs only on the small window around a trigger.
+        # and Presidio runs only on the small window around a trigger. Nothing it was given goes out
+        # unless the masker made it: any failure ends the stream with the SSE error event.
         if state.failed:
             return self._stream_error(state)
         started = time.perf_counter()
+        out: list[bytes] = []
         try:
-            if data:
-                out = state.sse.feed(state.decode(data) if state.decode else data)
+            sse = state.sse
+            if state.decode is None:
+                out.append(sse.feed(data) if data else sse.finish())
             else:
-                tail = state.sse.feed(state.decode(b"")) if state.decode else b""
-                out = tail + state.sse.finish()
+                # Inflated piece by piece, each masked before the next is made: a bomb stops at the cap.
+                for piece in state.decode(data):
+                    out.append(sse.feed(piece))
+                if not data:
+                    out.append(sse.finish())
         except Exception as e:  # fail closed: end the stream with an error, release nothing raw
-            logger.error("masking a stream failed: %s", e, exc_info=True)
-            state.failed = f"stream: {type(e).__name__}: {e}"
-            return self._stream_error(state)
+            if isinstance(e, StreamNotMaskable):
+                state.failed = f"stream: {type(e).__name__}: {e}"
+                logger.warning("a stream was ended: %s", e)
+            else:
+                state.failed = f"stream: {describe(e)}"
+                logger.error("masking a stream failed: %s", describe(e))
+            # What was masked before the failure may go out; the error event ends the stream.
+            return [b"".join(out), *self._stream_error(state)] if any(out) else self._stream_error(state)
         finally:
             state.seconds += time.perf_counter() - started
         # An empty chunk would end the body mid-stream: send nothing instead.
-        return out if out else []
+        joined = b"".join(out)
+        return joined if joined else []
 
     @staticmethod
     def _stream_error(state: _StreamState) -> list[bytes]:
-        if state.events_out < 0:
+        if state.error_sent:
             return []
-        state.events_out = -1  # the error goes out once; everything after it is swallowed
+        state.error_sent = True  # the error goes out once; everything after it is swallowed
         return error_events(state.kind)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         try:
             await self._mask_response(flow)
         except Exception as e:
-            # An error escaping this hook would let mitmproxy send the reply as it is: unmasked.
-            self._fail_unexpectedly(flow, "response", e)
+            if flow.response is not None and callable(flow.response.stream):
+                # Streamed: what the client got went through the masker already; a refusal now would
+                # only make the record claim an answer the client never saw. The record says it failed.
+                logger.error("recording the masking of a stream failed: %s", describe(e))
+                self._state(flow).failed = f"response: {describe(e)}"
+                self._write_metadata(flow)
+            else:
+                # An error escaping this hook would let mitmproxy send the reply as it is: unmasked.
+                self._fail_unexpectedly(flow, "response", e)
         finally:
             self._in_flight.discard(flow.id)
 
     def _fail_unexpectedly(self, flow: http.HTTPFlow, direction: str, error: Exception) -> None:
-        logger.error("masking the %s failed: %s", direction, error, exc_info=True)
-        self._state(flow).failed = f"{direction}: {type(error).__name__}: {error}"
+        logger.error("masking the %s failed: %s", direction, describe(error))
+        self._state(flow).failed = f"{direction}: {describe(error)}"
         self._write_metadata(flow)
         refuse(flow, 502, "gateway_masking_failed", f"the {direction} could not be masked, so it was withheld")
 
@@ -221,22 +261,37 @@ class PiiMasking:
         if not flow.live or self.settings is None or not flow.response:
             return
         stream = self._streams.pop(flow.id, None)
-        if stream is not None:
-            state = self._state(flow)
-            state.findings += [(e, p, "response") for e, p in stream.sse.findings]
-            state.failed = state.failed or stream.failed
-            self._write_metadata(flow, stream_ms=round(stream.seconds * 1000, 3))
+        if stream is not None and flow.response.stream is stream.callable:
+            self._note_stream(flow, stream)
             return
+        if stream is not None and flow.response.stream and not REFUSAL.on(flow):
+            # Something after this addon put its own stream in place of the masker: what went out did
+            # not pass through it. Never expected in the bundle; the record must say so if it happens.
+            stream.failed = "stream: the reply was streamed past the masker"
+            logger.error("a stream of flow %s was streamed past the masker", flow.id)
+            self._note_stream(flow, stream)
+            return
+        # Not streamed after all (a later hook took the stream back, so the reply was buffered): it is
+        # masked whole below, like any reply, or recorded as refused.
         if REFUSAL.on(flow) or not self.settings.response.enabled:
             self._write_metadata(flow)
             return
         if await self._mask_message(flow, flow.response, facts_of(flow).endpoint, "response"):
             self._write_metadata(flow)
 
+    def _note_stream(self, flow: http.HTTPFlow, stream: _StreamState) -> None:
+        state = self._state(flow)
+        if stream.sse is not None:
+            state.findings += [(e, p, "response") for e, p in stream.sse.findings]
+        state.failed = state.failed or stream.failed
+        self._write_metadata(flow, stream_ms=round(stream.seconds * 1000, 3))
+
     def error(self, flow: http.HTTPFlow) -> None:
         self._in_flight.discard(flow.id)
-        self._streams.pop(flow.id, None)
-        if flow.id in self._flows:
+        stream = self._streams.pop(flow.id, None)
+        if stream is not None:  # a stream cut short (the client left, the upstream broke off): what it masked
+            self._note_stream(flow, stream)
+        elif flow.id in self._flows:
             self._write_metadata(flow)
 
     # ---- shared -----------------------------------------------------------------------------------
@@ -249,7 +304,10 @@ class PiiMasking:
             self._write_metadata(flow)
             what = "request could not be masked; it was not sent" if direction == "request" else \
                 "reply could not be masked, so it was withheld"
-            refuse(flow, 502, "gateway_masking_failed", f"the {what}")
+            if isinstance(e, MaskingQueueFull):
+                refuse(flow, 503, "gateway_masking_busy", f"the gateway's masking workers are all busy: the {what}")
+            else:
+                refuse(flow, 502, "gateway_masking_failed", f"the {what}")
             return False
         if new_body is not None:
             message.content = new_body
@@ -277,18 +335,20 @@ class PiiMasking:
             except BodyNotMaskable as e:
                 raise MaskingFailed(str(e)) from None
             except Exception as e:
-                raise MaskingFailed(f"{type(e).__name__}: {e}") from None
+                raise MaskingFailed(describe(e)) from None
         # Everything else is parsed, walked and masked by a worker process: this process, which
         # carries every flow, only hands the bytes over and takes the answer back.
         if self.workers is None:
             raise MaskingFailed("no masking workers")
         try:
             return await self.workers.mask(direction, kind, content_type, body, self.settings.timeout_seconds)
+        except MaskingBusy as e:
+            raise MaskingQueueFull(str(e)) from None
         except MaskingWorkerError as e:
             raise MaskingFailed(str(e)) from None
         except Exception as e:  # out of processes or descriptors...: whatever it is, nothing passes unmasked
-            logger.error("masking workers failed: %s", e, exc_info=True)
-            raise MaskingFailed(f"{type(e).__name__}: {e}") from None
+            logger.error("masking workers failed: %s", describe(e))
+            raise MaskingFailed(describe(e)) from None
 
     def _write_metadata(self, flow: http.HTTPFlow, **extra) -> None:
         state = self._flows.pop(flow.id, None) or _FlowMasking()

@@ -10,7 +10,7 @@ from mitmproxy.test import taddons, tflow
 
 import auditgate.masking.workers
 from addons.masking import PiiMasking
-from auditgate.masking.workers import MaskingWorkers
+from auditgate.masking.workers import MaskingBusy, MaskingWorkers
 from tests.masking_fixtures import PII_SENTENCE, PII_VALUES, shipped_rules
 
 
@@ -57,3 +57,34 @@ def test_any_unexpected_error_on_the_way_means_a_502_not_an_unmasked_reply(monke
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
     _masked_response(lambda: monkeypatch.setattr(MaskingWorkers, "mask", broken))
+
+
+def test_a_full_line_of_waiting_bodies_means_a_503_at_once_not_a_stall(monkeypatch):
+    async def busy(self, *args, **kwargs):
+        raise MaskingBusy("all 1 masking worker(s) are busy and 128 job(s) are waiting")
+
+    async def scenario():
+        addon = PiiMasking()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, gateway_rules=str(shipped_rules()))
+            monkeypatch.setattr(MaskingWorkers, "mask", busy)
+            flow = _big_reply_flow()
+            addon.requestheaders(flow)
+            addon._in_flight.add("another flow")
+            await addon.response(flow)
+            addon.done()
+            return flow
+
+    flow = asyncio.run(scenario())
+    body = flow.response.content
+    assert flow.response.status_code == 503 and json.loads(body)["error"]["code"] == "gateway_masking_busy"
+    assert flow.metadata["auditgate.masking"]["status"] == "failed"
+    assert not [v for v in PII_VALUES.values() if v.encode() in body]
+
+
+def test_the_stream_and_queue_caps_have_safe_defaults():
+    from auditgate.masking.config import load_masking_settings
+
+    settings = load_masking_settings(shipped_rules())  # the shipped file does not name them
+    assert settings.stream_event_max_bytes == 4 << 20 and settings.stream_max_bytes == 64 << 20
+    assert settings.queue_max_jobs == 128

@@ -124,6 +124,10 @@ def test_operators_and_allow_list_are_data(tmp_path):
     (("  DEFAULT: {type: replace}", "  DEFAULT: {type: shred}"), "operators.DEFAULT"),
     (('  EMAIL_ADDRESS: "@"', '  EMAIL_ADDRESS: "(["'), "triggers.EMAIL_ADDRESS"),
     (("stream_holdback_chars: 64", "stream_holdback_chars: 64\nholdback: 3"), "unknown key(s) holdback"),
+    (("stream_holdback_chars: 64", "stream_holdback_chars: 64\nstream_event_max_bytes: 100"), "stream_event_max_bytes"),
+    (("stream_holdback_chars: 64", "stream_holdback_chars: 64\nstream_event_max_bytes: 4096\nstream_max_bytes: 2048"),
+     "stream_max_bytes must be"),
+    (("stream_holdback_chars: 64", "stream_holdback_chars: 64\nqueue_max_jobs: 0"), "queue_max_jobs"),
 ])
 def test_invalid_masking_files(tmp_path, change, reason):
     (tmp_path / "masking-recognizers.yaml").write_text((shipped_rules() / "masking-recognizers.yaml").read_text())

@@ -8,13 +8,14 @@ import dataclasses
 import json
 import os
 import signal
+import threading
 
 import pytest
 
 from auditgate.masking.body import mask_body
 from auditgate.masking.config import load_masking_settings
 from auditgate.masking.engine import PiiMasker
-from auditgate.masking.workers import MaskingWorkerError, MaskingWorkers
+from auditgate.masking.workers import MaskingBusy, MaskingWorkerError, MaskingWorkers
 from tests.masking_fixtures import PII_SENTENCE, PII_VALUES, shipped_rules
 
 
@@ -156,3 +157,96 @@ def test_with_no_worker_running_a_job_fails_at_once(unstartable):
             return loop.time() - started
 
     assert _run(scenario) < 5  # not the whole timeout: nothing could ever take the job
+
+
+# ---- back-pressure and a loop that never waits on a pipe ---------------------------------------------
+def test_a_full_line_of_waiting_jobs_refuses_new_ones_at_once(settings):
+    async def scenario():
+        workers = MaskingWorkers(settings, 1, queue_max=1)
+        try:
+            await workers.start()
+            [worker] = workers._workers
+            os.kill(worker.process.pid, signal.SIGSTOP)  # busy for as long as the test wants
+            jobs = [asyncio.ensure_future(workers.mask("response", "responses", "application/json",
+                                                       _reply(PII_SENTENCE), 30)) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            assert workers.waiting == 1  # one with the worker, one in line: the line is full
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(MaskingBusy, match="busy"):
+                await workers.mask("response", "responses", "application/json", _reply(PII_SENTENCE), 30)
+            refused_after = loop.time() - started
+            os.kill(worker.process.pid, signal.SIGCONT)
+            answers = await asyncio.gather(*jobs)  # the ones taken are served
+            return refused_after, answers
+        finally:
+            workers.close()
+
+    refused_after, answers = _run(scenario)
+    assert refused_after < 0.1 and all(findings for _, findings in answers)
+
+
+def test_a_worker_that_stops_reading_never_stalls_the_event_loop(settings):
+    """A body far larger than a pipe's buffer, to a worker frozen from outside (SIGSTOP): the job times
+    out, and meanwhile the loop keeps running other work."""
+    async def scenario():
+        async with _pool(settings, 1) as workers:
+            [worker] = workers._workers
+            os.kill(worker.process.pid, signal.SIGSTOP)
+            # Let it go again in any case, so a loop that did block is released and the test ends.
+            thaw = threading.Timer(4.0, os.kill, (worker.process.pid, signal.SIGCONT))
+            thaw.start()
+            loop = asyncio.get_running_loop()
+            gaps, last, stop = [], loop.time(), False
+
+            async def tick():
+                nonlocal last
+                while not stop:
+                    await asyncio.sleep(0.01)
+                    gaps.append(loop.time() - last)
+                    last = loop.time()
+
+            ticker = asyncio.ensure_future(tick())
+            body = _reply("x" * (4 << 20))  # 4 MB: the pipe takes 64 KB
+            with pytest.raises(MaskingWorkerError, match="timed out"):
+                await workers.mask("response", "responses", "application/json", body, 1.0)
+            stop = True
+            await ticker
+            thaw.cancel()
+            os.kill(worker.process.pid, signal.SIGCONT)
+            return max(gaps)
+
+    assert _run(scenario) < 0.5
+
+
+def test_jobs_in_line_when_the_only_worker_dies_wait_for_its_replacement(settings):
+    async def scenario():
+        async with _pool(settings, 1) as workers:
+            [first] = workers._workers
+            busy = asyncio.ensure_future(workers.mask("response", "responses", "application/json", _big_reply(), 60))
+            await asyncio.sleep(0.2)
+            waiting = asyncio.ensure_future(workers.mask("response", "responses", "application/json",
+                                                         _reply(PII_SENTENCE), 60))
+            await asyncio.sleep(0.05)
+            os.kill(first.process.pid, signal.SIGKILL)
+            with pytest.raises(MaskingWorkerError, match="stopped"):
+                await busy
+            _, findings = await waiting
+            return findings, workers._workers[0] is not first
+
+    findings, replaced = _run(scenario)
+    assert findings and replaced
+
+
+def test_one_engine_however_many_threads_ask_at_once(tmp_path):
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from auditgate.core.shipped import SHIPPED_RULES
+    from auditgate.masking.engine import shared_masker
+
+    rules = shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
+    (rules / "masking.yaml").write_text((rules / "masking.yaml").read_text() + "\n# this test's own\n")
+    with ThreadPoolExecutor(4) as pool:
+        engines = list(pool.map(lambda _: shared_masker(load_masking_settings(rules)), range(4)))
+    assert all(engine is engines[0] for engine in engines)

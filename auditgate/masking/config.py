@@ -14,7 +14,13 @@ TRACE_ACTIONS = {"mask", "refuse", "pass"}
 _TOP_KEYS = {
     "recognizers_file", "language", "score_threshold", "nlp_model", "timeout_seconds", "workers", "traces",
     "triggers", "response", "request", "operators", "allow_list", "stream_holdback_chars", "inline_max_bytes",
+    "stream_event_max_bytes", "stream_max_bytes", "queue_max_jobs",
 }
+# A pending stream event past this is refused: response.completed repeats a whole reply, so it must
+# hold the longest reply a model writes (about half a megabyte of text) with room to spare.
+DEFAULT_STREAM_EVENT_MAX_BYTES = 4 * 1024 * 1024
+DEFAULT_STREAM_MAX_BYTES = 64 * 1024 * 1024  # a streamed reply, inflated
+DEFAULT_QUEUE_MAX_JOBS = 128  # bodies waiting for a masking worker
 _DIRECTION_KEYS = {"enabled", "entities"}
 
 
@@ -42,6 +48,9 @@ class MaskingSettings:
     allow_list: tuple[str, ...] = ()
     stream_holdback_chars: int = 64
     inline_max_bytes: int = 4096
+    stream_event_max_bytes: int = DEFAULT_STREAM_EVENT_MAX_BYTES
+    stream_max_bytes: int = DEFAULT_STREAM_MAX_BYTES
+    queue_max_jobs: int = DEFAULT_QUEUE_MAX_JOBS
 
     def direction(self, name: str) -> DirectionSettings:
         return self.response if name == "response" else self.request
@@ -95,6 +104,16 @@ def _settings(rules_dir: Path, path: Path, data: dict) -> MaskingSettings:
     inline_max = data.get("inline_max_bytes", 4096)
     if not isinstance(inline_max, int) or inline_max < 0:
         raise ConfigError(path, "inline_max_bytes must be a whole number (0: every body goes to the workers)", at=("inline_max_bytes",))
+    event_max = data.get("stream_event_max_bytes", DEFAULT_STREAM_EVENT_MAX_BYTES)
+    if not isinstance(event_max, int) or isinstance(event_max, bool) or event_max < 1024:
+        raise ConfigError(path, "stream_event_max_bytes must be a whole number of at least 1024", at=("stream_event_max_bytes",))
+    stream_max = data.get("stream_max_bytes", DEFAULT_STREAM_MAX_BYTES)
+    if not isinstance(stream_max, int) or isinstance(stream_max, bool) or stream_max < event_max:
+        raise ConfigError(path, "stream_max_bytes must be a whole number, at least stream_event_max_bytes",
+                          at=("stream_max_bytes",))
+    queue_max = data.get("queue_max_jobs", DEFAULT_QUEUE_MAX_JOBS)
+    if not isinstance(queue_max, int) or isinstance(queue_max, bool) or queue_max < 1:
+        raise ConfigError(path, "queue_max_jobs must be a positive whole number", at=("queue_max_jobs",))
     nlp_model = data.get("nlp_model")
     if nlp_model is not None and (not isinstance(nlp_model, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", nlp_model)):
         raise ConfigError(path, "nlp_model must be the name of an installed spaCy model package, or null", at=("nlp_model",))
@@ -131,4 +150,7 @@ def _settings(rules_dir: Path, path: Path, data: dict) -> MaskingSettings:
         allow_list=tuple(allow_list),
         stream_holdback_chars=holdback,
         inline_max_bytes=inline_max,
+        stream_event_max_bytes=event_max,
+        stream_max_bytes=stream_max,
+        queue_max_jobs=queue_max,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +336,7 @@ class PiiMasker:
 
 
 _shared: dict[tuple, PiiMasker] = {}
+_building = threading.Lock()  # rules reloads may build off the event loop, in threads: still one engine
 
 
 def shared_masker(settings: MaskingSettings) -> PiiMasker:
@@ -353,7 +355,10 @@ def shared_masker(settings: MaskingSettings) -> PiiMasker:
     key = (repr(settings), stamp)
     masker = _shared.get(key)
     if masker is None:
-        masker = PiiMasker(settings)
-        _shared.clear()  # an older configuration's engine is no longer anyone's
-        _shared[key] = masker
+        with _building:
+            masker = _shared.get(key)
+            if masker is None:
+                masker = PiiMasker(settings)
+                _shared.clear()  # an older configuration's engine is no longer anyone's
+                _shared[key] = masker
     return masker

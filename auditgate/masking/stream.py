@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from auditgate.core.errors import error_body
+from auditgate.masking.config import (
+    DEFAULT_STREAM_EVENT_MAX_BYTES,
+    DEFAULT_STREAM_MAX_BYTES,
+)
 from auditgate.masking.engine import Span
 from auditgate.masking.payload import MaskFn, mask_leaves, mask_output_item
 
@@ -93,13 +98,153 @@ _NOT_TEXT = frozenset({"response.audio"})
 _DONE_FIELDS = ("text", "arguments", "refusal", "transcript", "input", "code")
 
 
-class SseStreamMasker:
-    """Masks an OpenAI server-sent event stream (Responses API or Chat Completions) event by event."""
+class StreamNotMaskable(ValueError):
+    """A stream the gateway will not mask any further: it ends with the SSE error event."""
 
-    def __init__(self, new_text_masker: Callable[[str], TextStreamMasker], mask_sync: MaskFn) -> None:
+
+class SseEventTooLarge(StreamNotMaskable):
+    """One event (or one line of it) grew past the cap before its blank line came."""
+
+
+class StreamTooLarge(StreamNotMaskable):
+    """The stream, inflated, grew past the cap."""
+
+
+@dataclass(slots=True)
+class SseEvent:
+    """One event as a WHATWG event-stream client dispatches it, plus the fields that came with it."""
+
+    name: bytes | None  # the last `event:` field, if any
+    data: bytes | None  # the `data:` lines joined with LF; None when there were none (nothing dispatched)
+    ids: list[bytes]  # `id:` values (without NUL)
+    retry: bytes | None  # the last all-digit `retry:` value
+    comments: bool  # a comment line (": ...") came with it: a keep-alive
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+class SseParser:
+    """Splits an event stream into events exactly as an HTML5 (WHATWG) client does, with a size cap.
+
+    CRLF, LF and a bare CR each end a line (a CR at the end of one chunk and an LF at the start of
+    the next are one line end); a blank line ends an event; a line starting with ":" is a comment; a
+    line without ":" is a field with an empty value; one space after the colon is dropped; unknown
+    fields are ignored; a UTF-8 BOM before the first line is skipped. An event not ended by a blank
+    line when the stream ends is not dispatched, as a client would not dispatch it.
+
+    Every byte of a pending event counts towards max_event_bytes (the line in progress included):
+    past it SseEventTooLarge is raised, so an event with no end cannot make the gateway hold an
+    unbounded buffer.
+    """
+
+    def __init__(self, max_event_bytes: int = DEFAULT_STREAM_EVENT_MAX_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
+        self._partial = bytearray()  # the line in progress
+        self._after_cr = False  # the last chunk ended with CR: an LF starting the next one is its pair
+        self._first_line = True
+        self._reset()
+
+    def _reset(self) -> None:
+        self._name: bytes | None = None
+        self._data: list[bytes] = []
+        self._ids: list[bytes] = []
+        self._retry: bytes | None = None
+        self._comments = False
+        self._size = 0  # bytes of the pending event's complete lines
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._size + len(self._partial)
+
+    def feed(self, data: bytes) -> list[SseEvent]:
+        if not data:
+            return []
+        if self._after_cr and data[:1] == b"\n":
+            data = data[1:]
+        self._after_cr = data[-1:] == b"\r"
+        lines = _LINE_END.split(data) if b"\r" in data else data.split(b"\n")
+        tail = lines.pop()  # after the last line end: the start of a line still to come
+        if lines and self._partial:
+            self._partial += lines[0]
+            lines[0] = bytes(self._partial)
+            self._partial.clear()
+        events: list[SseEvent] = []
+        for line in lines:
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        if tail:
+            self._partial += tail
+            if self._size + len(self._partial) > self.max_event_bytes:
+                raise SseEventTooLarge(f"an event grew past {self.max_event_bytes} bytes without ending")
+        return events
+
+    def _line(self, line: bytes) -> SseEvent | None:
+        if self._first_line:
+            self._first_line = False
+            line = line.removeprefix(_BOM)
+        if not line:
+            return self._dispatch()
+        self._size += len(line) + 1
+        if self._size > self.max_event_bytes:
+            raise SseEventTooLarge(f"an event grew past {self.max_event_bytes} bytes without ending")
+        if line[0] == 0x3A:  # ":"
+            self._comments = True
+            return None
+        field, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            self._data.append(value)
+        elif field == b"event":
+            self._name = value
+        elif field == b"id":
+            if b"\0" not in value:
+                self._ids.append(value)
+        elif field == b"retry":
+            if value.isdigit():
+                self._retry = value
+        # Any other field is ignored, as a client ignores it.
+        return None
+
+    def _dispatch(self) -> SseEvent | None:
+        event = SseEvent(self._name, b"\n".join(self._data) if self._data else None, self._ids, self._retry,
+                         self._comments)
+        self._reset()
+        if event.data is None and not (event.ids or event.retry or event.comments):
+            return None  # an empty line, or only an event name: a client dispatches nothing
+        return event
+
+
+# Event names of the OpenAI APIs ("response.output_text.delta", "error"): dotted words, no digits, so
+# they cannot carry an address, a number or a key. Any other name is masked like text.
+_PLAIN_NAME = re.compile(r"[a-z_]{1,64}(?:\.[a-z_]{1,64}){0,8}")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# Characters some SSE clients take for line ends (Python's str.splitlines does): inside a JSON string
+# they are written escaped, so no client can cut a data line there.
+_JSON_LINE_SEPARATORS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+class SseStreamMasker:
+    """Masks an OpenAI server-sent event stream (Responses API or Chat Completions) event by event.
+
+    The output is built from what the parser understood, never copied from the input: a line the
+    parser did not take as an event field cannot reach the client. Comments become bare ":" lines
+    (still keep-alives), `id:` values are masked, `retry:` passes only as digits that masking left
+    alone, unknown fields are dropped, event names other than plain dotted words are masked.
+    """
+
+    def __init__(self, new_text_masker: Callable[[str], TextStreamMasker], mask_sync: MaskFn,
+                 max_event_bytes: int = DEFAULT_STREAM_EVENT_MAX_BYTES,
+                 max_stream_bytes: int = DEFAULT_STREAM_MAX_BYTES) -> None:
         self._new_text_masker = new_text_masker
         self._mask_sync = mask_sync
-        self._buffer = b""
+        self._parser = SseParser(max_event_bytes)
+        self.max_stream_bytes = max_stream_bytes
+        self.received = 0  # bytes of the (decoded) stream fed so far
+        self._names: dict[str, str] = {}  # event names already checked → what goes out
         self._channels: dict[tuple, TextStreamMasker] = {}
         self._templates: dict[tuple, dict] = {}
         self._masked_items: dict[str, Any] = {}
@@ -109,17 +254,14 @@ class SseStreamMasker:
 
     # ---- framing ----------------------------------------------------------------------------------
     def feed(self, data: bytes) -> bytes:
-        self._buffer += data.replace(b"\r\n", b"\n")
-        out = []
-        while b"\n\n" in self._buffer:
-            block, self._buffer = self._buffer.split(b"\n\n", 1)
-            out.append(self._event(block))
-        return b"".join(out)
+        self.received += len(data)
+        if self.received > self.max_stream_bytes:
+            raise StreamTooLarge(f"the stream grew past {self.max_stream_bytes} bytes")
+        return b"".join([self._event(event) for event in self._parser.feed(data)])
 
     def finish(self) -> bytes:
-        out = [self.feed(b"\n\n")] if self._buffer.strip() else []
-        out += [self._flush_all_responses(), self._flush_all_chat(None)]
-        return b"".join(out)
+        # An event the stream did not end with a blank line is dropped: a client would not dispatch it.
+        return self._flush_all_responses() + self._flush_all_chat(None)
 
     @property
     def findings(self) -> list[tuple[str, str]]:
@@ -128,38 +270,56 @@ class SseStreamMasker:
             found += [(entity, channel.path) for entity in channel.findings]
         return found
 
-    def _event(self, block: bytes) -> bytes:
-        name, data_lines, other = None, [], []
-        for line in block.split(b"\n"):
-            if line.startswith(b"data:"):
-                data_lines.append(line[5:].removeprefix(b" "))
-            elif line.startswith(b"event:"):
-                name = line[6:].strip().decode()
-            elif line:
-                other.append(line)  # comments, id:, retry:
-        if not data_lines:
-            return block + b"\n\n"
-        data = b"\n".join(data_lines)
-        if data.strip() == b"[DONE]":
-            return self._flush_all_chat(None) + block + b"\n\n"
+    def _fields(self, event: SseEvent) -> list[bytes]:
+        """The event's other fields as they may go out: nothing of them unexamined."""
+        lines = [b":"] if event.comments else []
+        for value in event.ids:
+            masked = self._mask_sync(value.decode("utf-8", "replace"), "event.id")
+            lines.append(b"id: " + masked.encode())
+        if event.retry is not None:
+            retry = event.retry.decode("ascii")
+            if self._mask_sync(retry, "event.retry") == retry:
+                lines.append(b"retry: " + event.retry)
+        return lines
+
+    def _event(self, event: SseEvent) -> bytes:
+        other = self._fields(event)
+        if event.data is None:
+            return b"\n".join(other) + b"\n\n"
+        name = event.name.decode("utf-8", "replace") if event.name is not None else None
+        data = event.data.decode("utf-8", "replace")
+        if data.strip() == "[DONE]":
+            return self._flush_all_chat(None) + self._serialize(name, other, "[DONE]")
         try:
             payload = json.loads(data)
         except ValueError:
             # Not JSON: mask it as text, so nothing unknown passes unexamined.
-            return self._serialize(name, other, self._mask_sync(data.decode("utf-8", "replace"), "event"))
+            return self._serialize(name, other, self._mask_sync(data, "event"))
         if isinstance(payload, dict) and payload.get("object") == "chat.completion.chunk":
             return self._chat_chunk(name, other, payload)
         if isinstance(payload, dict) and isinstance(payload.get("type"), str):
             return b"".join(self._serialize(name and e.get("type", name), other, e) for e in self._responses_event(payload))
         return self._serialize(name, other, mask_leaves(payload, "event", self._mask_sync))
 
-    @staticmethod
-    def _serialize(name: str | None, other: list[bytes], payload: Any) -> bytes:
+    def _name(self, name: str) -> str:
+        known = self._names.get(name)
+        if known is None:
+            known = name if _PLAIN_NAME.fullmatch(name) else _LINE_BREAK.sub(" ", self._mask_sync(name, "event.name"))
+            if len(self._names) < 256:
+                self._names[name] = known
+        return known
+
+    def _serialize(self, name: str | None, other: list[bytes], payload: Any) -> bytes:
         lines = list(other)
         if name:
-            lines.append(f"event: {name}".encode())
-        text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        lines += [b"data: " + line.encode() for line in text.split("\n")]
+            lines.append(f"event: {self._name(name)}".encode())
+        if isinstance(payload, str):
+            text = payload
+        else:
+            text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+            if not text.isascii():
+                text = text.translate(_JSON_LINE_SEPARATORS)
+        lines += [b"data: " + line.encode() for line in _LINE_BREAK.split(text)]
         return b"\n".join(lines) + b"\n\n"
 
     def _channel(self, key: tuple, path: str) -> TextStreamMasker:
@@ -358,28 +518,106 @@ class SseStreamMasker:
         return self._serialize(name, list(other), base)
 
 
-class StreamNotDecodable(ValueError):
+class StreamNotDecodable(StreamNotMaskable):
     """A streamed body in a content-encoding the gateway cannot decode incrementally."""
 
 
-def stream_decoder(encoding: str) -> Callable[[bytes], bytes] | None:
-    """An incremental decoder for a streamed body's content-encoding (stream callables see it encoded)."""
+# Inflated output is handed on in pieces of at most this size, each masked before the next is made:
+# a few compressed bytes that inflate to gigabytes are stopped at the stream's cap, not held whole.
+INFLATE_PIECE = 64 * 1024
+
+Decoder = Callable[[bytes], Iterator[bytes]]
+
+
+def _zlib_decoder() -> Decoder:
+    wbits = zlib.MAX_WBITS | 32  # 32: a gzip or a zlib header
+    state = {"d": zlib.decompressobj(wbits)}
+
+    def decode(data: bytes) -> Iterator[bytes]:
+        d = state["d"]
+        if not data:
+            tail = d.flush()
+            if tail:
+                yield tail
+            return
+        while data:
+            out = d.decompress(data, INFLATE_PIECE)
+            if out:
+                yield out
+            if d.eof:  # one gzip member ended: another may follow (RFC 1952 allows several)
+                data = d.unused_data
+                d = state["d"] = zlib.decompressobj(wbits)
+                continue
+            data = d.unconsumed_tail
+            while not data and len(out) == INFLATE_PIECE:  # all input taken, output may still be waiting
+                out = d.decompress(b"", INFLATE_PIECE)
+                if out:
+                    yield out
+    return decode
+
+
+def _brotli_decoder() -> Decoder:
+    import brotli
+
+    b = brotli.Decompressor()
+
+    def decode(data: bytes) -> Iterator[bytes]:
+        if not data:
+            return
+        # The limit stops the output buffer growing once it is reached (a piece can be a little
+        # larger); what is still to come is fetched with empty input until there is none.
+        out = b.process(data, output_buffer_limit=INFLATE_PIECE)
+        while out:
+            yield out
+            out = b.process(b"", output_buffer_limit=INFLATE_PIECE)
+    return decode
+
+
+def _zstd_decoder() -> Decoder:
+    try:
+        from compression import zstd  # Python 3.14
+    except ImportError:
+        from backports import zstd  # what mitmproxy itself uses before 3.14
+
+    state = {"d": zstd.ZstdDecompressor()}
+
+    def decode(data: bytes) -> Iterator[bytes]:
+        if not data:
+            return
+        d = state["d"]
+        while True:
+            out = d.decompress(data, INFLATE_PIECE)
+            if out:
+                yield out
+            if d.eof:  # one frame ended: another may follow
+                data = d.unused_data
+                if not data:
+                    state["d"] = zstd.ZstdDecompressor()
+                    return
+                d = state["d"] = zstd.ZstdDecompressor()
+                continue
+            if d.needs_input:
+                return
+            data = b""
+    return decode
+
+
+def stream_decoder(encoding: str) -> Decoder | None:
+    """An incremental decoder for a streamed body's content-encoding (stream callables see it encoded).
+
+    The decoder takes each chunk as it arrives (b"" at the end) and yields its inflated bytes in
+    pieces of at most INFLATE_PIECE (brotli's: at most about 1.5 times that), lazily: a piece is made
+    only when the one before it has been taken. None for a body that is not encoded.
+    """
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return None
     if encoding in ("gzip", "x-gzip", "deflate"):
-        d = zlib.decompressobj(zlib.MAX_WBITS | 32)  # 32: accept gzip or zlib headers
-        return lambda data: d.decompress(data) if data else d.flush()
+        return _zlib_decoder()
     if encoding == "br":
-        import brotli
-
-        b = brotli.Decompressor()
-        return lambda data: b.process(data) if data else b""
+        return _brotli_decoder()
     if encoding == "zstd":
-        import zstandard
-
-        z = zstandard.ZstdDecompressor().decompressobj()
-        return lambda data: z.decompress(data) if data else b""
+        return _zstd_decoder()
     raise StreamNotDecodable(f"cannot decode a streamed body with content-encoding {encoding!r}")
 
 
