@@ -9,7 +9,7 @@ from auditgate.core.addon_files import bundle
 # mitmproxy calls each hook on these in list order. A request hook that answers a flow (a refusal)
 # leaves the later request hooks nothing to do; the response side then runs as usual.
 addons = bundle(__file__, [
-    "transport_errors",  # upstream down → OpenAI-shaped 502, not mitmproxy's HTML page
+    "transport_errors",  # upstream down → OpenAI-shaped 502; upstream too slow → 504 (not mitmproxy's HTML page)
     "upstream_routing",  # 1. which upstream? any other host → 403 (never an open relay)
     "tunnels",  # CONNECT tunnels not read by the gateway: an authenticated caller and an audit entry, or refused
     "caller_auth",  # 2. who is calling? no valid token → 401; the caller's credentials are removed
