@@ -31,6 +31,10 @@ if [ "$ner" = 1 ]; then
 fi
 bootstrap_venv || exit 1
 
+# Everything the gateway writes (records, audit log, keys, the CA, rules it makes) is for this user only. The
+# gateway sets 0600/0700 on its own files whatever the umask; this covers what mitmproxy and libraries write.
+umask 077
+
 if [ "$demo" = 1 ]; then
     # The demo chooses its own ports, rules and records (mitmweb unless --no-web); further arguments
     # go to `auditgate demo` (see `.venv/bin/auditgate demo --help`), then after "--" to mitmweb.

@@ -36,6 +36,12 @@ from auditgate.audit.entries import flow_fields, read_rules_digests, rules_signa
 from auditgate.audit.errors import describe
 from auditgate.core.flow_contract import REFUSAL, AuditUnavailable, services
 from auditgate.core.options import add_gateway_options, records_dir, rules_dir
+from auditgate.core.private_files import (
+    describe_tightened,
+    private_dir,
+    tighten,
+    tighten_tree,
+)
 from auditgate.core.refusal import is_answered, refuse
 
 logger = logging.getLogger("auditgate.addons.audit_log")
@@ -121,9 +127,17 @@ class AuditLog:
                 "be kept apart from what it signs"
             )
         try:
+            if key_path.exists() and tighten(key_path):
+                logger.warning("the audit signing key %s was readable by other users: made it 0600. It may have been "
+                               "copied meanwhile; consider `auditgate audit rotate-key --key %s`", key_path, key_path)
+            self._make_key_directories_private(raise_errors=True)
             key, created = load_or_create_private_key(key_path)
-            if key_path.stat().st_mode & 0o077:
-                logger.warning("the audit signing key %s is readable by other users; chmod 600 it", key_path)
+            private_dir(audit_dir)  # 0700, the records directory too if it is made here
+            tightened = [records_dir()] if tighten(records_dir()) else []
+            tightened += tighten_tree(audit_dir, root_shared_ok=True)  # audit/ is the gateway's by its name
+            if tightened:
+                logger.warning("made audit files private (files 0600, directories 0700) that other users could "
+                               "read: %s", describe_tightened(tightened, records_dir()))
             self._shutdown_writer()
             writer = AuditWriter(audit_dir, key, settings)
             write_atomically(audit_dir / PUBLIC_KEY_FILE, public_key_pem(key.public_key()))
@@ -140,13 +154,36 @@ class AuditLog:
             key_path, "created" if created else "loaded", writer.key_id[:16], audit_dir / PUBLIC_KEY_FILE,
         )
         services.audit_events = self  # approval decisions are written through append_event
+        if "confdir" in updated:
+            try:  # a confdir changed while running: mitmproxy makes its CA there after this hook
+                asyncio.get_running_loop().call_soon(self._make_key_directories_private)
+            except RuntimeError:
+                pass  # not running yet: `running` does it
 
     def _key_path(self) -> Path:
         if ctx.options.gateway_audit_key:
             return Path(ctx.options.gateway_audit_key).expanduser()
         return Path(ctx.options.confdir).expanduser() / DEFAULT_KEY_NAME
 
+    def _make_key_directories_private(self, raise_errors: bool = False) -> None:
+        """mitmproxy's confdir holds the CA's private key and, by default, the audit signing key: it and all in
+        it are made private (0700, 0600; the CA's public certificate too: callers get a copy). mitmproxy
+        writes its CA there under the process's umask; at start before this addon loads, after an option
+        change only once the change is applied, hence a second pass from `running` and the next loop turn."""
+        confdir = Path(ctx.options.confdir).expanduser()
+        try:
+            tightened = tighten_tree(confdir) if confdir.exists() else []
+        except OSError as e:
+            if raise_errors:
+                raise
+            logger.error("could not make the key directory %s private: %s", confdir, describe(e))
+            return
+        if tightened:
+            logger.warning("made the key directory private (files 0600, directories 0700), other users could read: %s",
+                           describe_tightened(tightened, confdir))
+
     def running(self) -> None:
+        self._make_key_directories_private()
         self._ensure_started()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._tick_forever())

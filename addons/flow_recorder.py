@@ -24,6 +24,12 @@ from auditgate.core.credentials import (
 )
 from auditgate.core.flow_contract import FLOW_FILE, REFUSAL, services
 from auditgate.core.options import add_gateway_options, records_dir
+from auditgate.core.private_files import (
+    describe_tightened,
+    private_dir,
+    tighten,
+    tighten_tree,
+)
 from auditgate.core.refusal import is_answered, refuse
 from auditgate.recording.writer import (
     FlowFileWriter,
@@ -43,6 +49,9 @@ LOST_EVENT = "records_lost"
 HEALTH_SECONDS = 0.25  # how often a failing recorder checks whether it can record again
 STALL_SECONDS = 5.0  # a writer that has not answered a batch for this long is failing
 MAX_LOST_IDS = 10_000  # lost flows named per report; more are counted
+# mitmproxy's own flow writers: a second copy of every flow, outside the records the audit log vouches for,
+# in files mitmproxy opens under the process's umask. Refused while the proxy serves.
+UNGOVERNED_WRITERS = ("save_stream_file", "hardump")
 
 
 class FlowRecorder:
@@ -83,17 +92,37 @@ class FlowRecorder:
         for name in ("gateway_flows_max_mb", "gateway_flows_queue_mb"):
             if name in updated and getattr(ctx.options, name) < 1:
                 raise exceptions.OptionsError(f"auditgate: {name} must be at least 1")
+        if updated & {*UNGOVERNED_WRITERS, "server"}:
+            self._refuse_ungoverned_writers()
         if "gateway_records" in updated:
             directory = records_dir() / FLOWS_SUBDIR
             try:
-                directory.mkdir(parents=True, exist_ok=True)
+                private_dir(directory)  # 0700, the records directory too if it is made here
                 if not os.access(directory, os.W_OK):
                     raise PermissionError(f"{directory} is not writable")
+                # What an earlier run left under a looser umask (or an older release) is made private now.
+                tightened = [records_dir()] if tighten(records_dir()) else []
+                tightened += tighten_tree(directory, root_shared_ok=True)  # flows/ is the gateway's by its name
             except OSError as e:
                 raise exceptions.OptionsError(f"auditgate: gateway_records={ctx.options.gateway_records!r}: {e}") from None
+            if tightened:
+                logger.warning("made records private (files 0600, directories 0700) that other users could read: %s",
+                               describe_tightened(tightened, records_dir()))
             self._write_out()
             self._path = None
             self.directory = directory
+
+    @staticmethod
+    def _refuse_ungoverned_writers() -> None:
+        """save_stream_file (-w) and hardump write every flow a second time, beside the records: not digested in
+        the audit log, not scrubbed again, in files of the umask's mode. Reading flow files offline (-n -r ...
+        -w) serves nobody: allowed."""
+        given = [f"{name}={getattr(ctx.options, name)}" for name in UNGOVERNED_WRITERS if getattr(ctx.options, name)]
+        if given and ctx.options.server:
+            raise exceptions.OptionsError(
+                f"auditgate refuses {', '.join(given)}: the gateway records every flow itself under gateway_records "
+                "(files 0600, credentials removed, each digested in the audit log); mitmproxy's own flow writers "
+                "would keep a second copy outside those records. Read the records with mitmproxy -r instead")
 
     def running(self) -> None:
         # Without this mitmproxy keeps no copy of a streamed body, and the record would lose it.

@@ -23,6 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from auditgate.core.private_files import (
+    open_private_fd,
+    private_dir,
+    write_private_atomically,
+)
+
 AUDIT_SUBDIR = "audit"
 PUBLIC_KEY_FILE = "public-key.pem"
 GENESIS_HASH = "0" * 64
@@ -228,11 +234,12 @@ def load_public_key_pem(path: Path) -> Ed25519PublicKey:
 
 
 def create_private_key_file(path: Path) -> Ed25519PrivateKey:
-    """A fresh Ed25519 key in PKCS#8 PEM, mode 0600; never replaces an existing file (FileExistsError)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A fresh Ed25519 key in PKCS#8 PEM, mode 0600 (its directory 0700 if made here); never replaces an
+    existing file (FileExistsError)."""
+    private_dir(path.parent)
     key = Ed25519PrivateKey.generate()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = open_private_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(private_key_pem(key))
@@ -263,14 +270,9 @@ def load_or_create_private_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
         return load_private_key_file(path), False
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace path with data in one step, the file 0600 (the public key too: it goes to auditors as a copy)."""
+    write_private_atomically(path, data)
 
 
 # ---- reading an existing log ---------------------------------------------------------------------
@@ -372,7 +374,7 @@ class AuditWriter:
     clock: callable = time.time
 
     def __post_init__(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         self.tail = read_tail(self.directory)
         self.seq, self.head = self.tail.seq, self.tail.hash
         self.key_id = key_id(self.signing_key.public_key())
@@ -503,7 +505,7 @@ class AuditWriter:
             self.sync_wanted = self.settings.fsync != "never" or self.sync_wanted
         path = self.directory / audit_file_name(self.seq + 1, now)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = open_private_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # 0600 whatever the umask
         except OSError as e:
             raise AuditWriteError(e.errno, f"could not open the audit log {path}: {e.strerror or e}") from e
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from auditgate.approval.rules import normalized_name
 from auditgate.audit.verify import Located, VerifyResult, verify
+from auditgate.core.private_files import private_dir, write_private_atomically
 
 SAMPLE_LIMIT = 5
 
@@ -337,10 +338,12 @@ def write_evidence_pack(records_dir: Path, out: Path, date_from: str | None = No
                         pubkeys: list[Path] | None = None) -> dict:
     result = verify(records_dir, pubkeys)
     pack = build_evidence(result, date_from, date_to)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "evidence.json").write_text(json.dumps(pack, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(render_markdown(pack), encoding="utf-8")
-    (out / "report.html").write_text(render_html(pack), encoding="utf-8")
+    # The pack names callers and quotes audit entries: 0600 files, and 0700 for the directories made here
+    # (an --out directory that exists keeps its mode: the operator chose where it goes).
+    private_dir(out)
+    write_private_atomically(out / "evidence.json", json.dumps(pack, indent=2, sort_keys=True) + "\n")
+    write_private_atomically(out / "report.md", render_markdown(pack))
+    write_private_atomically(out / "report.html", render_html(pack))
     return pack
 
 

@@ -7,17 +7,18 @@ shipped defaults when it does not exist yet. Tests read their own copy of the sh
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+
+from auditgate.core.private_files import copy_private_tree
 
 SHIPPED_RULES = Path(__file__).resolve().parent.parent / "defaults" / "rules"
 DEFAULT_RULES_DIR = "rules"
 
 
 def copy_shipped_rules(target: Path) -> Path:
-    """A fresh copy of the shipped rules at target (which must not exist yet)."""
-    shutil.copytree(SHIPPED_RULES, target)
-    return target
+    """A fresh copy of the shipped rules at target (which must not exist yet): the directory 0700, its files
+    0600 (identities.yaml will hold token hashes, upstreams.yaml where the upstream keys come from)."""
+    return copy_private_tree(SHIPPED_RULES, target)
 
 
 def ensure_rules_dir(directory: Path, option_value: str = DEFAULT_RULES_DIR) -> bool:

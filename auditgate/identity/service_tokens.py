@@ -4,16 +4,15 @@ rules/identities.yaml). OIDC identities are verified in the oidc_* modules."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from auditgate.core.config import ConfigError, RulesFile, check_keys
+from auditgate.core.private_files import private_dir, write_private_atomically
 
 IDENTITIES_FILE = "identities.yaml"
 TOKEN_PREFIX = "agt_"
@@ -177,18 +176,7 @@ def _leading_comments(path: Path) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        else:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # 0600 whatever the umask or the file's mode before (its directory 0700 if made here): the token hashes
+    # are what a caller's token is checked against.
+    private_dir(path.parent)
+    write_private_atomically(path, text)

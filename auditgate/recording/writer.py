@@ -35,6 +35,7 @@ from typing import Any
 
 from auditgate.audit.errors import describe
 from auditgate.core.child_process import child_ends, start_child, stop_child
+from auditgate.core.private_files import open_private
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _probe(directory: str) -> None:
     """Write PROBE_BYTES to a hidden file beside the flow files and remove it: raises if the disk refuses."""
     path = os.path.join(directory, f"{PROBE_PREFIX}{os.getpid()}")
     try:
-        with open(path, "wb") as file:
+        with open_private(path, "wb") as file:
             file.write(b"\0" * PROBE_BYTES)
             file.flush()
     finally:
@@ -135,7 +136,8 @@ def write_batches(jobs_fd: int, answers_fd: int) -> None:
                         for old in files.values():  # the gateway has moved on to a new file
                             old.close()
                         files.clear()
-                        file = files[path] = open(path, "ab")
+                        # 0600 whatever the umask: flow files hold prompts and replies.
+                        file = files[path] = open_private(path, "ab")
                     size = file.tell()
                     # One buffered write and a flush per batch: all of it, or an error.
                     file.write(b"".join(data for _, data in encoded))
