@@ -59,6 +59,8 @@ class BodySizeLimits:
     """Refuses bodies over their limits (413 for requests, 502 for replies), inflating with a cap."""
 
     def __init__(self) -> None:
+        self._running = False
+        self._body_size_limit_too_large = False
         self.limits = BodyLimits.from_megabytes(32, 64)
         # Inflating runs here, not in the event loop nor in asyncio's default executor (which other
         # addons use): a burst of bombs waits for these two threads, and never stalls other callers.
@@ -88,11 +90,23 @@ class BodySizeLimits:
                 current = human.parse_size(ctx.options.body_size_limit) if "body_size_limit" in ctx.options else 0
             except ValueError as e:
                 raise exceptions.OptionsError(f"auditgate: {e}") from None
-            if current is None or current > self.limits.largest:
-                # mitmproxy buffers a whole body before any hook sees it; its own limit stops one that
-                # is larger than anything the gateway would pass (a declared length at once, a chunked
-                # one once that much has come), whoever sends it.
-                ctx.options.update(body_size_limit=str(self.limits.largest))
+            self._body_size_limit_too_large = current is None or current > self.limits.largest
+            if self._running:
+                self._apply_body_size_limit()
+
+    def running(self) -> None:
+        # Not in configure at start: an option update there re-enters configure, and when another
+        # addon's configure then fails, mitmproxy's rollback and this update would chase each other.
+        self._running = True
+        self._apply_body_size_limit()
+
+    def _apply_body_size_limit(self) -> None:
+        if self._body_size_limit_too_large and self.limits is not None:
+            # mitmproxy buffers a whole body before any hook sees it; its own limit stops one that
+            # is larger than anything the gateway would pass (a declared length at once, a chunked
+            # one once that much has come), whoever sends it.
+            self._body_size_limit_too_large = False
+            ctx.options.update(body_size_limit=str(self.limits.largest))
 
     def done(self) -> None:
         self._inflating.shutdown(wait=False, cancel_futures=True)

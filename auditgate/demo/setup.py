@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from auditgate.core.private_files import private_dir, write_private_atomically
 from auditgate.core.shipped import copy_shipped_rules
 from auditgate.demo import DEFAULT_DEMO_DIR  # noqa: F401 (re-exported)
 
@@ -89,8 +90,9 @@ def fresh_demo_dir(base: Path) -> DemoLayout:
         if not (base / MARKER).is_file():
             raise DemoDirError(f"{base} exists and was not made by the demo; choose another --dir or remove it")
         shutil.rmtree(base)
-    base.mkdir(parents=True)
-    (base / MARKER).write_text("made by `auditgate demo` (./run_gateway.sh --demo); replaced at each demo start\n")
+    private_dir(base)
+    write_private_atomically(base / MARKER,
+                             b"made by `auditgate demo` (./run_gateway.sh --demo); replaced at each demo start\n")
     layout = DemoLayout(base)
     layout.audit_key.parent.mkdir(mode=0o700)
     return layout

@@ -37,6 +37,7 @@ from presidio_anonymizer.entities import OperatorConfig  # noqa: E402
 from presidio_anonymizer.operators import OperatorType  # noqa: E402
 
 from auditgate.masking.config import MaskingSettings  # noqa: E402
+from auditgate.masking.normalize import Normalized, normalize  # noqa: E402
 
 # Text around a trigger that a recognizer sees: wide enough for any entity the patterns describe.
 TRIGGER_RADIUS = 96
@@ -198,7 +199,11 @@ class PiiMasker:
         return tuple(e for e in wanted if e in self.supported)
 
     def may_contain(self, text: str, entities: Iterable[str]) -> bool:
-        """False only when no entity can be present: every one has a trigger and none occurs."""
+        """False only when no entity can be present: every one has a trigger and none occurs (in the
+        text as the recognizers read it, see normalize.py)."""
+        return self._may_contain(normalize(text).text, entities)
+
+    def _may_contain(self, text: str, entities: Iterable[str]) -> bool:
         searched: set[re.Pattern] = set()  # entities sharing a trigger: one search
         for entity in entities:
             trigger = self.triggers.get(entity)
@@ -211,7 +216,22 @@ class PiiMasker:
         return False
 
     def find(self, text: str, entities: Iterable[str]) -> list[Span]:
-        entities = tuple(entities)
+        """The findings in text, as spans of text itself. The recognizers (and triggers) read the text
+        normalized once (no-break spaces, full-width digits, escapes, zero-width characters...: see
+        normalize.py); each finding is mapped back to the characters of text it was read from."""
+        return self._find(normalize(text), tuple(entities))
+
+    def _find(self, normalized: Normalized, entities: tuple[str, ...]) -> list[Span]:
+        spans = self._find_in(normalized.text, entities)
+        if not normalized.changed:
+            return spans
+        mapped = []
+        for span in spans:
+            start, end = normalized.original_span(span.start, span.end)
+            mapped.append(Span(span.entity_type, start, end, span.score))
+        return sorted(mapped, key=lambda s: (s.start, s.end))
+
+    def _find_in(self, text: str, entities: tuple[str, ...]) -> list[Span]:
         untriggered = [e for e in entities if e not in self.triggers]
         results: list[RecognizerResult] = []
         if untriggered:
@@ -329,9 +349,12 @@ class PiiMasker:
     def mask(self, text: str, direction: str) -> tuple[str, list[str]]:
         """The masked text and the entity type of every finding (values are never returned)."""
         entities = self.entities(direction)
-        if not text or not self.may_contain(text, entities):
+        if not text:
             return text, []
-        spans = self.find(text, entities)
+        normalized = normalize(text)  # once: the triggers and the recognizers read the same text
+        if not self._may_contain(normalized.text, entities):
+            return text, []
+        spans = self._find(normalized, entities)
         return self.apply(text, spans), [s.entity_type for s in spans]
 
 
