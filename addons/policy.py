@@ -81,6 +81,13 @@ class PolicyRules:
         if not flow.live or is_answered(flow):
             return
         await self._reload_if_changed()
+        unreadable = facts_of(flow).decode_error if not flow.request.stream else None
+        if unreadable is not None:
+            # Text the gateway cannot read is text no rule (and no masking) has seen: refused, never passed.
+            POLICY.set(flow, {"rule": "undecodable-body", "action": "block"})
+            logger.info("policy refused an undecodable request body: %s", unreadable.message)
+            refuse(flow, unreadable.status, unreadable.code, unreadable.message)
+            return
         if self.policy is None:
             # Recorded all the same: the last request check (request_gate) refuses a request that
             # carries no policy decision at all, as one whose policy check never ran.

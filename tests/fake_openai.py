@@ -60,6 +60,24 @@ class FakeOpenAI:
     # Content-encoding the upstream applies whatever the client asked: None, "gzip", or a bogus name.
     json_encoding: str | None = None
     stream_encoding: str | None = None
+    # A citation the upstream attaches to its Responses text ({"title": ..., "url": ...}); None: none.
+    citation: dict | None = None
+
+    @staticmethod
+    def logprobs_of(text: str) -> list[dict]:
+        """Token logprobs that spell the text (3-character tokens), each with a top alternative: itself."""
+        tokens = [text[i:i + 3] for i in range(0, len(text), 3)]
+        entry = lambda t: {"token": t, "bytes": list(t.encode()), "logprob": -0.25}  # noqa: E731
+        return [dict(entry(t), top_logprobs=[entry(t)]) for t in tokens]
+
+    @staticmethod
+    def _wants_logprobs(body: dict) -> bool:
+        return "message.output_text.logprobs" in (body.get("include") or []) or bool(body.get("logprobs"))
+
+    def _annotations(self, text: str) -> list[dict]:
+        if not self.citation:
+            return []
+        return [{"type": "url_citation", "start_index": 0, "end_index": len(text), **self.citation}]
 
     def text_for(self, body: dict) -> str:
         raw = json.dumps(body)
@@ -128,8 +146,11 @@ class FakeOpenAI:
             item = {"type": "function_call", "id": _id("fc"), "call_id": _id("call"), "name": name,
                     "arguments": arguments, "status": "completed"}
         else:
+            part = {"type": "output_text", "text": what, "annotations": self._annotations(what)}
+            if self._wants_logprobs(body):
+                part["logprobs"] = self.logprobs_of(what)
             item = {"type": "message", "id": _id("msg"), "status": "completed", "role": "assistant",
-                    "content": [{"type": "output_text", "text": what, "annotations": []}]}
+                    "content": [part]}
         return self._response_object(model, [item])
 
     def responses_events(self, body: dict):
@@ -161,14 +182,22 @@ class FakeOpenAI:
             yield "response.content_part.added", {"type": "response.content_part.added", "sequence_number": next(seq),
                                                   "item_id": item["id"], "output_index": 0, "content_index": 0,
                                                   "part": part}
+            logprobs = self._wants_logprobs(body)
             for piece in split_text(what, self.deltas):
                 yield "response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": next(seq),
                                                      "item_id": item["id"], "output_index": 0, "content_index": 0,
-                                                     "delta": piece, "logprobs": []}
+                                                     "delta": piece, "logprobs": self.logprobs_of(piece) if logprobs else []}
+            for i, annotation in enumerate(self._annotations(what)):
+                yield "response.output_text.annotation.added", {
+                    "type": "response.output_text.annotation.added", "sequence_number": next(seq),
+                    "item_id": item["id"], "output_index": 0, "content_index": 0, "annotation_index": i,
+                    "annotation": annotation}
             yield "response.output_text.done", {"type": "response.output_text.done", "sequence_number": next(seq),
                                                 "item_id": item["id"], "output_index": 0, "content_index": 0,
-                                                "text": what, "logprobs": []}
-            part = {"type": "output_text", "text": what, "annotations": []}
+                                                "text": what, "logprobs": self.logprobs_of(what) if logprobs else []}
+            part = {"type": "output_text", "text": what, "annotations": self._annotations(what)}
+            if logprobs:
+                part["logprobs"] = self.logprobs_of(what)
             yield "response.content_part.done", {"type": "response.content_part.done", "sequence_number": next(seq),
                                                  "item_id": item["id"], "output_index": 0, "content_index": 0,
                                                  "part": part}
@@ -198,9 +227,10 @@ class FakeOpenAI:
         else:
             message = {"role": "assistant", "content": what, "refusal": None}
             finish = "stop"
+        logprobs = {"content": self.logprobs_of(what), "refusal": None} if body.get("logprobs") and kind == "text" else None
         return {"id": _id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model", "gpt-test"),
-                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}],
                 "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}
 
     def chat_chunks(self, body: dict):
@@ -221,7 +251,10 @@ class FakeOpenAI:
             yield chunk({}, "tool_calls")
         else:
             for piece in split_text(what, self.deltas):
-                yield chunk({"content": piece})
+                piece_chunk = chunk({"content": piece})
+                if body.get("logprobs"):
+                    piece_chunk["choices"][0]["logprobs"] = {"content": self.logprobs_of(piece), "refusal": None}
+                yield piece_chunk
             yield chunk({}, "stop")
         if (body.get("stream_options") or {}).get("include_usage"):
             yield dict(base, choices=[], usage={"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19})

@@ -66,7 +66,7 @@ def test_the_model_of_a_form_upload_and_of_a_body_that_is_not_json():
     form = _flow(b"model=whisper-1&language=en", "application/x-www-form-urlencoded")
     assert facts_of(form).model == "whisper-1" and facts_of(form).payload is None
     text = _flow(b'{"model": "x"}', "text/plain")
-    assert facts_of(text).model is None and facts_of(text).prompt_texts == []
+    assert facts_of(text).model is None and facts_of(text).prompt_texts == ['{"model": "x"}']
 
 
 def test_a_large_body_nobody_parsed_gives_its_model_without_a_parse(monkeypatch):

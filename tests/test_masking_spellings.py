@@ -51,24 +51,8 @@ def test_ordinary_text_is_left_alone(masker, text):
     assert masker.mask(text, "response") == (text, [])
 
 
-def _stream_tail_holds_unicode_spaces() -> bool:
-    """Whether stream.py's hold-back keeps a number separated by no-break spaces together (it must,
-    or the first groups of such a card are released before the last ones arrive)."""
-    from auditgate.masking.stream import _GROWING_TAIL
-
-    match = _GROWING_TAIL.search("card 4111\u00a01111\u00a01111")
-    return match is not None and match.start() == len("card ")
-
-
-def _needs_stream_holdback_fix(text: str) -> bool:
-    return any(c.isspace() and c not in " \t\r\n" for c in text) or "\uff0b" in text
-
-
 @pytest.mark.parametrize("case", SPELLINGS, ids=[case["name"] for case in SPELLINGS])
-def test_every_spelling_is_masked_when_streamed_at_every_split_point(masker, case, request):
-    if _needs_stream_holdback_fix(case["text"]) and not _stream_tail_holds_unicode_spaces():
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="stream.py's _GROWING_TAIL separates groups by [ \\t] only (change reported)"))
+def test_every_spelling_is_masked_when_streamed_at_every_split_point(masker, case):
     entities = masker.entities("response")
     text = case["text"]
     splits = [[text[:cut], text[cut:]] for cut in range(1, len(text))] + [list(text)]

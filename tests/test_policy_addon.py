@@ -34,11 +34,12 @@ def _flow(body: dict, path: str = "/v1/responses"):
     return flow
 
 
-def test_prompt_text_is_the_prompt_fields_only():
+def test_prompt_text_is_every_text_leaf_and_no_structure():
     responses = {"model": "pineapple-1", "instructions": "be brief", "metadata": {"note": "x"},
                  "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
                            {"type": "function_call_output", "call_id": "c1", "output": "tool said"}]}
-    assert prompt_texts(responses, "responses") == ["be brief", "hi", "tool said"]
+    # Every text leaf: metadata too (exhaustive by construction); ids, types, roles and the model are structure.
+    assert prompt_texts(responses, "responses") == ["be brief", "x", "hi", "tool said"]
     chat = {"model": "m", "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "u"}]}
     assert prompt_texts(chat, "chat") == ["sys", "u"]
 

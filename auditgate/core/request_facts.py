@@ -11,17 +11,59 @@ no longer the ones going upstream. No mitmproxy import: a flow is anything with 
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import weakref
+from email.parser import BytesParser
+from email.policy import HTTP
 from functools import cached_property
 from typing import Any
+from urllib.parse import parse_qsl
 
 from auditgate.masking.payload import endpoint_kind, mask_request_payload
 
 JSON_PARSE_LIMIT = 256 * 1024  # the model of a larger body that nobody parsed is found by a scan
 _MODEL_PATTERN = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_CHARSET = re.compile(r";\s*charset\s*=\s*\"?([^\s\";]+)", re.IGNORECASE)
+
+
+class BodyNotDecodable(ValueError):
+    """A request body whose text the gateway cannot read: refused (never passed) by policy."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _unsupported(message: str) -> BodyNotDecodable:
+    return BodyNotDecodable(415, "gateway_unsupported_media_type", message)
+
+
+def _bad(message: str) -> BodyNotDecodable:
+    return BodyNotDecodable(400, "gateway_bad_request", message)
+
+
+def _charset(content_type: str, default: str = "utf-8") -> str:
+    """The codec a content type names (default UTF-8); an unknown one is refused, not guessed."""
+    match = _CHARSET.search(content_type)
+    name = match.group(1) if match else default
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise _unsupported(f"the request body's charset {name!r} is not one the gateway can read") from None
+
+
+def _decode(data: bytes, charset: str, what: str) -> str:
+    try:
+        return data.decode(charset)  # strict: one undecodable byte anywhere refuses the whole body
+    except UnicodeDecodeError:
+        raise _bad(f"the {what} is not valid {charset}, so the gateway cannot inspect it") from None
+
+
+def _is_text_type(media: str) -> bool:
+    return media.startswith("text/") or "json" in media or media in ("", "application/xml")
 
 
 def media_type(content_type: str) -> str:
@@ -56,14 +98,50 @@ class RequestFacts:
         return self.content_type in FORM_TYPES
 
     @cached_property
+    def _read(self) -> tuple[Any, list[str] | None, BodyNotDecodable | None]:
+        """(JSON payload or None, the texts of a body that is not JSON or None, why it cannot be read)."""
+        try:
+            return self._read_body()
+        except BodyNotDecodable as e:
+            return None, None, e
+
+    def _read_body(self) -> tuple[Any, list[str] | None, None]:
+        if not self.source:
+            return None, None, None
+        text_type = self.is_json or self.is_form or _is_text_type(self.content_type)
+        if not text_type:
+            return None, [], None  # binary (audio, images, files): no prompt text to read
+        try:
+            data = self._request.get_content(strict=True)
+        except ValueError:
+            raise _unsupported("the request body's content-encoding cannot be decoded") from None
+        raw_type = self._request.headers.get("content-type", "")
+        if self.content_type == "multipart/form-data":
+            return None, _multipart_texts(raw_type, data), None
+        text = _decode(data, _charset(raw_type), "request body")
+        if self.content_type == "application/x-www-form-urlencoded":
+            try:
+                fields = parse_qsl(text, keep_blank_values=True, encoding=_charset(raw_type), errors="strict")
+            except (UnicodeDecodeError, ValueError):
+                raise _bad("a form field of the request body is not valid text") from None
+            return None, [v for pair in fields for v in pair if v], None
+        if self.is_json:
+            try:
+                return json.loads(text), None, None
+            except ValueError:
+                if self.content_type:  # declared JSON: what the upstream would read cannot be known
+                    raise _bad("the request body is not valid JSON") from None
+        return None, [text] if text else [], None
+
+    @property
+    def decode_error(self) -> BodyNotDecodable | None:
+        """Why the body's text cannot be read (refused by policy), or None."""
+        return self._read[2]
+
+    @property
     def payload(self) -> Any:
         """The body as JSON, or None (empty, not JSON, or not decodable)."""
-        if not self.source or not self.is_json:
-            return None
-        try:
-            return json.loads(self._request.get_content(strict=False))
-        except (ValueError, UnicodeDecodeError):
-            return None
+        return self._read[0]
 
     @cached_property
     def model(self) -> str | None:
@@ -72,7 +150,7 @@ class RequestFacts:
             return self._form_model()
         if not self.source or not self.is_json:
             return None
-        if "payload" not in self.__dict__ and self.body_size > JSON_PARSE_LIMIT and (
+        if "_read" not in self.__dict__ and self.body_size > JSON_PARSE_LIMIT and (
                 "content-encoding" not in self._request.headers):
             # A long conversation that no rule needed parsed: its first "model" is taken, not parsed for.
             match = _MODEL_PATTERN.search(self.source)
@@ -93,7 +171,9 @@ class RequestFacts:
 
     @cached_property
     def prompt_texts(self) -> list[str]:
-        return prompt_texts(self.payload, self.endpoint)
+        """Every text of the request: a JSON body's text leaves, a text body, form fields' values."""
+        payload, texts, _ = self._read
+        return texts if texts is not None else prompt_texts(payload, self.endpoint)
 
     @cached_property
     def tool_names(self) -> list[str]:
@@ -122,6 +202,23 @@ def prompt_texts(payload: Any, endpoint: str) -> list[str]:
 
     if payload is not None:
         mask_request_payload(payload, endpoint, collect)
+    return texts
+
+
+def _multipart_texts(content_type: str, data: bytes) -> list[str]:
+    """The text of every form field, and of every uploaded file in a text type (a JSONL batch file)."""
+    message = BytesParser(policy=HTTP).parsebytes(b"content-type: " + content_type.encode("latin-1") + b"\r\n\r\n" + data)
+    if not message.is_multipart() or message.defects:
+        raise _bad("the multipart request body cannot be parsed")
+    texts = []
+    for part in message.iter_parts():
+        media = part.get_content_type()
+        if part.get_filename() is not None and not (media.startswith("text/") or "json" in media):
+            continue  # an uploaded binary file (audio, image): no prompt text
+        charset = _charset(f"; charset={part.get_content_charset()}" if part.get_content_charset() else "")
+        text = _decode(part.get_payload(decode=True) or b"", charset, "multipart field")
+        if text:
+            texts.append(text)
     return texts
 
 

@@ -1,20 +1,105 @@
-"""Which strings of an OpenAI request or reply carry text, and rewriting them in place (no mitmproxy)."""
+"""Which strings of an OpenAI request or reply carry text, and rewriting them in place (no mitmproxy).
+
+One walker serves every shape (Chat, Responses, their stream events, trace uploads, unknown bodies):
+it is exhaustive by construction. A string under a known structural key (ids, types, enums) passes;
+every other string leaf is text and goes through the mask. Two kinds of field are handled apart:
+- JSON held in a string (tool-call ``arguments``): its own string leaves are masked, it stays JSON;
+- shadows of text (``logprobs``, ``top_logprobs``): token lists that spell the text beside them. They
+  cannot be masked consistently, so they are kept untouched when masking left their text alone and
+  dropped (null, or [] where the API has a list) when it changed anything in the same object.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 # mask(text, path) -> replacement text. Paths name fields like "output[0].content[0].text".
 MaskFn = Callable[[str, str], str]
 
-# Keys whose string values are structure, never prose: left alone even in unknown shapes.
+# Keys whose string values are structure, never prose: ids, types, enums, names a client dispatches on.
+# Only a string (or number) under them passes; a list or object under them is walked like any other.
 STRUCTURAL_KEYS = frozenset({
     "id", "object", "type", "role", "status", "model", "call_id", "item_id", "tool_call_id", "response_id",
     "previous_response_id", "finish_reason", "system_fingerprint", "service_tier", "encoding_format",
-    "tool_choice", "created", "created_at", "index", "logprobs", "format", "detail", "truncation",
+    "tool_choice", "created", "created_at", "index", "format", "detail", "truncation", "name",
+    "file_id", "trace_id", "span_id", "parent_id", "group_id", "started_at", "ended_at", "param",
+    "effort", "verbosity", "voice", "sequence_number", "output_index", "content_index", "summary_index",
+    "annotation_index", "logprob", "completed_at", "reason", "phase", "vector_store_id",
 })
+# Text-shaped shadows of the text beside them (see the module docstring): kept or dropped, never walked.
+SHADOW_KEYS = frozenset({"logprobs", "top_logprobs"})
+# Strings that hold a JSON document (tool-call arguments): masked leaf by leaf so they stay JSON.
+JSON_STRING_KEYS = frozenset({"arguments"})
+# Binary payloads (images, audio, files as base64): long strings of the base64 alphabet only, which
+# cannot hold an address or a spaced number; not text, and too costly to scan.
+_BASE64_BLOB = re.compile(r"(?:data:[\w.+-]+/[\w.+-]+(?:;[\w=.-]+)*;base64,)?[A-Za-z0-9+/\r\n]+=*")
+_BLOB_MIN = 1024
+
+
+class _Walk:
+    """One walk over a JSON value: masks every text leaf and counts the leaves masking changed."""
+
+    __slots__ = ("mask", "changed")
+
+    def __init__(self, mask: MaskFn) -> None:
+        self.mask = mask
+        self.changed = 0
+
+    def text(self, value: str, path: str) -> str:
+        if not value or (len(value) >= _BLOB_MIN and _BASE64_BLOB.fullmatch(value)):
+            return value
+        masked = self.mask(value, path)
+        if masked != value:
+            self.changed += 1
+        return masked
+
+    def json_text(self, value: str, path: str) -> str:
+        """A JSON document in a string: its string leaves masked, still valid JSON."""
+        try:
+            parsed = json.loads(value)
+        except (ValueError, TypeError):
+            return self.text(value, path)  # not JSON (yet): treat as text
+        before = self.changed
+        masked = _mask_all(parsed, path, self)  # JSON the model wrote: even its "id" or "name" is data
+        if self.changed == before:
+            return value
+        return json.dumps(masked, ensure_ascii=False)
+
+    def value(self, value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            return self.text(value, path)
+        if isinstance(value, list):
+            return [self.value(v, _join(path, i)) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            return self.object(value, path)
+        return value
+
+    def object(self, value: dict, path: str) -> dict:
+        before = self.changed
+        out: dict = {}
+        shadows = []
+        for key, item in value.items():
+            if key in SHADOW_KEYS:
+                shadows.append(key)
+                out[key] = item
+            elif key in STRUCTURAL_KEYS and not isinstance(item, (dict, list)):
+                out[key] = item
+            elif key in JSON_STRING_KEYS and isinstance(item, str):
+                out[key] = self.json_text(item, _join(path, key))
+            else:
+                out[key] = self.value(item, _join(path, key))
+        if shadows and self.changed != before:
+            for key in shadows:
+                out[key] = drop_shadow(value[key])
+        return out
+
+
+def drop_shadow(value: Any) -> Any:
+    """What a logprobs field becomes when its text was masked: empty, in the shape the API uses."""
+    return [] if isinstance(value, list) else None
 
 
 def endpoint_kind(path: str) -> str:
@@ -38,156 +123,44 @@ def _join(path: str, key: str | int) -> str:
 
 
 def mask_leaves(value: Any, path: str, mask: MaskFn, skip_structural: bool = True) -> Any:
-    """Every string leaf of a JSON value, masked (structural keys skipped)."""
+    """Every text leaf of a JSON value, masked (structural keys pass; logprobs of masked text dropped).
+
+    skip_structural=False masks every string leaf, structural keys included (JSON written by the model).
+    """
+    walk = _Walk(mask)
+    if skip_structural:
+        return walk.value(value, path)
+    return _mask_all(value, path, walk)
+
+
+def _mask_all(value: Any, path: str, walk: _Walk) -> Any:
     if isinstance(value, str):
-        return mask(value, path)
+        return walk.text(value, path)
     if isinstance(value, list):
-        return [mask_leaves(v, _join(path, i), mask, skip_structural) for i, v in enumerate(value)]
+        return [_mask_all(v, _join(path, i), walk) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {
-            k: v if (skip_structural and k in STRUCTURAL_KEYS) else mask_leaves(v, _join(path, k), mask, skip_structural)
-            for k, v in value.items()
-        }
+        return {k: _mask_all(v, _join(path, k), walk) for k, v in value.items()}
     return value
 
 
 def mask_json_string(text: str, path: str, mask: MaskFn) -> str:
     """Tool-call arguments: a JSON document in a string. Mask its string leaves so it stays valid JSON."""
-    try:
-        parsed = json.loads(text)
-    except (ValueError, TypeError):
-        return mask(text, path)  # not JSON (yet): treat as text
-    if isinstance(parsed, str):
-        masked = mask(parsed, path)
-        return text if masked == parsed else json.dumps(masked, ensure_ascii=False)
-    masked = mask_leaves(parsed, path, mask, skip_structural=False)
-    return text if masked == parsed else json.dumps(masked, ensure_ascii=False)
-
-
-def _mask_content_parts(parts: Any, path: str, mask: MaskFn) -> Any:
-    if isinstance(parts, str):
-        return mask(parts, path)
-    if not isinstance(parts, list):
-        return mask_leaves(parts, path, mask)
-    out = []
-    for i, part in enumerate(parts):
-        p = _join(path, i)
-        if isinstance(part, dict):
-            part = dict(part)
-            for field in ("text", "refusal", "transcript"):
-                if isinstance(part.get(field), str):
-                    part[field] = mask(part[field], _join(p, field))
-        elif isinstance(part, str):
-            part = mask(part, p)
-        out.append(part)
-    return out
+    return _Walk(mask).json_text(text, path)
 
 
 def mask_output_item(item: Any, path: str, mask: MaskFn) -> Any:
-    """One item of a Responses API `output` (or `input`) list."""
-    if not isinstance(item, dict):
-        return mask_leaves(item, path, mask)
-    item = dict(item)
-    kind = item.get("type")
-    if kind == "message" or ("role" in item and "content" in item):
-        item["content"] = _mask_content_parts(item.get("content"), _join(path, "content"), mask)
-    elif kind in ("function_call", "mcp_call") and isinstance(item.get("arguments"), str):
-        item["arguments"] = mask_json_string(item["arguments"], _join(path, "arguments"), mask)
-        if isinstance(item.get("output"), str):
-            item["output"] = mask(item["output"], _join(path, "output"))
-    elif kind == "custom_tool_call" and isinstance(item.get("input"), str):
-        item["input"] = mask(item["input"], _join(path, "input"))
-    elif kind in ("function_call_output", "custom_tool_call_output"):
-        item["output"] = _mask_content_parts(item.get("output"), _join(path, "output"), mask)
-    elif kind == "reasoning":
-        for field in ("summary", "content"):
-            if field in item:
-                item[field] = _mask_content_parts(item[field], _join(path, field), mask)
-    else:
-        # Unknown item types (search results, computer actions, ...): never pass unmasked.
-        item = mask_leaves(item, path, mask)
-    return item
-
-
-def _mask_responses_object(payload: dict, mask: MaskFn) -> dict:
-    payload = dict(payload)
-    if isinstance(payload.get("output"), list):
-        payload["output"] = [mask_output_item(item, f"output[{i}]", mask) for i, item in enumerate(payload["output"])]
-    if isinstance(payload.get("error"), dict) and isinstance(payload["error"].get("message"), str):
-        payload["error"] = dict(payload["error"], message=mask(payload["error"]["message"], "error.message"))
-    return payload
-
-
-def _mask_chat_message(message: Any, path: str, mask: MaskFn) -> Any:
-    if not isinstance(message, dict):
-        return mask_leaves(message, path, mask)
-    message = dict(message)
-    if "content" in message and message["content"] is not None:
-        message["content"] = _mask_content_parts(message["content"], _join(path, "content"), mask)
-    for field in ("refusal", "reasoning_content"):
-        if isinstance(message.get(field), str):
-            message[field] = mask(message[field], _join(path, field))
-    if isinstance(message.get("tool_calls"), list):
-        calls = []
-        for i, call in enumerate(message["tool_calls"]):
-            call = dict(call) if isinstance(call, dict) else call
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                call["function"] = dict(function, arguments=mask_json_string(
-                    function["arguments"], _join(_join(_join(path, "tool_calls"), i), "function.arguments"), mask))
-            calls.append(call)
-        message["tool_calls"] = calls
-    function_call = message.get("function_call")
-    if isinstance(function_call, dict) and isinstance(function_call.get("arguments"), str):
-        message["function_call"] = dict(function_call, arguments=mask_json_string(
-            function_call["arguments"], _join(path, "function_call.arguments"), mask))
-    if isinstance(message.get("audio"), dict) and isinstance(message["audio"].get("transcript"), str):
-        message["audio"] = dict(message["audio"], transcript=mask(message["audio"]["transcript"], _join(path, "audio.transcript")))
-    return message
-
-
-def _mask_chat_completion(payload: dict, mask: MaskFn) -> dict:
-    payload = dict(payload)
-    choices = []
-    for i, choice in enumerate(payload.get("choices") or []):
-        choice = dict(choice)
-        for field in ("message", "delta"):
-            if field in choice:
-                choice[field] = _mask_chat_message(choice[field], f"choices[{i}].{field}", mask)
-        choices.append(choice)
-    payload["choices"] = choices
-    return payload
+    """One item of a Responses API `output` (or `input`) list: every text leaf."""
+    return _Walk(mask).value(item, path)
 
 
 def mask_response_payload(payload: Any, kind: str, mask: MaskFn) -> Any:
-    """A reply body: only text-bearing fields of known shapes; every string leaf of unknown ones."""
+    """A reply body: every text leaf, whatever its shape (embeddings and model lists carry no model text)."""
     if kind in ("embeddings", "models"):
-        return payload  # vectors and model lists carry no text from the model
-    if isinstance(payload, dict) and payload.get("object") == "response":
-        return _mask_responses_object(payload, mask)
-    if isinstance(payload, dict) and payload.get("object") in ("chat.completion", "chat.completion.chunk"):
-        return _mask_chat_completion(payload, mask)
-    return mask_leaves(payload, "", mask)
+        return payload
+    return _Walk(mask).value(payload, "")
 
 
 def mask_request_payload(payload: Any, kind: str, mask: MaskFn) -> Any:
-    """A request body: prompts, instructions, messages and tool outputs; unknown shapes: every string leaf."""
-    if kind == "embeddings" and isinstance(payload, dict):
-        return dict(payload, input=mask_leaves(payload.get("input"), "input", mask))
-    if kind == "responses" and isinstance(payload, dict):
-        payload = dict(payload)
-        if isinstance(payload.get("instructions"), str):
-            payload["instructions"] = mask(payload["instructions"], "instructions")
-        value = payload.get("input")
-        if isinstance(value, str):
-            payload["input"] = mask(value, "input")
-        elif isinstance(value, list):
-            payload["input"] = [mask_output_item(item, f"input[{i}]", mask) for i, item in enumerate(value)]
-        return payload
-    if kind == "chat" and isinstance(payload, dict):
-        payload = dict(payload)
-        payload["messages"] = [
-            _mask_chat_message(m, f"messages[{i}]", mask) for i, m in enumerate(payload.get("messages") or [])
-        ]
-        return payload
-    return mask_leaves(payload, "", mask)
+    """A request body: every text leaf (instructions, input items, messages, tools and their descriptions,
+    prompt variables, tool outputs, metadata); the same walk gives policy its prompt texts."""
+    return _Walk(mask).value(payload, "")

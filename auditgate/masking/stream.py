@@ -15,7 +15,13 @@ from auditgate.masking.config import (
     DEFAULT_STREAM_MAX_BYTES,
 )
 from auditgate.masking.engine import Span
-from auditgate.masking.payload import MaskFn, mask_leaves, mask_output_item
+from auditgate.masking.payload import (
+    SHADOW_KEYS,
+    MaskFn,
+    drop_shadow,
+    mask_leaves,
+    mask_output_item,
+)
 
 FindFn = Callable[[str], list[Span]]
 ApplyFn = Callable[[str, list[Span]], str]
@@ -23,7 +29,9 @@ ApplyFn = Callable[[str, list[Span]], str]
 # The tail of unreleased text that could still grow into an entity: the current unbroken word (an
 # email, key or address in progress) and, before it, groups that could belong to a spaced number,
 # card or IBAN ("+1 415 555", "DE89 3704", "GB82 WEST 1234").
-_GROWING_TAIL = re.compile(r"(?:(?:[A-Za-z]{2}\d{2}|[\dA-Z()+\-./]+)[ \t]+)*\S*\Z")
+# Number groups separated by any space but a line end (no-break and thin spaces too: normalization
+# reads them as spaces) and by the dashes, dots and full-width signs a spelling may use.
+_GROWING_TAIL = re.compile(r"(?:(?:[^\W\d_]{2}\d{2}|[\dA-Z()+\-./\uff0b\uff0d\uff08\uff09\u2010-\u2015\u2212\u00b7\u2022]+)[^\S\r\n]+)*\S*\Z")
 
 
 class TextStreamMasker:
@@ -94,6 +102,11 @@ class TextStreamMasker:
 
 # Deltas that are not text (base64 audio): passed untouched.
 _NOT_TEXT = frozenset({"response.audio"})
+# The text fields of a Chat chunk's delta that stream (each through its own hold-back channel).
+_CHAT_STREAMED = ("content", "refusal", "reasoning_content")
+# The fields of an output item that arrive as deltas, by item type (the rest of the item is walked).
+_STREAMED_FIELDS = {"message": ("content",), "function_call": ("arguments",), "mcp_call": ("arguments",),
+                    "custom_tool_call": ("input",), "reasoning": ("summary", "content")}
 # The field of a ".done" event that repeats its stream's whole text.
 _DONE_FIELDS = ("text", "arguments", "refusal", "transcript", "input", "code")
 
@@ -295,7 +308,7 @@ class SseStreamMasker:
         except ValueError:
             # Not JSON: mask it as text, so nothing unknown passes unexamined.
             return self._serialize(name, other, self._mask_sync(data, "event"))
-        if isinstance(payload, dict) and payload.get("object") == "chat.completion.chunk":
+        if isinstance(payload, dict) and payload.get("object") in ("chat.completion.chunk", "text_completion"):
             return self._chat_chunk(name, other, payload)
         if isinstance(payload, dict) and isinstance(payload.get("type"), str):
             return b"".join(self._serialize(name and e.get("type", name), other, e) for e in self._responses_event(payload))
@@ -377,41 +390,65 @@ class SseStreamMasker:
             if base in _NOT_TEXT:
                 return [self._number(event)]
             key = self._key(event, base)
-            self._templates[key] = {k: v for k, v in event.items() if k != "delta"}
-            event["delta"] = self._channel(key, self._path(event, base)).feed(event["delta"])
+            raw = event["delta"]
+            event = self._rest(event, "delta")
+            self._templates[key] = {k: v for k, v in event.items() if k not in ("delta", *SHADOW_KEYS)}
+            event["delta"] = self._channel(key, self._path(event, base)).feed(raw)
+            # Logprobs spell the delta as received: they go out only with that very text.
+            self._shadow(event, event["delta"] != raw)
             return [self._number(event)]
         if kind.endswith(".done") and kind not in ("response.content_part.done", "response.output_item.done",
                                                    "response.reasoning_summary_part.done"):
             base = kind[: -len(".done")]
             field = next((f for f in _DONE_FIELDS if isinstance(event.get(f), str)), None)
-            if field is None or base in _NOT_TEXT:
+            if base in _NOT_TEXT:
                 return [self._number(event)]
-            before, event[field] = self._masked_channel_text(self._key(event, base), event[field], self._path(event, base))
+            if field is None:
+                return [self._number(mask_leaves(event, "event", self._mask_sync))]
+            raw = event[field]
+            event = self._rest(event, field)
+            before, event[field] = self._masked_channel_text(self._key(event, base), raw, self._path(event, base))
+            self._shadow(event, event[field] != raw)
             return before + [self._number(event)]
         if kind in ("response.content_part.done", "response.reasoning_summary_part.done",
                     "response.content_part.added", "response.reasoning_summary_part.added"):
             part = event.get("part")
             before: list[dict] = []
+            event = self._rest(event, "part")
             if isinstance(part, dict):
-                part = dict(part)
                 field = next((f for f in _DONE_FIELDS if isinstance(part.get(f), str)), None)
+                raw = part.get(field) if field else None
+                masked_part = self._rest(part, field) if field else mask_leaves(part, "part", self._mask_sync)
                 if field and kind.endswith(".done"):
                     base = {"refusal": "response.refusal", "reasoning_text": "response.reasoning_text",
                             "summary_text": "response.reasoning_summary_text"}.get(part.get("type"),
                                                                                   "response.output_text")
-                    before, part[field] = self._masked_channel_text(self._key(event, base), part[field],
-                                                                    self._path(event, base))
-                elif field and part[field]:
-                    part[field] = self._mask_sync(part[field], self._path(event, "part"))
-                event["part"] = part
+                    before, masked_part[field] = self._masked_channel_text(self._key(event, base), raw,
+                                                                           self._path(event, base))
+                elif field:
+                    masked_part[field] = self._mask_sync(raw, self._path(event, "part")) if raw else raw
+                if field:
+                    self._shadow(masked_part, masked_part[field] != raw)
+                event["part"] = masked_part
+            elif part is not None:
+                event["part"] = mask_leaves(part, "part", self._mask_sync)
             return before + [self._number(event)]
         if kind in ("response.output_item.done", "response.output_item.added"):
-            before, event["item"] = self._mask_item(event.get("item"), event.get("output_index", 0))
+            item = event.get("item")
+            event = self._rest(event, "item")
+            before, event["item"] = self._mask_item(item, event.get("output_index", 0))
             return before + [self._number(event)]
         if kind in ("response.completed", "response.incomplete", "response.failed",
                     "response.created", "response.in_progress", "response.queued"):
             response = event.get("response")
             before = []
+            event = self._rest(event, "response")
+            event["response"] = response
+            if isinstance(response, dict):
+                # Everything else the response echoes (instructions, tools, metadata, errors) is text too.
+                event["response"] = response = dict(self._rest(response, "output"), output=response.get("output"))
+            else:
+                event["response"] = mask_leaves(response, "event.response", self._mask_sync)
             if isinstance(response, dict) and isinstance(response.get("output"), list):
                 output = []
                 for i, item in enumerate(response["output"]):
@@ -423,11 +460,45 @@ class SseStreamMasker:
                         before += flushed
                         output.append(masked)
                 event["response"] = dict(response, output=output)
+            elif isinstance(response, dict) and response.get("output") is not None:
+                event["response"]["output"] = mask_leaves(response["output"], "output", self._mask_sync)
             return before + [self._number(event)]
-        if kind == "error" or kind.startswith("response.output_text.annotation"):
-            return [self._number(event)]
         # An event type we do not know: every string leaf is masked; nothing passes unexamined.
         return [self._number(mask_leaves(event, "event", self._mask_sync))]
+
+    def _mask_part(self, kind: str, field: str, i: int, part: Any, path: str, from_channel) -> Any:
+        """One content or summary part of an item: its text from its channel, the rest walked."""
+        if not isinstance(part, dict):
+            return mask_leaves(part, f"{path}.{field}[{i}]", self._mask_sync)
+        masked = self._rest(part, "text", "refusal")
+        changed = False
+        for name in ("text", "refusal"):
+            if isinstance(part.get(name), str):
+                base = ("response.refusal" if name == "refusal" else "response.output_text" if kind == "message"
+                        else "response.reasoning_summary_text" if field == "summary" else "response.reasoning_text")
+                masked[name] = from_channel(base, i, part[name], f"{path}.{field}[{i}].{name}")
+                changed |= masked[name] != part[name]
+            elif name in part:
+                masked[name] = mask_leaves(part[name], f"{path}.{field}[{i}].{name}", self._mask_sync)
+        self._shadow(masked, changed)
+        return masked
+
+    def _rest(self, obj: dict, *taken: str | None) -> dict:
+        """A copy of obj with every field but `taken` (filled in by the caller) and its shadows masked."""
+        rest = {k: v for k, v in obj.items() if k not in taken and k not in SHADOW_KEYS}
+        masked = mask_leaves(rest, "event", self._mask_sync)
+        for key in SHADOW_KEYS:
+            if key in obj:
+                masked[key] = obj[key]
+        return masked
+
+    @staticmethod
+    def _shadow(obj: dict, text_changed: bool) -> None:
+        """Logprobs stay only beside text that goes out as it came (see payload's module docstring)."""
+        if text_changed:
+            for key in SHADOW_KEYS:
+                if key in obj:
+                    obj[key] = drop_shadow(obj[key])
 
     def _mask_item(self, item: Any, output_index: int) -> tuple[list[dict], Any]:
         """An output item with each text field replaced by its channel's masked text (flushing first)."""
@@ -444,77 +515,112 @@ class SseStreamMasker:
                 return self._channels[key].masked_text
             return self._mask_sync(text, field_path) if text else text
 
-        masked = dict(item)
         kind = item.get("type")
-        if kind == "message" and isinstance(item.get("content"), list):
-            parts = []
-            for i, part in enumerate(item["content"]):
-                part = dict(part) if isinstance(part, dict) else part
-                if isinstance(part, dict):
-                    if isinstance(part.get("text"), str):
-                        part["text"] = from_channel("response.output_text", i, part["text"], f"{path}.content[{i}].text")
-                    if isinstance(part.get("refusal"), str):
-                        part["refusal"] = from_channel("response.refusal", i, part["refusal"], f"{path}.content[{i}].refusal")
-                parts.append(part)
-            masked["content"] = parts
-        elif kind in ("function_call", "mcp_call") and isinstance(item.get("arguments"), str):
-            masked["arguments"] = from_channel("response.function_call_arguments", 0, item["arguments"], f"{path}.arguments")
-        elif kind == "custom_tool_call" and isinstance(item.get("input"), str):
-            masked["input"] = from_channel("response.custom_tool_call_input", 0, item["input"], f"{path}.input")
-        elif kind == "reasoning":
-            for field, base in (("summary", "response.reasoning_summary_text"), ("content", "response.reasoning_text")):
-                if isinstance(item.get(field), list):
-                    masked[field] = [
-                        dict(p, text=from_channel(base, i, p["text"], f"{path}.{field}[{i}].text"))
-                        if isinstance(p, dict) and isinstance(p.get("text"), str) else p
-                        for i, p in enumerate(item[field])
-                    ]
-        else:
+        streamed = _STREAMED_FIELDS.get(kind)
+        if streamed is None:
+            # Unknown item types (search results, computer actions, ...): every text leaf, nothing passes.
             masked = mask_output_item(item, path, self._mask_sync)
+        else:
+            masked = self._rest(item, *streamed)
+            for field in streamed:
+                value = item.get(field)
+                if field in ("content", "summary") and isinstance(value, list):
+                    masked[field] = [self._mask_part(kind, field, i, part, path, from_channel)
+                                     for i, part in enumerate(value)]
+                elif field in ("arguments", "input") and isinstance(value, str):
+                    base = ("response.custom_tool_call_input" if field == "input"
+                            else "response.mcp_call_arguments" if kind == "mcp_call" and (
+                                ("response.mcp_call_arguments", item_id, 0) in self._channels)
+                            else "response.function_call_arguments")
+                    masked[field] = from_channel(base, 0, value, f"{path}.{field}")
+                elif field in item:
+                    masked[field] = mask_leaves(value, f"{path}.{field}", self._mask_sync)
         if item_id is not None:
             self._masked_items[item_id] = masked
         return before, masked
 
     # ---- Chat Completions -------------------------------------------------------------------------
     def _chat_chunk(self, name: str | None, other: list[bytes], chunk: dict) -> bytes:
-        self._chat_shape = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
+        choices = chunk.get("choices")
+        chunk = self._rest(chunk, "choices")  # id, model, usage... and any unknown field: walked
+        self._chat_shape = {k: v for k, v in chunk.items() if k not in ("choices", "usage", *SHADOW_KEYS)}
         before = b""
-        for choice in chunk.get("choices") or []:
+        if not isinstance(choices, list):
+            if choices is not None:
+                chunk["choices"] = mask_leaves(choices, "choices", self._mask_sync)
+            return self._serialize(name, other, chunk)
+        masked_choices = []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                masked_choices.append(mask_leaves(choice, "choices", self._mask_sync))
+                continue
             index = choice.get("index", 0)
             delta = choice.get("delta")
+            masked = self._rest(choice, "delta", "text")
+            changed = False
+            if isinstance(choice.get("text"), str):  # a completions-style chunk: its text streams too
+                masked["text"] = self._channel(("chat", index, "text"), f"choices[{index}].text").feed(choice["text"])
+                changed |= masked["text"] != choice["text"]
             if isinstance(delta, dict):
-                for field in ("content", "refusal", "reasoning_content"):
-                    if isinstance(delta.get(field), str):
-                        path = f"choices[{index}].{field}"
-                        delta[field] = self._channel(("chat", index, field), path).feed(delta[field])
-                for call in delta.get("tool_calls") or []:
-                    function = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                        key = ("chat", index, "tool_calls", call.get("index", 0))
-                        path = f"choices[{index}].tool_calls[{call.get('index', 0)}].function.arguments"
-                        function["arguments"] = self._channel(key, path).feed(function["arguments"])
+                fields = [f for f in _CHAT_STREAMED if isinstance(delta.get(f), str)]
+                calls = delta.get("tool_calls")
+                masked_delta = self._rest(delta, *fields, "tool_calls")
+                for field in fields:
+                    path = f"choices[{index}].{field}"
+                    masked_delta[field] = self._channel(("chat", index, field), path).feed(delta[field])
+                    changed |= masked_delta[field] != delta[field]
+                if isinstance(calls, list):
+                    masked_calls = []
+                    for call in calls:
+                        function = call.get("function") if isinstance(call, dict) else None
+                        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                            key = ("chat", index, "tool_calls", call.get("index", 0))
+                            path = f"choices[{index}].tool_calls[{call.get('index', 0)}].function.arguments"
+                            masked_function = self._rest(function, "arguments")
+                            masked_function["arguments"] = self._channel(key, path).feed(function["arguments"])
+                            changed |= masked_function["arguments"] != function["arguments"]
+                            masked_calls.append(dict(self._rest(call, "function"), function=masked_function))
+                        else:
+                            masked_calls.append(mask_leaves(call, "tool_calls", self._mask_sync))
+                    masked_delta["tool_calls"] = masked_calls
+                elif calls is not None:
+                    masked_delta["tool_calls"] = mask_leaves(calls, "tool_calls", self._mask_sync)
+                masked["delta"] = masked_delta
+            elif delta is not None:
+                masked["delta"] = mask_leaves(delta, "delta", self._mask_sync)
+            # Logprobs spell the chunk's text as received: they go out only with that very text.
+            self._shadow(masked, changed)
+            masked_choices.append(masked)
             if choice.get("finish_reason"):
                 before += self._flush_all_chat(index, chunk, name, other)
+        chunk["choices"] = masked_choices
         return before + self._serialize(name, other, chunk)
 
     def _flush_all_chat(self, only_choice: int | None, like: dict | None = None, name=None, other=()) -> bytes:
         """A chunk carrying every held tail of the choice(s), emitted before their finish or [DONE]."""
         deltas: dict[int, dict] = {}
+        texts: dict[int, str] = {}
         for key, channel in self._channels.items():
             if key[0] != "chat" or (only_choice is not None and key[1] != only_choice):
                 continue
             tail = channel.finish()
             if not tail:
                 continue
+            if key[2] == "text":
+                texts[key[1]] = tail
+                continue
             delta = deltas.setdefault(key[1], {})
             if key[2] == "tool_calls":
                 delta.setdefault("tool_calls", []).append({"index": key[3], "function": {"arguments": tail}})
             else:
                 delta[key[2]] = tail
-        if not deltas:
+        if not deltas and not texts:
             return b""
         base = {k: v for k, v in (like or self._chat_shape).items() if k not in ("choices", "usage")}
-        base["choices"] = [{"index": i, "delta": d, "finish_reason": None} for i, d in sorted(deltas.items())]
+        base["choices"] = [
+            {"index": i, **({"text": texts[i]} if i in texts else {}), **({"delta": deltas[i]} if i in deltas else {}),
+             "finish_reason": None}
+            for i in sorted(set(deltas) | set(texts))]
         return self._serialize(name, list(other), base)
 
 
