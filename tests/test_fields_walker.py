@@ -165,3 +165,18 @@ def test_binary_uploads_carry_no_prompt_text_and_are_not_errors():
     assert facts.decode_error is None and facts.prompt_texts == ["hello"]
     assert mask_request_payload({"input": [{"type": "input_image", "image_url": "data:image/png;base64," + "A" * 2000}]},
                                 "responses", lambda t, p: "MASKED")["input"][0]["image_url"].startswith("data:image")
+
+
+def test_request_masking_masks_form_fields_and_refuses_multipart():
+    from auditgate.core.shipped import SHIPPED_RULES
+    from auditgate.masking.body import BodyNotMaskable, mask_body
+    from auditgate.masking.config import load_masking_settings
+    from auditgate.masking.engine import PiiMasker
+
+    masker = PiiMasker(load_masking_settings(SHIPPED_RULES))
+    body, findings = mask_body(masker, b"model=whisper-1&prompt=mail+jane.roe%40example.org+please",
+                               "application/x-www-form-urlencoded", "other", "request")
+    assert b"jane.roe" not in body and b"model=whisper-1" in body and ("EMAIL_ADDRESS", "form.prompt") in findings
+    with pytest.raises(BodyNotMaskable):
+        mask_body(masker, b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\njane@example.org\r\n--b--",
+                  "multipart/form-data", "other", "request")

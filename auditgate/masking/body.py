@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl, urlencode
 
 from auditgate.masking.engine import PiiMasker
 from auditgate.masking.payload import mask_request_payload, mask_response_payload
@@ -46,7 +47,27 @@ def mask_body(masker: PiiMasker, body: bytes, content_type: str, kind: str, dire
             if not findings:
                 return None, []
             return json.dumps(new_payload, ensure_ascii=False).encode(), findings
+    if direction == "request" and content_type == "application/x-www-form-urlencoded":
+        return _mask_form(masker, text)
+    if direction == "request" and content_type.startswith("multipart/"):
+        # Its text fields could hold a prompt, beside files that cannot be masked as text: not sent.
+        raise BodyNotMaskable("a multipart request cannot be masked (request masking is on)")
     if not (content_type.startswith("text/") or "json" in content_type or not content_type):
         return None, []
     masked, found = masker.mask(text, direction)
     return (masked.encode() if found else None), [(entity, "body") for entity in found]
+
+
+def _mask_form(masker: PiiMasker, text: str) -> tuple[bytes | None, Findings]:
+    """A form-encoded request: each field's value masked as text, the form encoded again."""
+    try:
+        fields = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise BodyNotMaskable("a form body that cannot be decoded") from None
+    findings: Findings = []
+    masked_fields = []
+    for name, value in fields:
+        masked, found = masker.mask(value, "request")
+        findings.extend((entity, f"form.{name}") for entity in found)
+        masked_fields.append((name, masked))
+    return (urlencode(masked_fields).encode() if findings else None), findings
