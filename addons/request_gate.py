@@ -5,7 +5,8 @@ silently did nothing (a bug, an addon unloaded, a hook replaced) would otherwise
 unchecked. It runs just before key custody puts the upstream key on, and checks what the request
 path must have left on the flow (``auditgate.core.flow_contract``): the upstream route, the
 authenticated identity, a policy decision that is not a block, and — when the policy asked for
-approval — an approval granted for it.
+approval — an approval granted for it. WebSocket upgrades are refused here until policy, masking
+and the records govern their messages (issue 13).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from auditgate.core.refusal import is_answered, refuse
 logger = logging.getLogger("auditgate.addons.request_gate")
 
 GRANTED = ("approved", "reused")
+
+
+def is_websocket_upgrade(request: http.Request) -> bool:
+    return "websocket" in request.headers.get("upgrade", "").lower()
 
 
 def missing_check(flow: http.HTTPFlow) -> str | None:
@@ -44,12 +49,27 @@ class RequestGate:
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return
+        if is_websocket_upgrade(flow.request):
+            # Policy, masking and the records do not reach inside WebSocket messages yet (the Responses
+            # API's WebSocket mode, the Realtime API): refused, rather than relayed ungoverned.
+            refuse(flow, 501, "gateway_websocket_unsupported",
+                   "this gateway does not yet govern WebSocket sessions; use the HTTP transport "
+                   "(the Agents SDK's default) instead")
+            return
         missing = missing_check(flow)
         if missing:
             logger.error("request %s %s reached the last check unrefused, but %s: refused", flow.request.method,
                          flow.request.path.partition("?")[0], missing)
             refuse(flow, 500, "gateway_internal_error",
                    f"the gateway could not complete its checks on this request ({missing}), so it was not sent")
+
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        # Never reached through the bundle (the upgrade is refused above); a session some other way
+        # opened is closed before a message passes.
+        if flow.live and flow.killable:
+            logger.error("a WebSocket session to %s started ungoverned: closed", flow.request.pretty_host)
+            flow.kill()
 
 
 addons = [RequestGate()]
