@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 
 from mitmproxy import ctx
 from mitmproxy.addonmanager import traverse
@@ -27,10 +28,19 @@ class InjectedFault(RuntimeError):
     pass
 
 
+# The fault named by a flow's header, as first seen: key custody drops headers not on its allow-list
+# before the later hooks run, so it is read at the flow's first hook and kept here.
+_faults: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _fault_for(args: tuple) -> str | None:
     flow = args[0] if args else None
     request = getattr(flow, "request", None)
-    return request.headers.get(HEADER) if request is not None else None
+    if request is None:
+        return None
+    if flow not in _faults:
+        _faults[flow] = request.headers.get(HEADER)
+    return _faults[flow]
 
 
 def _wrap(original, name: str):
