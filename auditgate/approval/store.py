@@ -36,6 +36,7 @@ from auditgate.approval.rules import (
     principal_of,
     visible_name,
 )
+from auditgate.core.private_files import PRIVATE_FILE, open_private_fd, private_dir
 
 logger = logging.getLogger("auditgate.approval.store")
 
@@ -180,35 +181,14 @@ _CREATE = (
 _VISIBLE = ("((requester_principal IS NOT NULL AND requester_principal = ?) OR EXISTS ("
             "SELECT 1 FROM json_each(approvals.approver_groups) AS rule_group "
             "WHERE rule_group.value IN (SELECT value FROM json_each(?))))")
-PRIVATE_FILE, PRIVATE_DIRECTORY = 0o600, 0o700
 SIDE_FILES = ("-wal", "-shm", "-journal")
-
-
-def _private_directories(directory: Path) -> None:
-    """Create directory and its missing parents as 0700 whatever the umask (mkdir's mode is masked by it, so
-    each is chmod-ed too). Directories that exist already, or that another process creates meanwhile, are
-    left as they are: they are not the store's."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for created in reversed(missing):
-        try:
-            created.mkdir(mode=PRIVATE_DIRECTORY)
-        except FileExistsError:
-            continue
-        os.chmod(created, PRIVATE_DIRECTORY)
 
 
 def _private_store_file(path: Path) -> None:
     """Create the store file as 0600 before SQLite opens it, and make an existing one (and the side files an
     earlier run left) 0600. SQLite gives the -wal and -shm files it creates the database file's mode, past the
     umask: they are private from their first byte."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
-    try:
-        os.fchmod(fd, PRIVATE_FILE)
-    finally:
-        os.close(fd)
+    os.close(open_private_fd(path, os.O_RDWR | os.O_CREAT))
     for suffix in SIDE_FILES:
         try:
             os.chmod(f"{path}{suffix}", PRIVATE_FILE)
@@ -234,7 +214,7 @@ class SqliteApprovalStore:
     def __init__(self, path: Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self.path = path
         try:
-            _private_directories(path.parent)
+            private_dir(path.parent)
             _private_store_file(path)
             # timeout: how long a statement waits for another connection's (another process's) lock
             # before failing with "database is locked" (SQLite's busy timeout).

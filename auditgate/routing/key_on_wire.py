@@ -19,6 +19,7 @@ put back when it is unloaded (``install`` / ``uninstall``, counted, so two loade
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import weakref
@@ -93,8 +94,11 @@ class WireKeys:
         entry = self._entry(request)
         if entry is None:
             return request
-        wired = request.copy()
-        wired.headers.fields = tuple(self.on_wire_fields(request, list(request.headers.fields)))
+        # Shallow: the same body and fields, a headers object of its own (request.copy() would copy the
+        # whole body, and check every field's type, for each request).
+        wired = copy.copy(request)
+        wired.data = copy.copy(request.data)
+        wired.data.headers = http.Headers(self.on_wire_fields(request, list(request.headers.fields)))
         return wired
 
     @property
