@@ -131,16 +131,24 @@ JSON_FIELDS = {
 }
 
 
+PRIVATE_KEY = "-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu\n-----END RSA PRIVATE KEY-----"
+# Each blocking rule, and the text that trips it: the jailbreak phrasing and the private-key secret rule.
+BLOCKED = {"block-jailbreak-phrasing": JAILBREAK, "block-private-keys": PRIVATE_KEY}
+
+
+@pytest.mark.parametrize("rule", sorted(BLOCKED))
 @pytest.mark.parametrize("field", sorted(JSON_FIELDS))
-def test_the_jailbreak_rule_reads_every_prompt_field(reverse_env, upstream, field):
+def test_the_blocking_rules_read_every_prompt_field(reverse_env, upstream, field, rule):
     api, body = JSON_FIELDS[field]
+    # The same request with the rule's text where the jailbreak phrase was.
+    body = json.loads(json.dumps(body).replace(json.dumps(JAILBREAK)[1:-1], json.dumps(BLOCKED[rule])[1:-1]))
     client = openai.OpenAI(max_retries=0)
     with pytest.raises(openai.PermissionDeniedError) as info:
         if api == "chat":
             client.chat.completions.create(model="gpt-test", **body)
         else:
             client.responses.create(model="gpt-test", **body)
-    assert info.value.code == "gateway_blocked" and "block-jailbreak-phrasing" in info.value.message
+    assert info.value.code == "gateway_blocked" and rule in info.value.message
     assert upstream.received == []
 
 
@@ -177,23 +185,4 @@ def test_a_body_that_cannot_be_decoded_is_refused(reverse_env, upstream, callers
     response = _post(reverse_env, callers, body, content_type)
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
-    assert upstream.received == []
-
-
-PRIVATE_KEY = "-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu\n-----END RSA PRIVATE KEY-----"
-
-
-@pytest.mark.parametrize("field", sorted(JSON_FIELDS))
-def test_the_secret_rules_read_every_prompt_field(reverse_env, upstream, field):
-    api, body = JSON_FIELDS[field]
-    # The same request with a private key where the jailbreak phrase was.
-    body = json.loads(json.dumps(body).replace(json.dumps(JAILBREAK)[1:-1], json.dumps(PRIVATE_KEY)[1:-1]))
-    assert PRIVATE_KEY in json.dumps(body, ensure_ascii=False).replace("\\n", "\n")
-    client = openai.OpenAI(max_retries=0)
-    with pytest.raises(openai.PermissionDeniedError) as info:
-        if api == "chat":
-            client.chat.completions.create(model="gpt-test", **body)
-        else:
-            client.responses.create(model="gpt-test", **body)
-    assert info.value.code == "gateway_blocked" and "block-private-keys" in info.value.message
     assert upstream.received == []

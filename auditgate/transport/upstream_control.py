@@ -104,34 +104,29 @@ def last_activity(client) -> float | None:
     return handler.timeout_watchdog.last_activity if handler is not None else None
 
 
-def cancel_connect(client, server_conn, message: str) -> bool:
-    """Abandon a TCP connect in progress; ``message`` becomes the connection error the flow reports."""
+def _cancel(client, connection, message: str) -> bool:
+    """Cancel the task that serves one of a client handler's connections; False when there is none."""
     handler = _handler(client)
-    io = handler.transports.get(server_conn) if handler is not None else None
+    io = handler.transports.get(connection) if handler is not None else None
     if io is None or io.handler is None or io.handler.done():
         return False
     io.handler.cancel(message)
     return True
 
 
+def cancel_connect(client, server_conn, message: str) -> bool:
+    """Abandon a TCP connect in progress; ``message`` becomes the connection error the flow reports."""
+    return _cancel(client, server_conn, message)
+
+
 def close_upstream(flow: http.HTTPFlow) -> bool:
     """Close the flow's upstream connection (the reply in progress on it fails)."""
-    handler = _handler(flow.client_conn)
-    io = handler.transports.get(flow.server_conn) if handler is not None else None
-    if io is None or io.handler is None or io.handler.done():
-        return False
-    io.handler.cancel("auditgate: upstream timed out")
-    return True
+    return _cancel(flow.client_conn, flow.server_conn, "auditgate: upstream timed out")
 
 
 def close_client(flow: http.HTTPFlow) -> bool:
     """Close the flow's client connection: the last resort when a flow could not be ended any other way."""
-    handler = _handler(flow.client_conn)
-    io = handler.transports.get(flow.client_conn) if handler is not None else None
-    if io is None or io.handler is None or io.handler.done():
-        return False
-    io.handler.cancel("auditgate: upstream timed out")
-    return True
+    return _cancel(flow.client_conn, flow.client_conn, "auditgate: upstream timed out")
 
 
 def find_stream(flow: http.HTTPFlow) -> tuple[HttpStream, bool] | None:
