@@ -185,6 +185,12 @@ BODY_LIMITS: FlowKey[BodyLimitsRecord] = FlowKey("auditgate.body_limits", "body_
 TUNNEL: FlowKey[TunnelRecord] = FlowKey("auditgate.tunnel", "tunnels", "audit_log, evidence")
 GUARD: FlowKey[GuardRecord] = FlowKey(
     "auditgate.guard", "the hook guard (auditgate.core.guard), for any addon of the bundle", "audit_log, evidence")
+INSTANCE: FlowKey[str] = FlowKey(
+    "auditgate.instance", "audit_log (the gateway_instance that served the flow)", "approval, verify, evidence")
+
+# ---- WebSocket sessions (issue 13) -------------------------------------------------------------------------------
+
+# ---- whole-flow evidence (issue 14) ------------------------------------------------------------------------------
 
 
 # ---- services one addon offers another, outside any flow ------------------------------------------------------

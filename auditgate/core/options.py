@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -29,6 +30,11 @@ def add_gateway_options(loader) -> None:
     loader.add_option(
         "gateway_records", str, "records", "Directory where auditgate writes its records (flow files under flows/)."
     )
+    loader.add_option(
+        "gateway_instance", str, "",
+        "This gateway process's name among several sharing one approvals store (flow metadata, audit entries, "
+        "approval leases). Empty: <hostname>:<listen_port>.",
+    )
 
 
 def rules_dir() -> Path:
@@ -42,6 +48,18 @@ def rules_dir() -> Path:
             "made %s from the shipped defaults (%s); edit it there, the defaults stay as shipped",
             directory.absolute(), SHIPPED_RULES)
     return directory
+
+
+def instance_id() -> str:
+    """The gateway_instance option, or <hostname>:<listen_port> when it is empty."""
+    given = getattr(ctx.options, "gateway_instance", "") or ""
+    if given:
+        return given
+    try:
+        port = ctx.options.listen_port
+    except (AttributeError, KeyError):
+        port = None
+    return f"{socket.gethostname()}:{port if port else 8080}"
 
 
 def records_dir() -> Path:
