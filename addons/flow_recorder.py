@@ -38,6 +38,9 @@ from auditgate.recording.writer import (
     describe,
     flow_state,
 )
+from auditgate.websocket import session, session_control
+from auditgate.websocket.audio import MODES as AUDIO_MODES
+from auditgate.websocket.audio import recorded_form
 
 logger = logging.getLogger("auditgate.addons.flow_recorder")
 
@@ -87,11 +90,19 @@ class FlowRecorder:
             "Refuse new requests (503 gateway_records_unavailable) while more than this many megabytes of flows "
             "wait for the flow file writer; twice as much and further records are dropped (and reported lost).",
         )
+        loader.add_option(
+            "gateway_websocket_audio", str, "digest",
+            "How WebSocket audio payloads (base64 in input_audio_buffer.append, response.output_audio.delta, "
+            "input_audio parts) are recorded: digest (their size and SHA-256 in place of the sound; forwarded "
+            "unchanged) or keep.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         for name in ("gateway_flows_max_mb", "gateway_flows_queue_mb"):
             if name in updated and getattr(ctx.options, name) < 1:
                 raise exceptions.OptionsError(f"auditgate: {name} must be at least 1")
+        if "gateway_websocket_audio" in updated and ctx.options.gateway_websocket_audio not in AUDIO_MODES:
+            raise exceptions.OptionsError(f"auditgate: gateway_websocket_audio must be one of {', '.join(AUDIO_MODES)}")
         if updated & {*UNGOVERNED_WRITERS, "server"}:
             self._refuse_ungoverned_writers()
         if "gateway_records" in updated:
@@ -146,7 +157,35 @@ class FlowRecorder:
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.live:
             self._withhold_while_failing(flow)
+            if flow.websocket is not None and flow.response is not None and flow.response.status_code == 101:
+                return  # a WebSocket session: recorded with its messages at its end (websocket_end)
             self.record(flow)
+
+    # ---- WebSocket sessions: recorded at their end, with their (masked) messages ----------------------
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        if self.failing and not session.record(flow).get("failed"):
+            # The session's record cannot be written: its messages are not passed on unrecorded.
+            session_control.fail(flow, "flow_recorder", "records unavailable")
+            return
+        self._digest_audio(flow, upto=len(flow.websocket.messages) - 1)  # those before the latest left already
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._digest_audio(flow, upto=len(flow.websocket.messages))
+        self.record(flow)
+
+    @staticmethod
+    def _digest_audio(flow: http.HTTPFlow, upto: int) -> None:
+        """Audio payloads of messages already forwarded, replaced by their size and digest in the flow (the record)."""
+        if ctx.options.gateway_websocket_audio == "keep":
+            return
+        rec = session.record(flow)
+        messages = flow.websocket.messages
+        for message in messages[rec.get("audio_from", 0):upto]:
+            if message.is_text:
+                recorded = recorded_form(message.content)
+                if recorded is not None:
+                    message.content = recorded
+        rec["audio_from"] = max(rec.get("audio_from", 0), upto)
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.live:

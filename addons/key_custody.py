@@ -39,6 +39,9 @@ from auditgate.routing.upstreams import (
 )
 from auditgate.transport import limits
 from auditgate.transport.inflate import content_codings
+from auditgate.websocket import session, session_control
+from auditgate.websocket.events import RESPONSE_END_EVENTS, NotAnEvent, dump, parse
+from auditgate.websocket.masking import EventMasker, key_scrubbing_masker
 
 logger = logging.getLogger("auditgate.addons.key_custody")
 
@@ -106,6 +109,7 @@ class KeyCustody:
         self.table: UpstreamTable | None = None
         self._keys: dict[Upstream, str | None] = {}
         self._swapped = False
+        self._sessions: dict[str, EventMasker] = {}  # WebSocket flows: the key followed across their deltas
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -258,6 +262,53 @@ class KeyCustody:
         elif found:
             response.headers["content-length"] = str(len(raw))
         return found
+
+
+    # ---- WebSocket sessions: the key out of every server message --------------------------------------
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        message = flow.websocket.messages[-1]
+        if message.from_client or session.record(flow).get("failed"):
+            return
+        try:
+            if session.own_kind(flow) != "error":
+                self._scrub_message(flow, message)
+            session.mark(flow, "key_custody")
+        except Exception as error:  # never the raw message: dropped, and the session closed
+            session_control.fail(flow, "key_custody", error)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._sessions.pop(flow.id, None)
+
+    def _scrub_message(self, flow: http.HTTPFlow, message) -> None:
+        echoes = WIRE.echoes
+        if not echoes:
+            return
+        found = 0
+        try:
+            event = parse(message.content, message.is_text)
+        except NotAnEvent:
+            event = None
+        if event is not None and event["type"].endswith(".delta"):
+            # Each text that arrives in deltas is followed across them: a key spelled out over several is
+            # caught. Every other event (a .done, an item, a response) repeats whole texts: scrubbed below.
+            scrubber = self._sessions.get(flow.id)
+            if scrubber is None:
+                scrubber = self._sessions[flow.id] = key_scrubbing_masker(echoes)
+            before = sum(scrubber.findings.values())
+            scrubbed = scrubber.mask(event)
+            found += sum(scrubber.findings.values()) - before
+            if scrubbed != event:
+                message.content = dump(scrubbed)
+        if event is not None and event["type"] in RESPONSE_END_EVENTS:
+            self._sessions.pop(flow.id, None)  # the response's text streams are over
+        content, in_bytes = echoes.scrub(message.content)  # whatever else spells it, in any field
+        if in_bytes:
+            message.content = content
+        found += in_bytes
+        if found:
+            session.record(flow)["key_echoes"] += found
+            logger.warning("removed %d echo(es) of the upstream key from a WebSocket message from %s", found,
+                           flow.request.pretty_host)
 
 
 class _FailingScrubber:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import exceptions, http
 
-from auditgate.core.flow_contract import MASKING, REFUSAL
+from auditgate.core.flow_contract import MASKING, REFUSAL, services
 from auditgate.core.options import add_gateway_options, load_rules, rules_dir
 from auditgate.core.refusal import is_answered, refuse
 from auditgate.core.request_facts import facts_of, is_event_stream, media_type
@@ -18,6 +18,7 @@ from auditgate.masking.body import BodyNotMaskable, mask_body
 from auditgate.masking.config import MaskingSettings, load_masking_settings
 from auditgate.masking.engine import PiiMasker, shared_masker
 from auditgate.masking.errors import describe
+from auditgate.masking.payload import mask_request_payload
 from auditgate.masking.stream import (
     Decoder,
     SseStreamMasker,
@@ -27,6 +28,17 @@ from auditgate.masking.stream import (
     stream_decoder,
 )
 from auditgate.masking.workers import MaskingBusy, MaskingWorkerError, MaskingWorkers
+from auditgate.websocket import session, session_control
+from auditgate.websocket.events import (
+    AUDIO_KEYS,
+    RESPONSE_END_EVENTS,
+    NotAnEvent,
+    dump,
+    parse,
+    response_id_of,
+    response_status_of,
+)
+from auditgate.websocket.masking import EventMasker
 
 logger = logging.getLogger("auditgate.addons.masking")
 
@@ -66,6 +78,7 @@ class PiiMasking:
         self._streams: dict[str, _StreamState] = {}
         self._flows: dict[str, _FlowMasking] = {}
         self._in_flight: set[str] = set()  # flows between their request headers and their end
+        self._sessions: dict[str, EventMasker] = {}  # WebSocket flows: their server events' masker
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -373,6 +386,114 @@ class PiiMasking:
                             ", ".join(f"{f['entity_type']} at {f['direction']}:{f['path']}" for f in findings))
         elif state.failed:
             flow.comment = f"masking failed: {state.failed}"
+
+
+    # ---- WebSocket sessions ---------------------------------------------------------------------------
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        self._in_flight.discard(flow.id)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        message = flow.websocket.messages[-1]
+        if session.record(flow).get("failed"):
+            return
+        try:
+            if session.own_kind(flow) == "error" or message.dropped:
+                session.mark(flow, "masking")  # the gateway's own error event; or a client event not sent
+                return
+            if message.from_client:
+                self._mask_client_event(flow, message)
+            else:
+                self._mask_server_event(flow, message)
+            session.mark(flow, "masking")
+        except Exception as error:  # never the raw message: dropped, and the session closed
+            session_control.fail(flow, "masking", error)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        masker = self._sessions.pop(flow.id, None)
+        findings = session.record(flow)["findings"]
+        status = "failed" if (session.record(flow).get("failed") or "").startswith("masking") else (
+            "masked" if findings else "clean")
+        if masker is not None or self.settings is not None:
+            MASKING.set(flow, {"status": status, "findings": [
+                {"entity_type": entity, "count": n, "path": "websocket", "direction": "both"}
+                for entity, n in sorted(findings.items())]})
+
+    def _mask_client_event(self, flow: http.HTTPFlow, message) -> None:
+        if self.settings is None or not self.settings.request.enabled:
+            return
+        try:
+            event = parse(message.content, message.is_text)
+        except NotAnEvent:
+            return  # policy refused it already: it is dropped, never sent
+        found: list[str] = []
+
+        def mask(text: str, path: str) -> str:
+            masked, entities = self.masker.mask(text, "request")
+            found.extend(entities)
+            return masked
+
+        audio = {k: event[k] for k in AUDIO_KEYS if isinstance(event.get(k), str)}
+        masked = mask_request_payload({k: v for k, v in event.items() if k not in audio}, "responses", mask)
+        if found:
+            message.content = dump({**masked, **audio})
+            self._note_masked(flow, Counter(found))
+
+    def _mask_server_event(self, flow: http.HTTPFlow, message) -> None:
+        masking = self.settings is not None and self.settings.response.enabled
+        if not message.is_text:
+            if masking:
+                raise NotAnEvent("a binary server message, which the gateway cannot read")
+            return
+        try:
+            event = parse(message.content)
+        except NotAnEvent:
+            if masking:
+                # Not an event: masked as one text, so nothing unknown passes unexamined.
+                text, found = self.masker.mask(message.content.decode("utf-8", "replace"), "response")
+                if found:
+                    message.content = text.encode()
+                    self._note_masked(flow, Counter(found))
+            return
+        masker = self._sessions.get(flow.id)
+        if masking:
+            if masker is None:
+                masker = self._sessions[flow.id] = self._new_event_masker()
+            before = Counter(masker.findings)
+            masked = masker.mask(event)
+            if masked != event:
+                message.content = dump(masked)
+                self._note_masked(flow, masker.findings - before)
+        if event["type"] in RESPONSE_END_EVENTS:
+            found, messages = masker.end_response() if masker is not None else (Counter(), 0)
+            status = ("masked" if found else "clean") if masking else "off"
+            self._response_done(flow, event, status, found, messages)
+
+    def _new_event_masker(self) -> EventMasker:
+        masker = self.masker
+        entities = masker.entities("response")
+        holdback = self.settings.stream_holdback_chars
+        words = 3 if self.settings.nlp_model else 0
+
+        def text_masker(path: str) -> TextStreamMasker:
+            return TextStreamMasker(lambda text: masker.find(text, entities), masker.apply, holdback, path, words)
+
+        return EventMasker(text_masker, lambda text, path: masker.mask(text, "response"))
+
+    @staticmethod
+    def _note_masked(flow: http.HTTPFlow, found: Counter) -> None:
+        session.record(flow)["masked"] += 1
+        session.add_findings(flow, found)
+
+    @staticmethod
+    def _response_done(flow: http.HTTPFlow, event: dict, status: str, found: Counter, messages: int) -> None:
+        rec = session.record(flow)
+        rec["responses"] += 1
+        events = services.audit_events
+        if events is None:
+            return
+        events.append_event("websocket_response", {
+            "flow_id": flow.id, "response_id": response_id_of(event), "status": response_status_of(event),
+            "masking": {"status": status, "findings": dict(sorted(found.items()))}, "messages": messages})
 
 
 addons = [PiiMasking()]

@@ -11,12 +11,20 @@ from mitmproxy import command, http
 
 from auditgate.core.config import ConfigError
 from auditgate.core.file_watch import ChangedFile
-from auditgate.core.flow_contract import IDENTITY, POLICY, UPSTREAM, services
+from auditgate.core.flow_contract import (
+    IDENTITY,
+    POLICY,
+    UPSTREAM,
+    services,
+)
 from auditgate.core.options import add_gateway_options, load_rules, rules_dir
 from auditgate.core.refusal import is_answered, refuse
 from auditgate.core.request_facts import facts_of
 from auditgate.policy.loading import PiiTypes, load_policy_dir, match_input
 from auditgate.policy.rules import POLICY_FILE, Decision, Policy
+from auditgate.websocket import session, session_control
+from auditgate.websocket.events import PROMPT_EVENTS, NotAnEvent, endpoint_of, parse
+from auditgate.websocket.facts import EventFacts
 
 logger = logging.getLogger("auditgate.addons.policy")
 
@@ -127,6 +135,125 @@ class PolicyRules:
         flow.comment = f"policy {decision.action}: {rule}" + (f" ({flow.comment})" if flow.comment else "")
         if decision.action in MARKS:
             flow.marked = MARKS[decision.action]
+
+
+    # ---- WebSocket sessions: every client event that carries text, decided like a request ---------------
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        message = flow.websocket.messages[-1]
+        if not message.from_client:
+            return
+        rec = session.record(flow)
+        if rec.get("failed"):
+            return  # the session is closing: the gate drops what still comes
+        try:
+            if session.own_kind(flow) == "release":  # decided before it was held, approved since
+                session.mark(flow, "policy")
+                return
+            await self._reload_if_changed()
+            await self._decide_message(flow, message)
+        except Exception as error:  # anything unexpected: the message is not passed, the session is closed
+            session_control.fail(flow, "policy", error)
+
+    async def _decide_message(self, flow: http.HTTPFlow, message) -> None:
+        try:
+            event = parse(message.content, message.is_text)
+        except NotAnEvent as e:
+            # Text the gateway cannot read is text no rule has seen: refused, never passed.
+            session.mark(flow, "policy")
+            self._audit_event(flow, "unreadable", {"rule": "unreadable-event", "action": "block"}, None, True)
+            rec = session.record(flow)
+            rec["blocked"] += 1
+            session_control.refuse_event(flow, "gateway_bad_request",
+                                         f"the gateway reads only JSON text events on this session ({e})")
+            return
+        facts = EventFacts(event, endpoint=endpoint_of(flow.request.path) or "other", path=flow.request.path,
+                           method=flow.request.method, size=len(message.content))
+        if event["type"] not in PROMPT_EVENTS and not facts.prompt_texts and not facts.tool_names:
+            session.mark(flow, "policy")  # no prompt, no text (audio, commit, cancel): nothing to decide
+            return
+        if self.policy is None:
+            session.mark(flow, "policy")
+            self._audit_event(flow, event["type"], {"rule": "no-policy-file", "action": "allow"}, None, False)
+            return
+        started = time.perf_counter()
+        decision = self.policy.decide(match_input(facts, IDENTITY.get(flow) or {}, UPSTREAM.get(flow) or {},
+                                                  flow.request.host, flow.request.port, self.pii))
+        metadata = decision.as_metadata()
+        metadata["eval_us"] = round((time.perf_counter() - started) * 1e6)
+        rule = decision.rule or "default"
+        decided = {"rule": rule, "action": decision.action}
+        rec = session.record(flow)
+        who = (IDENTITY.get(flow) or {}).get("name")
+        if decision.action == "block":
+            message.drop()
+            session.mark(flow, "policy")
+            self._audit_event(flow, event["type"], decided, None, True)
+            rec["blocked"] += 1
+            logger.info("policy %s blocked a %s event from %s (%s)", rule, event["type"], who, decision.matched)
+            text = f"blocked by policy rule '{rule}'" + (f": {decision.message}" if decision.message else "")
+            session_control.refuse_event(flow, "gateway_policy_blocked", text)
+        elif decision.action == "require_approval":
+            message.drop()  # held apart from the session, which goes on meanwhile
+            session.mark(flow, "policy")
+            gate = services.approval_gate
+            if gate is None or not callable(getattr(gate, "hold_message", None)):
+                self._audit_event(flow, event["type"], decided, None, True)
+                rec["blocked"] += 1
+                session_control.refuse_event(flow, "gateway_approval_unavailable",
+                                             f"policy rule '{rule}' requires an approval, and this gateway has no "
+                                             "approval gate")
+                return
+            rec["held"] += 1
+            asyncio.get_running_loop().create_task(
+                self._hold(flow, gate, metadata, facts.prompt_texts, message.content, event["type"], decided))
+        else:
+            if decision.action == "log":
+                logger.warning("policy %s flagged a %s event from %s (%s)", rule, event["type"], who,
+                               decision.matched)
+            self._audit_event(flow, event["type"], decided, None, False)
+            session.mark(flow, "policy")
+
+    async def _hold(self, flow: http.HTTPFlow, gate, policy: dict, texts: list[str], content: bytes,
+                    event_type: str, decided: dict) -> None:
+        """One held client event: sent on as it came when a second person grants it, else answered with an error."""
+        try:
+            outcome = await gate.hold_message(flow, policy, texts)
+            status = outcome.get("status")
+            rec = session.record(flow)
+            if flow.websocket is None or flow.websocket.timestamp_end is not None or rec.get("failed"):
+                return  # the session ended while the event was held: nothing to send it on
+            granted = status == "granted"
+            self._audit_event(flow, event_type, decided, outcome.get("id"), not granted)
+            if granted:
+                rec["released"] += 1
+                session.note_own(flow, content, "release")
+                session_control.send(flow, False, content)
+                return
+            rec["blocked"] += 1
+            code, text = {
+                "denied": ("gateway_approval_denied", f"approval {outcome.get('id')} was denied"),
+                "expired": ("gateway_approval_expired", f"approval {outcome.get('id')} was not granted in time"),
+            }.get(status, ("gateway_approval_unavailable", "the approval could not be held: "
+                                                          f"{outcome.get('reason') or 'unavailable'}"))
+            session_control.answer_error(flow, code, text)
+        except Exception as error:  # never the event: the session is closed instead
+            logger.error("holding a WebSocket event of flow %s failed: %s", flow.id, type(error).__name__)
+            try:
+                session_control.fail(flow, "policy", error)
+            except Exception as again:
+                logger.error("closing WebSocket flow %s failed: %s", flow.id, type(again).__name__)
+
+    @staticmethod
+    def _audit_event(flow: http.HTTPFlow, event_type: str, decided: dict, approval: str | None,
+                     blocked: bool) -> None:
+        events = services.audit_events
+        if events is None:
+            return
+        fields = {"flow_id": flow.id, "event_type": event_type, "policy": decided, "blocked": blocked}
+        if approval:
+            fields["approval"] = approval
+        # AuditUnavailable goes up: the message is then dropped and the session closed (fail closed).
+        events.append_event("websocket_event", fields)
 
 
 addons = [PolicyRules()]

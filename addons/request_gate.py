@@ -5,8 +5,9 @@ silently did nothing (a bug, an addon unloaded, a hook replaced) would otherwise
 unchecked. It runs just before key custody puts the upstream key on, and checks what the request
 path must have left on the flow (``auditgate.core.flow_contract``): the upstream route, the
 authenticated identity, a policy decision that is not a block, and — when the policy asked for
-approval — an approval granted for it. WebSocket upgrades are refused here until policy, masking
-and the records govern their messages (issue 13).
+approval — an approval granted for it. A WebSocket upgrade goes on only to the endpoints whose messages the bundle
+governs (the Responses API's WebSocket mode, the Realtime API: ``auditgate.websocket.events.endpoint_of``);
+any other is refused with 501, never relayed ungoverned.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from mitmproxy import http
 
 from auditgate.core.flow_contract import APPROVAL, IDENTITY, POLICY, UPSTREAM
 from auditgate.core.refusal import is_answered, refuse
+from auditgate.websocket import session, session_control
+from auditgate.websocket.events import endpoint_of
 
 logger = logging.getLogger("auditgate.addons.request_gate")
 
@@ -49,12 +52,12 @@ class RequestGate:
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return
-        if is_websocket_upgrade(flow.request):
-            # Policy, masking and the records do not reach inside WebSocket messages yet (the Responses
-            # API's WebSocket mode, the Realtime API): refused, rather than relayed ungoverned.
+        if is_websocket_upgrade(flow.request) and endpoint_of(flow.request.path) is None:
+            # Policy, masking and the records read the events of the Responses API's WebSocket mode and
+            # of the Realtime API; messages of any other WebSocket would pass unread: refused.
             refuse(flow, 501, "gateway_websocket_unsupported",
-                   "this gateway does not yet govern WebSocket sessions; use the HTTP transport "
-                   "(the Agents SDK's default) instead")
+                   "this gateway governs WebSocket sessions only at /v1/responses and /v1/realtime; "
+                   "use the HTTP transport for this endpoint")
             return
         missing = missing_check(flow)
         if missing:
@@ -65,11 +68,15 @@ class RequestGate:
 
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
-        # Never reached through the bundle (the upgrade is refused above); a session some other way
-        # opened is closed before a message passes.
-        if flow.live and flow.killable:
-            logger.error("a WebSocket session to %s started ungoverned: closed", flow.request.pretty_host)
-            flow.kill()
+        # A session whose upgrade did not pass every check (a hook that silently did nothing; an upgrade
+        # some other way opened) is closed before a message passes.
+        endpoint = endpoint_of(flow.request.path)
+        missing = "it is not a governed WebSocket endpoint" if endpoint is None else missing_check(flow)
+        session.record(flow)["endpoint"] = endpoint or "other"
+        if missing:
+            logger.error("a WebSocket session to %s started unchecked (%s): closed", flow.request.pretty_host, missing)
+            session.record(flow)["failed"] = f"request_gate: {missing}"
+            session_control.close(flow, session_control.POLICY_VIOLATION_CLOSE, "not governed")
 
 
 addons = [RequestGate()]

@@ -341,6 +341,15 @@ class SseStreamMasker:
         return self._channels[key]
 
     # ---- Responses API ----------------------------------------------------------------------------
+    def mask_event(self, event: dict) -> list[dict]:
+        """One Responses-shaped event (a dict with a string "type"), masked: the events to send for it, in order.
+
+        A delta carries what its channel released (maybe less than came); a ``.done`` (or an item or
+        response repeating a streamed text) is preceded by a delta with the channel's held tail. The
+        WebSocket side (``auditgate.websocket.masking``) uses this without the SSE framing.
+        """
+        return self._responses_event(event)
+
     def _number(self, event: dict) -> dict:
         # Events we add shift the numbering: renumber the whole stream so it stays contiguous.
         if "sequence_number" in event:

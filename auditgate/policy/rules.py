@@ -10,7 +10,7 @@
           hosts: [api.openai.com]       # upstream host or host:port (globs)
           methods: [POST]
           paths: ["/v1/responses"]      # request paths (globs)
-          endpoints: [responses, chat]  # responses | chat | embeddings | models | traces | other
+          endpoints: [responses, chat]  # responses | chat | embeddings | models | traces | other | realtime
           models: ["gpt-4o*"]           # the request's "model" (globs)
           text:                         # over the prompt text (instructions, input, messages, tool outputs)
             keywords: ["ignore previous instructions"]   # whole words/phrases; spaces match any whitespace
@@ -41,7 +41,7 @@ from auditgate.core.config import ConfigError, RulesFile
 POLICY_FILE = "policy.yaml"
 ACTIONS = ("allow", "block", "require_approval", "log")
 DEFAULT_ACTIONS = ("allow", "block", "log")
-ENDPOINT_KINDS = ("responses", "chat", "embeddings", "models", "traces", "other")
+ENDPOINT_KINDS = ("responses", "chat", "embeddings", "models", "traces", "other", "realtime")
 # Below the openai SDK's default read timeout (600 s), so the caller hears "timed out" from us, not
 # from its own client (which would then retry).
 DEFAULT_APPROVAL_TIMEOUT = 300.0

@@ -1,0 +1,411 @@
+"""The gateway governs WebSocket sessions message by message: a raw ``websockets`` client through a real
+mitmdump (reverse mode, and forward mode over HTTPS_PROXY) against a minimal local WebSocket upstream
+written with the ``websockets`` library (below), speaking the Responses API's WebSocket mode and the
+Realtime API. The real-SDK tests are in tests/test_e2e_websocket_*.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from auditgate.core.flow_contract import REFUSAL, WEBSOCKET
+from auditgate.identity.service_tokens import add_service_token
+from auditgate.websocket.records import messages_sha256
+from tests.approval_gateway import AdminClient, add_test_rules, admin_url
+from tests.conftest import UPSTREAM_KEY, gateway_env, make_rules
+from tests.gateway_process import GatewayProcess
+from tests.records import files_containing, wait_for_flows
+
+pytestmark = pytest.mark.e2e
+
+PRIVATE_KEY = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7x\n-----END RSA PRIVATE KEY-----"
+EMAIL = "jane.doe@example.com"
+
+AUDIO = base64.b64encode(bytes(range(256)) * 8).decode()
+
+
+class WebSocketUpstream:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
+        self.reply_deltas: list[str] = ["Hello", " there"]
+        self.upgrades: list[dict] = []  # the upgrade request's headers, lower-cased
+        self.received: list[dict] = []  # every client event, parsed
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Future | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def reset(self) -> None:
+        self.reply_deltas = ["Hello", " there"]
+        self.upgrades.clear()
+        self.received.clear()
+
+    def start(self) -> "WebSocketUpstream":
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set_result, None)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = self._loop.create_future()
+        async with serve(self._session, "127.0.0.1", 0, ssl=self.ssl_context, max_size=None) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            await self._stop
+
+    async def _session(self, connection) -> None:
+        request = connection.request
+        self.upgrades.append({k.lower(): v for k, v in request.headers.raw_items()} | {":path": request.path})
+        realtime = request.path.split("?")[0].endswith("/realtime")
+        if realtime:
+            await connection.send(json.dumps({"type": "session.created", "event_id": "ev_0",
+                                              "session": {"id": "sess_1", "instructions": ""}}))
+        n = 0
+        async for raw in connection:
+            event = json.loads(raw)
+            self.received.append(event)
+            if event.get("type") != "response.create":
+                continue
+            n += 1
+            if realtime:
+                await self._realtime_response(connection, f"resp_{n}")
+            else:
+                await self._responses_response(connection, f"resp_{n}")
+
+    async def _responses_response(self, connection, rid: str) -> None:
+        seq = iter(range(1000))
+        item = f"msg_{rid}"
+        text = "".join(self.reply_deltas)
+        send = connection.send
+        await send(json.dumps({"type": "response.created", "sequence_number": next(seq),
+                               "response": {"id": rid, "object": "response", "status": "in_progress", "output": []}}))
+        for delta in self.reply_deltas:
+            await send(json.dumps({"type": "response.output_text.delta", "sequence_number": next(seq),
+                                   "item_id": item, "output_index": 0, "content_index": 0, "delta": delta}))
+        await send(json.dumps({"type": "response.output_text.done", "sequence_number": next(seq), "item_id": item,
+                               "output_index": 0, "content_index": 0, "text": text}))
+        message = {"id": item, "type": "message", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        await send(json.dumps({"type": "response.output_item.done", "sequence_number": next(seq),
+                               "output_index": 0, "item": message}))
+        await send(json.dumps({"type": "response.completed", "sequence_number": next(seq),
+                               "response": {"id": rid, "object": "response", "status": "completed",
+                                            "output": [message]}}))
+
+    async def _realtime_response(self, connection, rid: str) -> None:
+        item = f"item_{rid}"
+        text = "".join(self.reply_deltas)
+        send = connection.send
+        await send(json.dumps({"type": "response.created", "event_id": "ev_1",
+                               "response": {"id": rid, "object": "realtime.response", "status": "in_progress"}}))
+        await send(json.dumps({"type": "response.output_audio.delta", "event_id": "ev_2", "response_id": rid,
+                               "item_id": item, "output_index": 0, "content_index": 0, "delta": AUDIO}))
+        for delta in self.reply_deltas:
+            await send(json.dumps({"type": "response.output_audio_transcript.delta", "event_id": "ev_3",
+                                   "response_id": rid, "item_id": item, "output_index": 0, "content_index": 0,
+                                   "delta": delta}))
+        await send(json.dumps({"type": "response.output_audio_transcript.done", "event_id": "ev_4",
+                               "response_id": rid, "item_id": item, "output_index": 0, "content_index": 0,
+                               "transcript": text}))
+        await send(json.dumps({"type": "response.done", "event_id": "ev_5", "response": {
+            "id": rid, "object": "realtime.response", "status": "completed",
+            "output": [{"id": item, "type": "message", "role": "assistant",
+                        "content": [{"type": "output_audio", "transcript": text}]}]}}))
+
+
+# A test-only mitmproxy script loaded after the bundle: an upgrade carrying x-test-ws-fault: <addon>.<hook>
+# makes that hook of that bundle addon raise on every WebSocket message ("=skip": return doing nothing).
+FAULT_ADDON = '''
+import inspect
+from mitmproxy import ctx
+from mitmproxy.addonmanager import traverse
+
+HOOKS = ("websocket_message",)
+
+
+def _wrap(original, name):
+    async def hook(self, flow):
+        fault = flow.metadata.get("test.fault", "")
+        if fault == name:
+            raise RuntimeError("injected fault")
+        if fault == name + "=skip":
+            return None
+        result = original(self, flow)
+        if inspect.isawaitable(result):
+            await result
+    return hook
+
+
+class WebSocketFaults:
+    def requestheaders(self, flow):
+        # Read before key custody drops the header (it forwards only the SDKs' own headers).
+        flow.metadata["test.fault"] = flow.request.headers.get("x-test-ws-fault", "")
+
+    def running(self):
+        for addon in traverse(ctx.master.addons.chain):
+            module = type(addon).__module__
+            if not module.startswith("auditgate_addons."):
+                continue
+            for hook in HOOKS:
+                original = getattr(type(addon), hook, None)
+                if original is not None:
+                    setattr(type(addon), hook, _wrap(original, module.rpartition(".")[2] + "." + hook))
+
+
+addons = [WebSocketFaults()]
+'''
+
+
+@dataclass
+class Setup:
+    gateway: GatewayProcess
+    upstream: WebSocketUpstream
+    records: Path
+    alice: str
+    bob: str
+    admin: str
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ws-gateway")
+    upstream = WebSocketUpstream().start()
+    rules = make_rules(root / "rules", upstreams=[{"host": "127.0.0.1", "port": upstream.port,
+                                                   "key_env": "OPENAI_API_KEY"}])
+    add_test_rules(rules)
+    alice = add_service_token(rules, "alice", ["agents"])
+    bob = add_service_token(rules, "bob", ["agents", "approvers"])
+    (root / "fault_addon.py").write_text(FAULT_ADDON)
+    from mitmproxy.certs import CertStore
+
+    confdir = root / "confdir"
+    confdir.mkdir()
+    CertStore.from_store(confdir, "mitmproxy", 2048)
+    gateway = GatewayProcess(
+        root / "gw", rules=rules, records=root / "records", confdir=confdir,
+        args=["--mode", f"reverse:http://127.0.0.1:{upstream.port}", "--set", "approval_admin_listen=127.0.0.1:0",
+              "-s", str(root / "fault_addon.py")],
+        env=gateway_env()).start()
+    try:
+        yield Setup(gateway, upstream, root / "records", alice, bob, admin_url(gateway))
+    finally:
+        gateway.stop()
+        upstream.stop()
+
+
+@pytest.fixture
+def ws(setup):
+    setup.upstream.reset()
+    return setup
+
+
+def open_session(setup: Setup, path: str = "/v1/responses", token: str | None = None, headers: dict | None = None):
+    return connect(f"ws://127.0.0.1:{setup.gateway.port}{path}", proxy=None, open_timeout=15, max_size=None,
+                   additional_headers={"authorization": f"Bearer {token or setup.alice}", **(headers or {})})
+
+
+def events_until(connection, last: set[str], timeout: float = 15.0) -> list[dict]:
+    """Every event received until one whose type is in ``last`` (included)."""
+    events = []
+    deadline = time.monotonic() + timeout
+    while True:
+        event = json.loads(connection.recv(timeout=max(0.1, deadline - time.monotonic())))
+        events.append(event)
+        if event["type"] in last:
+            return events
+
+
+def audit_entries(records: Path) -> list[dict]:
+    entries = []
+    for path in sorted((records / "audit").rglob("*")):
+        if path.is_file() and path.suffix in (".jsonl", ".log", ".json"):
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    pass
+    return entries
+
+
+def events_of(records: Path, kind: str, flow_id: str | None = None, timeout: float = 10.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in audit_entries(records) if e.get("kind") == kind
+                 and (flow_id is None or (e.get("fields") or e).get("flow_id") == flow_id)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def websocket_flows(records: Path, count: int = 1, predicate=lambda f: True):
+    return wait_for_flows(records, lambda f: f.websocket is not None and predicate(f), count=count)
+
+
+def test_a_responses_session_masks_pii_split_across_deltas_and_is_recorded_masked(ws):
+    ws.upstream.reply_deltas = ["Write to jane.doe@exa", "mple.com today", "."]
+    with open_session(ws) as connection:
+        connection.send(json.dumps({"type": "response.create", "model": "gpt-test", "input": "who do I write to?"}))
+        events = events_until(connection, {"response.completed", "error"})
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    done = next(e for e in events if e["type"] == "response.output_text.done")["text"]
+    completed = next(e for e in events if e["type"] == "response.completed")
+    assert EMAIL not in json.dumps(events) and "jane.doe" not in deltas, events
+    assert done.startswith("Write to ") and done.endswith(" today.") and deltas == done[:len(deltas)]
+    assert completed["response"]["output"][0]["content"][0]["text"] == done
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    # The key went to the upstream on the upgrade, never the caller's token.
+    upgrade = ws.upstream.upgrades[-1]
+    assert upgrade["authorization"] == f"Bearer {UPSTREAM_KEY}" and ws.alice not in json.dumps(upgrade)
+    [flow] = websocket_flows(ws.records, predicate=lambda f: any(b"who do I write to" in m.content
+                                                                  for m in f.websocket.messages))
+    assert flow.websocket.messages and not any(EMAIL.encode() in m.content for m in flow.websocket.messages)
+    assert WEBSOCKET.get(flow)["masked"] >= 1
+    [session] = events_of(ws.records, "websocket_session", flow.id)
+    fields = session.get("fields", session)
+    assert fields["messages_sha256"] == messages_sha256(flow.websocket.messages)
+    assert fields["messages_from_client"] == 1 and fields["messages_from_server"] == len(events)
+    [response] = events_of(ws.records, "websocket_response", flow.id)
+    assert (response.get("fields", response))["masking"]["findings"] == {"EMAIL_ADDRESS": 3} or \
+        "EMAIL_ADDRESS" in (response.get("fields", response))["masking"]["findings"]
+    assert not files_containing(ws.records, [EMAIL, UPSTREAM_KEY, ws.alice, ws.bob])
+
+
+def test_a_blocked_prompt_never_reaches_the_upstream_and_the_session_stays_usable(ws):
+    with open_session(ws) as connection:
+        connection.send(json.dumps({"type": "response.create", "model": "gpt-test", "input": f"fix {PRIVATE_KEY}"}))
+        [error] = events_until(connection, {"error"})
+        assert error["error"]["code"] == "gateway_policy_blocked" and "block-private-keys" in error["error"]["message"]
+        connection.send(json.dumps({"type": "response.create", "model": "gpt-test", "input": "hello"}))
+        assert events_until(connection, {"response.completed", "error"})[-1]["type"] == "response.completed"
+    assert [e.get("input") for e in ws.upstream.received] == ["hello"]
+    [flow] = websocket_flows(ws.records, predicate=lambda f: any(b"BEGIN RSA" in m.content and m.dropped
+                                                                  for m in f.websocket.messages))
+    blocked = [e.get("fields", e) for e in events_of(ws.records, "websocket_event", flow.id)]
+    assert {(e["policy"]["rule"], e["blocked"]) for e in blocked} == {("block-private-keys", True), ("default", False)}
+
+
+def test_the_upstream_key_echoed_across_deltas_never_reaches_the_client(ws):
+    half = len(UPSTREAM_KEY) // 2
+    ws.upstream.reply_deltas = ["your key is ", UPSTREAM_KEY[:half], UPSTREAM_KEY[half:], " ok"]
+    with open_session(ws) as connection:
+        connection.send(json.dumps({"type": "response.create", "model": "gpt-test", "input": "echo"}))
+        events = events_until(connection, {"response.completed", "error"})
+    text = json.dumps(events)
+    assert UPSTREAM_KEY not in text and UPSTREAM_KEY[:half] not in text and UPSTREAM_KEY[half:] not in text
+    # Masking takes an sk- key for an API key first; key custody takes out whatever spelling is left.
+    done = next(e for e in events if e["type"] == "response.output_text.done")["text"]
+    assert done.startswith("your key is ") and ("[upstream-key-removed]" in done or "<API_KEY>" in done)
+
+
+def test_a_realtime_session_masks_transcripts_and_records_audio_as_a_digest(ws):
+    ws.upstream.reply_deltas = ["mail jane.doe@", "example.com"]
+    with open_session(ws, "/v1/realtime?model=gpt-realtime") as connection:
+        assert events_until(connection, {"session.created"})
+        connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": AUDIO}))
+        connection.send(json.dumps({"type": "response.create", "response": {"instructions": "say it"}}))
+        events = events_until(connection, {"response.done", "error"})
+    assert EMAIL not in json.dumps(events)
+    assert next(e for e in events if e["type"] == "response.output_audio.delta")["delta"] == AUDIO  # forwarded as is
+    assert ws.upstream.received[0]["audio"] == AUDIO
+    [flow] = websocket_flows(ws.records, predicate=lambda f: f.request.path.startswith("/v1/realtime"))
+    recorded = b"".join(m.content for m in flow.websocket.messages)
+    assert AUDIO.encode() not in recorded and EMAIL.encode() not in recorded
+    assert hashlib.sha256(AUDIO.encode()).hexdigest().encode() in recorded
+
+
+def test_an_event_held_for_approval_is_sent_once_a_second_person_grants_it(ws):
+    bob = AdminClient(ws.admin, ws.bob)
+    with open_session(ws) as connection:
+        connection.send(json.dumps({"type": "response.create", "model": "gpt-test",
+                                    "input": "please needs-approval-marker now"}))
+        [pending] = bob.wait_pending(lambda a: a["rule"] == "approve-marker")
+        assert not ws.upstream.received  # held, not sent
+        connection.send(json.dumps({"type": "response.create", "model": "gpt-test", "input": "meanwhile"}))
+        assert events_until(connection, {"response.completed"})  # the session goes on while one event is held
+        assert bob.approve(pending["id"])[0] == 200
+        assert events_until(connection, {"response.completed", "error"})[-1]["type"] == "response.completed"
+    assert [e["input"] for e in ws.upstream.received] == ["meanwhile", "please needs-approval-marker now"]
+
+
+@pytest.mark.parametrize("fault", ["masking.websocket_message", "key_custody.websocket_message=skip",
+                                   "policy.websocket_message=skip"])
+def test_a_failed_or_skipped_concern_ends_the_session_with_1011_and_never_passes_the_message(ws, fault):
+    ws.upstream.reply_deltas = [f"mail {EMAIL}"]
+    with open_session(ws, headers={"x-test-ws-fault": fault}) as connection:
+        connection.send(json.dumps({"type": "response.create", "model": "gpt-test", "input": "hi"}))
+        events = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                events.append(json.loads(connection.recv(timeout=15)))
+    assert closed.value.rcvd.code == 1011
+    assert events and events[-1]["type"] == "error" and events[-1]["error"]["code"] == "gateway_internal_error"
+    assert EMAIL not in json.dumps(events)
+    if fault.startswith("policy"):
+        assert not ws.upstream.received
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/audio/speech", "/socket"])
+def test_a_websocket_upgrade_to_any_other_path_is_refused_and_recorded(ws, path):
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as refused:
+        open_session(ws, path)
+    assert refused.value.response.status_code == 501
+    assert json.loads(refused.value.response.body)["error"]["code"] == "gateway_websocket_unsupported"
+    assert not ws.upstream.upgrades
+    assert wait_for_flows(ws.records, lambda f: f.request.path == path and
+                          (REFUSAL.read(f.metadata) or {}).get("code") == "gateway_websocket_unsupported")
+
+
+def test_forward_mode_over_https_proxy_governs_a_session_the_same_way(tmp_path, tls_files):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls_files.server_cert, tls_files.server_key)
+    upstream = WebSocketUpstream(context).start()
+    upstream.reply_deltas = ["ask jane.doe@", "example.com"]
+    rules = make_rules(tmp_path / "rules", upstreams=[{"host": "localhost", "port": upstream.port,
+                                                       "key_env": "OPENAI_API_KEY"}])
+    alice = add_service_token(rules, "alice", ["agents"])
+    from mitmproxy.certs import CertStore
+
+    confdir = tmp_path / "confdir"
+    confdir.mkdir()
+    CertStore.from_store(confdir, "mitmproxy", 2048)
+    gateway = GatewayProcess(tmp_path / "gw", rules=rules, records=tmp_path / "records", confdir=confdir,
+                             args=["--set", f"ssl_verify_upstream_trusted_ca={tls_files.ca_cert}"],
+                             env=gateway_env()).start()
+    try:
+        client_tls = ssl.create_default_context(cafile=str(confdir / "mitmproxy-ca-cert.pem"))
+        with connect(f"wss://localhost:{upstream.port}/v1/responses", proxy=gateway.url, ssl=client_tls,
+                     open_timeout=15, additional_headers={"authorization": f"Bearer {alice}"}) as connection:
+            connection.send(json.dumps({"type": "response.create", "input": f"x {PRIVATE_KEY}"}))
+            assert events_until(connection, {"error"})[-1]["error"]["code"] == "gateway_policy_blocked"
+            connection.send(json.dumps({"type": "response.create", "input": "who?"}))
+            events = events_until(connection, {"response.completed", "error"})
+        assert events[-1]["type"] == "response.completed" and EMAIL not in json.dumps(events)
+        assert [e["input"] for e in upstream.received] == ["who?"]
+        assert upstream.upgrades[-1]["authorization"] == f"Bearer {UPSTREAM_KEY}"
+        assert websocket_flows(tmp_path / "records")
+        assert not files_containing(tmp_path / "records", [EMAIL, UPSTREAM_KEY, alice])
+    finally:
+        gateway.stop()
+        upstream.stop()
