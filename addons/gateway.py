@@ -24,5 +24,7 @@ addons = bundle(__file__, [
     "overhead",  # last to change the flow: the gateway's own time, in x-gateway-overhead-ms
     "flow_recorder",  # what the client saw, credentials scrubbed, into <records>/flows/*.mitm
     "audit_log",  # one hash-chained entry per recorded flow, written before the reply ends; 503 if it cannot
+    "audit_witness",  # each signed checkpoint also to a witness outside the records; 503 while none takes them
     "caller_setup_hint",  # at start: what callers export (and where the first-start token is)
+    "websocket_gate",  # last on every WebSocket message: dropped (session closed 1011) unless every concern governed it
 ])

@@ -1,4 +1,5 @@
-"""The ISO/IEC 27001 evidence pack: figures per Annex A control from a verified audit log, as Markdown, HTML, JSON.
+"""The ISO/IEC 27001 evidence pack: figures per Annex A control from verified audit logs (one or several
+instances), each traceable to audit sequence numbers, as Markdown, HTML tables and JSON.
 
 Plain Python plus `cryptography` (through the verifier); no mitmproxy, no network, no external assets.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 from collections import Counter
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -31,9 +33,10 @@ CANNOT_SHOW = [
     "That no AI traffic bypassed the gateway: calls made directly to a provider, with a key the gateway does not "
     "hold, leave no trace here. Network egress controls have to show that.",
     "Who the person behind a service token is: an identity is the name the token was issued to.",
-    "That the log is complete after its last signed checkpoint: entries after it are only hash-chained, and the "
-    "very end of a log can be cut off at a line boundary without a trace in the chain (the flow-file cross-check "
-    "catches it only while the flow files are intact).",
+    "That the log is complete after the last checkpoint a witness holds: entries after it are only hash-chained, "
+    "and without a witness (`--witness`) the end of a log can be cut off, its newest file deleted or an older copy "
+    "restored without a trace in the chain (the flow-file cross-check catches it only while the flow files are "
+    "intact).",
     "That the signing key was not stolen from the gateway host: whoever holds the private key can sign a rewritten "
     "log. The key is kept outside the records; its custody is the operator's.",
     "That the gateway's clock was right: entry times are the gateway host's UTC clock.",
@@ -59,20 +62,577 @@ def _day(text: str | None, end: bool) -> str | None:
 
 
 def _name(identity) -> str:
-    return identity.get("name", "(unnamed)") if isinstance(identity, dict) else "(unauthenticated)"
+    if not isinstance(identity, dict):
+        return "(unauthenticated)"
+    return _text(identity.get("name"), "(unnamed)")
+
+
+def _text(value, empty: str = "—") -> str:
+    """A value as an auditor reads it: never None, never a raw dict or list."""
+    if value is None or value == "":
+        return empty
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_text(v) for v in value) or empty
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_text(v)}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))) or empty
+    return str(value)
+
+
+def _iso(value) -> str:
+    """A time in ISO 8601 UTC to the second: from an entry's time, or from epoch seconds (also as a string)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            try:
+                moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                return value
+            return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "—"
 
 
 def _outcome(entry: dict) -> str:
     if entry.get("refusal"):
         return "refused"
     status = entry.get("status")
-    if entry.get("error") or status is None or status >= 500:
+    if entry.get("error") or not isinstance(status, int) or status >= 500:
         return "failed"
     return "served"
 
 
-def _sample(located: Located) -> dict:
-    return {"where": located.where, "entry": located.entry}
+def instance_name(result: VerifyResult) -> str:
+    """Which instance wrote a records directory: its entries' `instance` field, else the directory's name."""
+    named = Counter(l.entry["instance"] for l in result.log if isinstance(l.entry.get("instance"), str) and l.entry["instance"])
+    if named:
+        return named.most_common(1)[0][0]
+    return Path(result.records_dir).absolute().name
+
+
+@dataclass(frozen=True)
+class _Entry:
+    instance: str
+    located: Located
+
+    @property
+    def entry(self) -> dict:
+        return self.located.entry
+
+    @property
+    def ref(self) -> str:
+        """Where an auditor finds it: the instance and the audit sequence number."""
+        return f"{self.instance}#{self.located.seq}"
+
+
+def _refs(items) -> list[str]:
+    return [item.ref for item in items]
+
+
+def refs_text(refs: list[str], several: bool, limit: int = 12) -> str:
+    """Sequence numbers as ranges, per instance: "seq 3, 7–9" or "gw-a: 3, 7–9; gw-b: 2"."""
+    per_instance: dict[str, list[int]] = {}
+    for ref in refs:
+        instance, _, seq = ref.rpartition("#")
+        per_instance.setdefault(instance, []).append(int(seq))
+    parts, shown, total = [], 0, 0
+    for instance, seqs in per_instance.items():
+        ranges: list[str] = []
+        for seq in sorted(set(seqs)):
+            if ranges and ranges[-1][1] == seq - 1:
+                ranges[-1] = (ranges[-1][0], seq)
+            else:
+                ranges.append((seq, seq))
+        total += len(ranges)
+        take = ranges[:max(0, limit - shown)]
+        shown += len(take)
+        if take:
+            text = ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in take)
+            parts.append(f"{instance}: {text}" if several else f"seq {text}")
+    more = f" … and {total - shown} more range(s) (all in evidence.json)" if total > shown else ""
+    return ("; ".join(parts) or "—") + more
+
+
+def _grouped(items: list[_Entry], key) -> dict:
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
+def _who_called_what(flows: list[_Entry]) -> list[dict]:
+    def key(item: _Entry):
+        e = item.entry
+        endpoint = f"{_text(e.get('method'), '')} {_text(e.get('path'), '')}".strip() or "—"
+        return (_name(e.get("identity")), item.instance, endpoint, _text(e.get("model"), "(none)"))
+
+    rows = []
+    for (caller, instance, endpoint, model), items in sorted(_grouped(flows, key).items()):
+        outcomes = Counter(_outcome(i.entry) for i in items)
+        rows.append({"caller": caller, "instance": instance, "endpoint": endpoint, "model": model,
+                     "requests": len(items), "served": outcomes["served"], "refused": outcomes["refused"],
+                     "failed": outcomes["failed"], "entries": _refs(items)})
+    return rows
+
+
+def _decisions_by_rule(flows: list[_Entry]) -> list[dict]:
+    def key(item: _Entry):
+        decision = item.entry.get("policy")
+        if not isinstance(decision, dict):
+            return ("(no policy decision)", "—")
+        action = decision.get("action") or decision.get("decision") or decision.get("outcome")
+        return (_text(decision.get("rule"), "(unnamed rule)"), _text(action, "(recorded)"))
+
+    return [{"rule": rule, "action": action, "requests": len(items), "entries": _refs(items)}
+            for (rule, action), items in sorted(_grouped(flows, key).items())]
+
+
+def _details(entry: dict) -> dict:
+    details = entry.get("details")
+    return details if isinstance(details, dict) else {}
+
+
+def _approvals(events: list[_Entry]) -> tuple[list[dict], list[dict]]:
+    """One row per approval (requested → decided), and the refused attempts to decide, who tried and why."""
+    rows: dict[str, dict] = {}
+    attempts = []
+    for item in events:
+        e, details = item.entry, _details(item.entry)
+        approval_id = _text(details.get("approval_id") or e.get("flow_id"), "(unknown)")
+        decision = _text(e.get("decision"), "(unknown)")
+        if decision.startswith("refused_"):
+            attempts.append({"time": _iso(e.get("time")), "who": _text(e.get("approver"), "(unknown)"),
+                             "attempted": {"refused_approved": "approve", "refused_denied": "deny"}.get(decision, decision),
+                             "requester": _text(e.get("requester"), "(unknown)"), "approval_id": approval_id,
+                             "instance": item.instance, "code": _text(details.get("code")),
+                             "why": _text(e.get("reason")), "entry": item.ref})
+            continue
+        row = rows.setdefault(approval_id, {
+            "approval_id": approval_id, "rule": "—", "requester": "(unknown)", "requested_at": "—",
+            "requested_on": "—", "decision": "pending", "approver": "—", "decided_at": "—", "decided_on": "—",
+            "reason": "—", "entries": []})
+        row["entries"].append(item.ref)
+        row["rule"] = _text(details.get("rule"), row["rule"])
+        row["requester"] = _text(e.get("requester"), row["requester"])
+        if decision == "requested":
+            row["requested_at"], row["requested_on"] = _iso(e.get("time")), item.instance
+        else:
+            row.update(decision=decision, approver=_text(e.get("approver"), "(the gateway)" if decision == "expired" else "—"),
+                       decided_at=_iso(e.get("time")), decided_on=item.instance, reason=_text(e.get("reason")))
+    return list(rows.values()), attempts
+
+
+def _config_changes(configs: list[_Entry], earlier: dict[str, _Entry]) -> list[dict]:
+    """Per rules file: when it changed, its old and new digest, and which rule ids changed where recorded.
+
+    `earlier` holds each instance's configuration entry before the period (what the first change is from)."""
+    rows = []
+    previous = dict(earlier)
+    for item in configs:
+        files = item.entry.get("files") if isinstance(item.entry.get("files"), dict) else {}
+        before_item = previous.get(item.instance)
+        before = before_item.entry.get("files") if before_item and isinstance(before_item.entry.get("files"), dict) else {}
+        rules_now = item.entry.get("rule_digests") if isinstance(item.entry.get("rule_digests"), dict) else {}
+        rules_before = (before_item.entry.get("rule_digests") if before_item and
+                        isinstance(before_item.entry.get("rule_digests"), dict) else {})
+        for name in sorted(set(files) | set(before)):
+            old, new = before.get(name), files.get(name)
+            if old == new and before_item is not None:
+                continue
+            rows.append({"instance": item.instance, "time": _iso(item.entry.get("time")), "file": str(name),
+                         "old": _short(old) if before_item is not None else "(first record)",
+                         "new": _short(new) if new else "(removed)",
+                         "reason": _text(item.entry.get("reason")),
+                         "rules_changed": _changed_rules(rules_before.get(name), rules_now.get(name)),
+                         "entry": item.ref})
+        previous[item.instance] = item
+    return rows
+
+
+def _short(digest) -> str:
+    return f"sha256:{digest[:16]}…" if isinstance(digest, str) and digest else "(none)"
+
+
+def _changed_rules(before, after) -> str:
+    """Rule ids added, removed or changed, when the entries record a digest per rule (else: not recorded)."""
+    if not isinstance(after, dict) and not isinstance(before, dict):
+        return "not recorded"
+    before, after = before if isinstance(before, dict) else {}, after if isinstance(after, dict) else {}
+    changed = sorted(str(r) for r in set(before) | set(after) if before.get(r) != after.get(r))
+    return ", ".join(changed) or "none"
+
+
+def _int(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _websocket(sessions: list[_Entry], events: list[_Entry], responses: list[_Entry]) -> dict:
+    masked_responses = [i for i in responses if isinstance(i.entry.get("masking"), dict)
+                        and (i.entry["masking"].get("findings") or i.entry["masking"].get("status") == "masked")]
+    blocked_events = [i for i in events if i.entry.get("blocked") is True]
+    return {
+        "sessions": len(sessions),
+        "messages_from_client": sum(_int(i.entry.get("messages_from_client")) for i in sessions),
+        "messages_from_server": sum(_int(i.entry.get("messages_from_server")) for i in sessions),
+        "blocked": sum(_int(i.entry.get("blocked")) for i in sessions),
+        "masked": sum(_int(i.entry.get("masked")) for i in sessions),
+        "events_decided": len(events),
+        "events_blocked": len(blocked_events),
+        "responses": len(responses),
+        "responses_masked": len(masked_responses),
+        "entries": {"sessions": _refs(sessions), "events": _refs(events), "events_blocked": _refs(blocked_events),
+                    "responses": _refs(responses), "responses_masked": _refs(masked_responses)},
+    }
+
+
+def _outcome_unknown(entries: list[_Entry], everything: list[_Entry]) -> list[dict]:
+    """Intent entries (a request about to go upstream) that no flow entry names as its intent (as the verifier
+    decides it): forwarded, outcome unknown."""
+    answered = {(i.instance, i.entry["intent"]) for i in everything  # an outcome after the period answers too
+                if i.entry.get("kind") == "flow" and isinstance(i.entry.get("intent"), int)}
+    rows = []
+    for item in entries:
+        e = item.entry
+        if e.get("kind") != "intent" or (item.instance, item.located.seq) in answered:
+            continue
+        request = f"{_text(e.get('method'), '')} {_text(e.get('host'), '')}{_text(e.get('path'), '')}".strip()
+        rows.append({"instance": item.instance, "time": _iso(e.get("time")), "flow_id": _text(e.get("flow_id")),
+                     "caller": _name(e.get("identity")), "request": request or "—", "entry": item.ref})
+    return rows
+
+
+def build_evidence(results: VerifyResult | list[VerifyResult], date_from: str | None = None,
+                   date_to: str | None = None, tails: list[str] | None = None) -> dict:
+    """Figures, tables and their audit sequence numbers from the verifiers' parsed logs (what is counted is what
+    was verified); one pack over one or several instances' records."""
+    results = [results] if isinstance(results, VerifyResult) else list(results)
+    names = _unique_names(results)
+    start, end = _day(date_from, False), _day(date_to, True)
+    everything = [_Entry(name, l) for name, result in zip(names, results) for l in result.log
+                  if isinstance(l.seq, int) and isinstance(l.entry.get("time"), str)]
+    everything.sort(key=lambda i: i.entry["time"])
+    in_period = [i for i in everything if (not start or i.entry["time"] >= start) and (not end or i.entry["time"] <= end)]
+    of_kind = lambda kind: [i for i in in_period if i.entry.get("kind") == kind]  # noqa: E731
+    flows = of_kind("flow")
+
+    per_identity = Counter(_name(i.entry.get("identity")) for i in flows)
+    groups: dict[str, set] = {}
+    for i in flows:
+        identity = i.entry.get("identity")
+        if isinstance(identity, dict):
+            groups.setdefault(_name(identity), set()).update(str(g) for g in identity.get("groups") or [])
+    refusals = Counter(_text((i.entry.get("refusal") or {}).get("code"), "(unknown)")
+                       for i in flows if isinstance(i.entry.get("refusal"), dict))
+    outcomes = Counter(_outcome(i.entry) for i in flows)
+    policy = Counter()
+    for i in flows:
+        decision = i.entry.get("policy")
+        if isinstance(decision, dict):
+            policy[_text(decision.get("decision") or decision.get("outcome") or decision.get("action"), "(recorded)")] += 1
+
+    approval_events = of_kind("approval")
+    decided = Counter(_text(i.entry.get("decision"), "(unknown)") for i in approval_events)
+    approvals = [i for i in approval_events if i.entry.get("decision") == "approved" and i.entry.get("approver")]
+    same = [i for i in approvals if _same_person(i.entry)]
+    approval_rows, refused_attempts = _approvals(approval_events)
+
+    masked_by_type, masked_by_direction, masked_flows = Counter(), Counter(), []
+    for i in flows:
+        masking = i.entry.get("masking")
+        findings = masking.get("findings") if isinstance(masking, dict) else None
+        if findings:
+            masked_flows.append(i)
+            for finding in findings:
+                if isinstance(finding, dict):
+                    count = finding.get("count") if isinstance(finding.get("count"), int) else 1
+                    masked_by_type[_text(finding.get("entity_type"), "(unknown type)")] += count
+                    masked_by_direction[_text(finding.get("direction"), "(unknown)")] += count
+
+    configs_before = [i for i in everything if i.entry.get("kind") == "config" and (not end or i.entry["time"] <= end)]
+    in_force: dict[str, _Entry] = {}
+    for i in configs_before:
+        in_force[i.instance] = i
+    earlier: dict[str, _Entry] = {}
+    for i in everything:
+        if i.entry.get("kind") == "config" and start and i.entry["time"] < start:
+            earlier[i.instance] = i
+    checkpoints = of_kind("checkpoint")
+    starts = of_kind("gateway_start")
+    outages = of_kind("audit_resumed")
+    witness_outages = of_kind("witness_unavailable")
+    lost = of_kind("records_lost")
+
+    figures = {
+        "instances": names,
+        "entries": len(in_period),
+        "flows": len(flows),
+        "callers": sorted(n for n in per_identity if n != "(unauthenticated)"),
+        "requests_per_identity": dict(sorted(per_identity.items())),
+        "groups_per_identity": {k: sorted(v) for k, v in sorted(groups.items())},
+        "outcomes": dict(sorted(outcomes.items())),
+        "refusals_by_reason": dict(sorted(refusals.items())),
+        "status_codes": dict(sorted(Counter(_text(i.entry.get("status"), "no response") for i in flows).items())),
+        "models": dict(sorted(Counter(_text(i.entry.get("model"), "(none)") for i in flows).items())),
+        "policy_decisions": dict(sorted(policy.items())),
+        "approval_events": len(approval_events),
+        "approval_outcomes": dict(sorted(decided.items())),
+        "approvals": len(approvals),
+        "approvals_approver_differs": len(approvals) - len(same),
+        "approvals_approver_is_requester": _refs(same),
+        "approval_attempts_refused": len(refused_attempts),
+        "flows_with_approval": len([i for i in flows if isinstance(i.entry.get("approval"), dict)]),
+        "masked_entities_by_type": dict(sorted(masked_by_type.items())),
+        "masked_entities_by_direction": dict(sorted(masked_by_direction.items())),
+        "flows_with_masking": len(masked_flows),
+        "config_in_force_per_instance": [
+            {"instance": name, "entry": i.ref, "time": _iso(i.entry.get("time")),
+             "files": {str(k): str(v) for k, v in (i.entry.get("files") or {}).items()}}
+            for name, i in sorted(in_force.items())],
+        "checkpoints": len(checkpoints),
+        "signing_keys": sorted({_text(i.entry.get("key_id")) for i in checkpoints}),
+        "key_rotations": _refs(of_kind("key_rotation")),
+        "gateway_starts": len(starts),
+        "restarts_after_crash": _refs([i for i in starts if i.entry.get("recovered")]),
+        "audit_outages": [{"entry": i.ref, "since": _iso(i.entry.get("unavailable_since")),
+                           "refused_requests": _int(i.entry.get("refused_requests"))} for i in outages],
+        "witness_outages": _refs(witness_outages),
+        # Flow records the gateway itself reported lost (a full disk, a writer that died): not removed later.
+        "records_lost_reports": [{"entry": i.ref, "reason": _text(i.entry.get("reason")),
+                                  "count": _int(i.entry.get("count"))} for i in lost],
+    }
+    tables = {
+        "who_called_what": _who_called_what(flows),
+        "decisions_by_rule": _decisions_by_rule(flows),
+        "approvals": approval_rows,
+        "refused_decision_attempts": refused_attempts,
+        "config_changes": _config_changes(of_kind("config"), earlier),
+        "masking": [{"entity_type": t, "count": c,
+                     "entries": _refs([i for i in masked_flows if any(
+                         isinstance(f, dict) and _text(f.get("entity_type"), "(unknown type)") == t
+                         for f in i.entry["masking"]["findings"])])}
+                    for t, c in sorted(masked_by_type.items())],
+        "outcome_unknown": _outcome_unknown(in_period, everything),
+    }
+    # The first instance's configuration in force, as a single-instance pack always had it.
+    figures["config_in_force"] = next((c for c in figures["config_in_force_per_instance"] if c["instance"] == names[0]),
+                                      None) if names else None
+    figures["websocket"] = _websocket(of_kind("websocket_session"), of_kind("websocket_event"),
+                                      of_kind("websocket_response"))
+    figures["forwarded_outcome_unknown"] = len(tables["outcome_unknown"])
+    figures["entries_of"] = {
+        "flows": _refs(flows), "refusals": _refs([i for i in flows if i.entry.get("refusal")]),
+        "approvals": _refs(approvals), "refused_decision_attempts": [r["entry"] for r in refused_attempts],
+        "masked": _refs(masked_flows), "checkpoints": _refs(checkpoints), "gateway_starts": _refs(starts),
+        "config": _refs(of_kind("config")), "unauthenticated": _refs([i for i in flows if (i.entry.get("refusal") or {})
+                                                                        .get("code") == "gateway_unauthenticated"]),
+    }
+    verification = _verification(names, results, tails or ["not checked (no witness)"] * len(results))
+    period = {"from": _iso(in_period[0].entry["time"]) if in_period and not start else _iso(start),
+              "to": _iso(in_period[-1].entry["time"]) if in_period and not end else _iso(end)}
+    controls = _controls(figures, tables, verification, len(names) > 1)
+    return {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "records_dirs": [r.records_dir for r in results], "records_dir": ", ".join(r.records_dir for r in results),
+            "period": period, "controls": controls, "figures": figures, "tables": tables,
+            "timeline": _timeline([i.entry for i in flows]), "verification": verification,
+            "cannot_show": CANNOT_SHOW}
+
+
+def _unique_names(results: list[VerifyResult]) -> list[str]:
+    names: list[str] = []
+    for result in results:
+        name = instance_name(result)
+        if name in names:  # two directories of one instance name (copies): told apart by their directory
+            name = f"{name} ({result.records_dir})"
+        names.append(name)
+    return names
+
+
+def _verification(names: list[str], results: list[VerifyResult], tails: list[str]) -> dict:
+    order = {"failed": 2, "incomplete": 1, "verified": 0}
+    worst = max(results, key=lambda r: order.get(r.status, 2))
+    per_instance = [{
+        "instance": name, "records_dir": r.records_dir, "status": r.status, "exit_code": r.exit_code,
+        "entries": r.entries, "first_seq": r.first_seq or 0, "last_seq": r.last_seq or 0,
+        "signed_upto": r.signed_upto, "checkpoints": r.checkpoints, "trusted_keys": r.anchors,
+        "trust_source": r.anchor_source or "—", "flow_entries": r.flow_entries, "flows_matched": r.flows_matched,
+        "findings": [dict(f.__dict__, instance=name) for f in r.findings[:100]], "summary": r.summary(),
+        "tail": tail,
+    } for name, r, tail in zip(names, results, tails)]
+    return {"status": worst.status, "exit_code": worst.exit_code, "instances": per_instance,
+            "entries": sum(r.entries for r in results), "signed_upto": {n: r.signed_upto for n, r in zip(names, results)},
+            "flow_entries": sum(r.flow_entries for r in results), "flows_matched": sum(r.flows_matched for r in results),
+            "findings": [f for p in per_instance for f in p["findings"]],
+            "summary": "\n".join(r.summary() for r in results)}
+
+
+def _controls(f: dict, t: dict, v: dict, several: bool) -> list[dict]:
+    refs = lambda key: refs_text(f["entries_of"][key], several)  # noqa: E731
+    refused = sum(f["refusals_by_reason"].values())
+    unauth = f["refusals_by_reason"].get("gateway_unauthenticated", 0)
+    ws = f["websocket"]
+    signed = ", ".join(f"{name}: seq {seq}" for name, seq in v["signed_upto"].items())
+    evidence = {
+        "A.5.15": [f"{f['flows']} requests in the period ({refs('flows')}), each from an identified caller or "
+                   f"refused: {len(f['callers'])} caller identities; {unauth} unauthenticated request(s) refused with "
+                   f"401 ({refs('unauthenticated')}).",
+                   f"Refusals by reason: {_inline(f['refusals_by_reason']) or 'none'} ({refs('refusals')})."],
+        "A.5.18": [f"Requests per identity: {_inline(f['requests_per_identity']) or 'none'} (table: who called what).",
+                   f"Groups per identity: {_inline({k: ', '.join(v) for k, v in f['groups_per_identity'].items()}) or 'none'}.",
+                   f"Policy decisions: {_inline(f['policy_decisions']) or 'none recorded'} (table: decisions by rule)."],
+        "A.5.3": [f"{f['approvals']} approval(s), {f['approvals_approver_differs']} of them by an approver other "
+                  f"than the requester; {len(f['approvals_approver_is_requester'])} self-approval(s)"
+                  + (f" ({refs_text(f['approvals_approver_is_requester'], several)})"
+                     if f["approvals_approver_is_requester"] else "")
+                  + f"; {f['approval_attempts_refused']} attempt(s) to decide refused by the gateway"
+                  + (f" ({refs('refused_decision_attempts')}; table: refused decision attempts)"
+                     if f["approval_attempts_refused"] else "") + ".",
+                  f"Approval events: {_inline(f['approval_outcomes']) or 'none'}; {f['flows_with_approval']} "
+                  "request(s) carried an approval decision (table: approvals)."],
+        "A.8.15": [f"{f['entries']} audit entries in the period, {f['flows']} of them requests, each linked to its "
+                   f"flow file by flow id and digests; {f['checkpoints']} signed checkpoint(s) ({refs('checkpoints')}).",
+                   f"Verifier: {v['status'].upper()} ({v['flows_matched']} of {v['flow_entries']} flow entries "
+                   f"matched their recorded flow; signed with a trusted key up to {signed or 'nothing'}).",
+                   f"Forwarded, outcome unknown: {f['forwarded_outcome_unknown']} request(s) reached the upstream "
+                   "with no outcome recorded (the gateway stopped; table: forwarded, outcome unknown)."],
+        "A.8.16": [f"Outcomes: {_inline(f['outcomes']) or 'none'}; {refused} refused request(s); status codes "
+                   f"{_inline(f['status_codes']) or 'none'}.",
+                   f"WebSocket: {ws['sessions']} session(s), {ws['messages_from_client']} message(s) from clients and "
+                   f"{ws['messages_from_server']} from the model, {ws['blocked']} blocked, {ws['masked']} masked.",
+                   f"Gateway starts: {f['gateway_starts']} ({refs('gateway_starts')}); restarts after a crash: "
+                   f"{len(f['restarts_after_crash'])}; audit outages: {len(f['audit_outages'])}; witness outages: "
+                   f"{len(f['witness_outages'])}; flow records reported lost by the gateway: "
+                   f"{sum(r['count'] for r in f['records_lost_reports'])}."],
+        "A.8.11": [f"Masked entities by type: {_inline(f['masked_entities_by_type']) or 'none'} "
+                   f"(by direction: {_inline(f['masked_entities_by_direction']) or 'none'}); "
+                   f"{f['flows_with_masking']} request(s) with masking applied ({refs('masked')}). Types and counts "
+                   "only: the log never holds the masked values."],
+        "A.5.33": [f"Hash chain and signatures: {v['status'].upper()}; signing key(s) "
+                   f"{', '.join(k[:16] for k in f['signing_keys']) or 'none'}; key rotations: {len(f['key_rotations'])}.",
+                   "Configuration in force: " + ("; ".join(
+                       f"{c['instance']}: " + ", ".join(f"{n} sha256:{d[:16]}…" for n, d in c["files"].items())
+                       + f" (recorded at {c['entry']})" for c in f["config_in_force_per_instance"]) or "not recorded")
+                   + f"; {len(t['config_changes'])} file change(s) recorded in the period ({refs('config')})."],
+    }
+    return [{"id": cid, "title": title, "iso27001_2013": old, "evidence": evidence[cid]} for cid, title, old in CONTROLS]
+
+
+def _inline(mapping: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in mapping.items())
+
+
+# ---- rendering ---------------------------------------------------------------------------------------
+
+# Each table of the pack: its heading, its columns (key, header) and what it says when empty.
+TABLES = [
+    ("who_called_what", "Who called what", [("caller", "caller"), ("instance", "instance"), ("endpoint", "endpoint"),
+                                             ("model", "model"), ("requests", "requests"), ("served", "served"),
+                                             ("refused", "refused"), ("failed", "failed"), ("entries", "audit entries")],
+     "no requests in the period"),
+    ("decisions_by_rule", "Decisions by rule", [("rule", "rule"), ("action", "action"), ("requests", "requests"),
+                                                 ("entries", "audit entries")], "no requests in the period"),
+    ("approvals", "Approvals", [("approval_id", "approval"), ("rule", "rule"), ("requester", "requester"),
+                                ("requested_at", "requested at (UTC)"), ("requested_on", "held on"),
+                                ("decision", "decision"), ("approver", "approver"), ("decided_at", "decided at (UTC)"),
+                                ("decided_on", "decided on"), ("reason", "reason"), ("entries", "audit entries")],
+     "no approvals in the period"),
+    ("refused_decision_attempts", "Refused decision attempts",
+     [("time", "when (UTC)"), ("who", "who tried"), ("attempted", "tried to"), ("requester", "requested by"),
+      ("approval_id", "approval"), ("code", "refused as"), ("why", "why"), ("entry", "audit entry")],
+     "no refused attempts in the period"),
+    ("config_changes", "Configuration changes",
+     [("time", "when (UTC)"), ("instance", "instance"), ("file", "file"), ("old", "old digest"), ("new", "new digest"),
+      ("rules_changed", "rule ids changed"), ("reason", "recorded because"), ("entry", "audit entry")],
+     "no configuration records in the period"),
+    ("masking", "Masked personal data", [("entity_type", "entity type"), ("count", "entities masked"),
+                                         ("entries", "audit entries")], "nothing masked in the period"),
+    ("outcome_unknown", "Forwarded, outcome unknown",
+     [("time", "when (UTC)"), ("instance", "instance"), ("caller", "caller"), ("request", "request"),
+      ("flow_id", "flow"), ("entry", "audit entry")], "none: every forwarded request has its outcome recorded"),
+]
+
+
+def _cell(row: dict, key: str, several: bool) -> str:
+    value = row.get(key)
+    if key in ("entries", "entry"):
+        return refs_text(value if isinstance(value, list) else [value], several) if value else "—"
+    if key in ("old", "new"):
+        return _text(value)
+    return _text(value)
+
+
+def _config_cell(row: dict) -> str:
+    return f"{row['old']} → {row['new']}"
+
+
+def _websocket_rows(ws: dict, several: bool) -> list[tuple[str, int, str]]:
+    e = ws["entries"]
+    return [("sessions", ws["sessions"], refs_text(e["sessions"], several)),
+            ("messages from clients", ws["messages_from_client"], refs_text(e["sessions"], several)),
+            ("messages from the model", ws["messages_from_server"], refs_text(e["sessions"], several)),
+            ("messages blocked", ws["blocked"], refs_text(e["sessions"], several)),
+            ("messages masked", ws["masked"], refs_text(e["sessions"], several)),
+            ("client events decided by policy", ws["events_decided"], refs_text(e["events"], several)),
+            ("client events blocked", ws["events_blocked"], refs_text(e["events_blocked"], several)),
+            ("model responses", ws["responses"], refs_text(e["responses"], several)),
+            ("model responses masked", ws["responses_masked"], refs_text(e["responses_masked"], several))]
+
+
+def _verification_rows(v: dict) -> list[list[str]]:
+    return [[p["instance"], p["records_dir"], p["status"].upper(), str(p["entries"]),
+             f"{p['first_seq']}–{p['last_seq']}" if p["entries"] else "—", str(p["signed_upto"]),
+             f"{p['flows_matched']} of {p['flow_entries']}", p["tail"], p["trust_source"]] for p in v["instances"]]
+
+
+VERIFICATION_HEADERS = ["instance", "records directory", "verifier", "entries", "seq", "signed up to seq",
+                        "flows matched", "end of the log", "trusted key from"]
+FINDING_HEADERS = ["instance", "severity", "finding", "where", "what"]
+
+
+def _finding_rows(v: dict) -> list[list[str]]:
+    return [[f["instance"], f["severity"].upper(), f["kind"], f["where"], f["message"]] for f in v["findings"]]
+
+
+def render_markdown(pack: dict) -> str:
+    v = pack["verification"]
+    several = len(pack["figures"]["instances"]) > 1
+
+    def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+        clean = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        return (["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+                + ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows] + [""])
+
+    out = ["# AI gateway evidence pack — ISO/IEC 27001:2022", "",
+           f"Instances: {', '.join(pack['figures']['instances'])}  ",
+           f"Period: {pack['period']['from']} .. {pack['period']['to']}  ",
+           f"Generated: {pack['generated']}", "",
+           f"**Audit log verification: {v['status'].upper()}** (exit code {v['exit_code']}; {v['entries']} entries)", "",
+           "Every figure names its audit entries as `seq N` (or `instance: N` over several instances): the sequence "
+           "numbers of the audit log, which `auditgate verify` checks.", ""]
+    out += table(VERIFICATION_HEADERS, _verification_rows(v))
+    for control in pack["controls"]:
+        out += [f"## {control['id']} {control['title']} (ISO/IEC 27001:2013: {', '.join(control['iso27001_2013'])})", ""]
+        out += [f"- {line}" for line in control["evidence"]] + [""]
+    for key, title, columns, empty in TABLES:
+        rows = pack["tables"][key]
+        out += [f"## {title}", ""]
+        if not rows:
+            out += [empty, ""]
+            continue
+        cols = [c for c in columns if c[0] != "new"]
+        out += table([h if k != "old" else "old → new digest" for k, h in cols],
+                     [[(_config_cell(r) if k == "old" else _cell(r, k, several)) for k, _ in cols] for r in rows])
+    out += ["## WebSocket sessions", ""]
+    out += table(["what", "count", "audit entries"], [[a, str(b), c] for a, b, c in _websocket_rows(pack["figures"]["websocket"], several)])
+    out += ["## Traffic over time", "", "| from (UTC) | served | refused | failed |", "| --- | --- | --- | --- |"]
+    out += [f"| {b['start']} | {b['served']} | {b['refused']} | {b['failed']} |" for b in pack["timeline"]["buckets"]]
+    out += ["", "## Verifier findings", ""]
+    out += table(FINDING_HEADERS, _finding_rows(v)) if v["findings"] else ["none", ""]
+    out += ["## What this pack cannot show", ""]
+    out += [f"- {line}" for line in pack["cannot_show"]]
+    return "\n".join(out) + "\n"
 
 
 def _timeline(flows: list[dict]) -> dict:
@@ -89,182 +649,6 @@ def _timeline(flows: list[dict]) -> dict:
     for moment, entry in zip(times, flows):
         buckets[int((moment - origin).total_seconds() // bucket)][_outcome(entry)] += 1
     return {"bucket_seconds": bucket, "buckets": buckets}
-
-
-def build_evidence(result: VerifyResult, date_from: str | None = None, date_to: str | None = None) -> dict:
-    """Figures per control from the verifier's parsed log (so that what is counted is what was verified)."""
-    start, end = _day(date_from, False), _day(date_to, True)
-    everything = [l for l in result.log if isinstance(l.seq, int) and isinstance(l.entry.get("time"), str)]
-    in_period = [l for l in everything if (not start or l.entry["time"] >= start) and (not end or l.entry["time"] <= end)]
-    flows = [l for l in in_period if l.entry.get("kind") == "flow"]
-    of_kind = lambda kind: [l for l in in_period if l.entry.get("kind") == kind]  # noqa: E731
-
-    per_identity = Counter(_name(l.entry.get("identity")) for l in flows)
-    groups = {}
-    for l in flows:
-        identity = l.entry.get("identity")
-        if isinstance(identity, dict):
-            groups.setdefault(identity.get("name"), set()).update(identity.get("groups") or [])
-    refusals = Counter((l.entry.get("refusal") or {}).get("code", "(unknown)") for l in flows if l.entry.get("refusal"))
-    outcomes = Counter(_outcome(l.entry) for l in flows)
-    policy = Counter()
-    for l in flows:
-        decision = l.entry.get("policy")
-        if isinstance(decision, dict):
-            policy[str(decision.get("decision") or decision.get("outcome") or decision.get("action") or "(recorded)")] += 1
-
-    approval_events = of_kind("approval")  # requested, approved, denied, expired, refused_* (a refused attempt)
-    decided = Counter(str(l.entry.get("decision")) for l in approval_events)
-    approvals = [l for l in approval_events if l.entry.get("decision") == "approved" and l.entry.get("approver")]
-    same = [l for l in approvals if _same_person(l.entry)]
-    refused_attempts = [l for l in approval_events if str(l.entry.get("decision")).startswith("refused_")]
-    flows_with_approval = [l for l in flows if isinstance(l.entry.get("approval"), dict)]
-
-    masked_by_type, masked_by_direction, masked_flows = Counter(), Counter(), 0
-    for l in flows:
-        masking = l.entry.get("masking")
-        findings = masking.get("findings") if isinstance(masking, dict) else None
-        if findings:
-            masked_flows += 1
-            for finding in findings:
-                if isinstance(finding, dict):
-                    count = finding.get("count") if isinstance(finding.get("count"), int) else 1
-                    masked_by_type[str(finding.get("entity_type"))] += count
-                    masked_by_direction[str(finding.get("direction"))] += count
-
-    configs_before = [l for l in everything if l.entry.get("kind") == "config" and (not end or l.entry["time"] <= end)]
-    in_force = configs_before[-1] if configs_before else None
-    config_changes = [{"where": l.where, "time": l.entry["time"], "reason": l.entry.get("reason"),
-                       "files": l.entry.get("files")} for l in of_kind("config")]
-    checkpoints = of_kind("checkpoint")
-    starts = of_kind("gateway_start")
-    outages = of_kind("audit_resumed")
-
-    figures = {
-        "entries": len(in_period),
-        "flows": len(flows),
-        "callers": sorted(n for n in per_identity if n != "(unauthenticated)"),
-        "requests_per_identity": dict(sorted(per_identity.items())),
-        "groups_per_identity": {k: sorted(v) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))},
-        "outcomes": dict(sorted(outcomes.items())),
-        "refusals_by_reason": dict(sorted(refusals.items())),
-        "status_codes": dict(sorted(Counter(str(l.entry.get("status")) for l in flows).items())),
-        "models": dict(sorted(Counter(str(l.entry.get("model")) for l in flows).items())),
-        "policy_decisions": dict(sorted(policy.items())),
-        "approval_events": len(approval_events),
-        "approval_outcomes": dict(sorted(decided.items())),
-        "approvals": len(approvals),
-        "approvals_approver_differs": len(approvals) - len(same),
-        "approvals_approver_is_requester": [l.where for l in same],
-        "approval_attempts_refused": len(refused_attempts),
-        "flows_with_approval": len(flows_with_approval),
-        "masked_entities_by_type": dict(sorted(masked_by_type.items())),
-        "masked_entities_by_direction": dict(sorted(masked_by_direction.items())),
-        "flows_with_masking": masked_flows,
-        "config_in_force": {"where": in_force.where, "time": in_force.entry["time"],
-                            "files": in_force.entry.get("files")} if in_force else None,
-        "config_changes": config_changes,
-        "checkpoints": len(checkpoints),
-        "signing_keys": sorted({str(l.entry.get("key_id")) for l in checkpoints}),
-        "key_rotations": [l.where for l in of_kind("key_rotation")],
-        "gateway_starts": len(starts),
-        "restarts_after_crash": [l.where for l in starts if l.entry.get("recovered")],
-        "audit_outages": [{"where": l.where, "since": l.entry.get("unavailable_since"),
-                           "refused_requests": l.entry.get("refused_requests")} for l in outages],
-        # Flow records the gateway itself reported lost (a full disk, a writer that died): not removed later.
-        "records_lost_reports": [{"where": l.where, "reason": l.entry.get("reason"), "count": l.entry.get("count")}
-                                 for l in of_kind("records_lost")],
-    }
-    pick = lambda items: [_sample(l) for l in items[:SAMPLE_LIMIT]]  # noqa: E731
-    samples = {
-        "flows": pick([l for l in flows if not l.entry.get("refusal")]),
-        "refusals": pick([l for l in flows if l.entry.get("refusal")]),
-        "approvals": pick(approvals),
-        "masked": pick([l for l in flows if (l.entry.get("masking") or {}).get("findings")]),
-        "checkpoints": pick(checkpoints[-1:]),
-        "config": pick([in_force] if in_force else []),
-    }
-    verification = {
-        "status": result.status, "exit_code": result.exit_code, "entries": result.entries,
-        "first_seq": result.first_seq, "last_seq": result.last_seq, "signed_upto": result.signed_upto,
-        "checkpoints": result.checkpoints, "trusted_keys": result.anchors, "trust_source": result.anchor_source,
-        "flow_entries": result.flow_entries, "flows_matched": result.flows_matched,
-        "findings": [f.__dict__ for f in result.findings[:100]], "summary": result.summary(),
-    }
-    controls = _controls(figures, verification)
-    period = {"from": in_period[0].entry["time"] if in_period and not start else (start or None),
-              "to": in_period[-1].entry["time"] if in_period and not end else (end or None)}
-    return {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "records_dir": result.records_dir,
-            "period": period, "controls": controls, "figures": figures, "timeline": _timeline([l.entry for l in flows]),
-            "samples": samples, "verification": verification, "cannot_show": CANNOT_SHOW}
-
-
-def _controls(f: dict, v: dict) -> list[dict]:
-    refused = sum(f["refusals_by_reason"].values())
-    unauth = f["refusals_by_reason"].get("gateway_unauthenticated", 0)
-    evidence = {
-        "A.5.15": [f"{f['flows']} requests in the period, each from an identified caller or refused: "
-                   f"{len(f['callers'])} caller identities; {unauth} unauthenticated request(s) refused with 401.",
-                   f"Refusals by reason: {_inline(f['refusals_by_reason']) or 'none'}."],
-        "A.5.18": [f"Requests per identity: {_inline(f['requests_per_identity']) or 'none'}.",
-                   f"Groups per identity: {_inline({k: ', '.join(v) for k, v in f['groups_per_identity'].items()}) or 'none'}.",
-                   f"Policy decisions: {_inline(f['policy_decisions']) or 'none recorded'}."],
-        "A.5.3": [f"{f['approvals']} approval(s), {f['approvals_approver_differs']} of them by an approver other "
-                  f"than the requester; {len(f['approvals_approver_is_requester'])} self-approval(s)"
-                  + (f" at {', '.join(f['approvals_approver_is_requester'])}" if f["approvals_approver_is_requester"] else "")
-                  + f"; {f['approval_attempts_refused']} attempt(s) to decide refused by the gateway.",
-                  f"Approval events: {_inline(f['approval_outcomes']) or 'none'}; {f['flows_with_approval']} "
-                  "request(s) carried an approval decision."],
-        "A.8.15": [f"{f['entries']} audit entries in the period, {f['flows']} of them requests, each linked to its "
-                   f"flow file by flow id and body digests; {f['checkpoints']} signed checkpoint(s).",
-                   f"Verifier: {v['status'].upper()} ({v['flows_matched']} of {v['flow_entries']} flow entries "
-                   f"matched their recorded flow; entries up to seq {v['signed_upto']} signed with a trusted key)."],
-        "A.8.16": [f"Outcomes: {_inline(f['outcomes']) or 'none'}; {refused} refused request(s); status codes "
-                   f"{_inline(f['status_codes']) or 'none'}.",
-                   f"Gateway starts: {f['gateway_starts']}; restarts after a crash: {len(f['restarts_after_crash'])}; "
-                   f"audit outages: {len(f['audit_outages'])}; flow records reported lost by the gateway: "
-                   f"{sum(r['count'] for r in f['records_lost_reports'] if isinstance(r['count'], int))}."],
-        "A.8.11": [f"Masked entities by type: {_inline(f['masked_entities_by_type']) or 'none'} "
-                   f"(by direction: {_inline(f['masked_entities_by_direction']) or 'none'}); "
-                   f"{f['flows_with_masking']} request(s) with masking applied. Types and counts only: the log never "
-                   "holds the masked values."],
-        "A.5.33": [f"Hash chain and signatures: {v['status'].upper()}; signing key(s) "
-                   f"{', '.join(k[:16] for k in f['signing_keys']) or 'none'}; key rotations: {len(f['key_rotations'])}.",
-                   "Configuration in force: " + (
-                       ", ".join(f"{n} sha256:{d[:16]}…" for n, d in (f["config_in_force"]["files"] or {}).items())
-                       + f" (recorded at {f['config_in_force']['where']})" if f["config_in_force"] else "not recorded")
-                   + f"; {len(f['config_changes'])} configuration record(s) in the period."],
-    }
-    return [{"id": cid, "title": title, "iso27001_2013": old, "evidence": evidence[cid]} for cid, title, old in CONTROLS]
-
-
-def _inline(mapping: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in mapping.items())
-
-
-# ---- rendering ---------------------------------------------------------------------------------------
-
-
-def render_markdown(pack: dict) -> str:
-    v = pack["verification"]
-    out = ["# AI gateway evidence pack — ISO/IEC 27001:2022", "",
-           f"Records: `{pack['records_dir']}`  ",
-           f"Period: {pack['period']['from']} .. {pack['period']['to']}  ",
-           f"Generated: {pack['generated']}", "",
-           f"**Audit log verification: {v['status'].upper()}** (exit code {v['exit_code']}; "
-           f"{v['entries']} entries, signed up to seq {v['signed_upto']}; trusted key: {v['trust_source']})", ""]
-    for control in pack["controls"]:
-        out += [f"## {control['id']} {control['title']} (ISO/IEC 27001:2013: {', '.join(control['iso27001_2013'])})", ""]
-        out += [f"- {line}" for line in control["evidence"]] + [""]
-    out += ["## Traffic over time", "", "| from (UTC) | served | refused | failed |", "| --- | --- | --- | --- |"]
-    out += [f"| {b['start']} | {b['served']} | {b['refused']} | {b['failed']} |" for b in pack["timeline"]["buckets"]]
-    out += ["", "## Sample entries", ""]
-    for name, samples in pack["samples"].items():
-        for sample in samples:
-            out += [f"{name} — `{sample['where']}`:", "", "```json", json.dumps(sample["entry"], sort_keys=True), "```", ""]
-    out += ["## Verifier output", "", "```text", v["summary"], "```", "", "## What this pack cannot show", ""]
-    out += [f"- {line}" for line in pack["cannot_show"]]
-    return "\n".join(out) + "\n"
 
 
 def render_svg(timeline: dict) -> str:
@@ -305,39 +689,69 @@ def render_svg(timeline: dict) -> str:
 def render_html(pack: dict) -> str:
     e = html.escape
     v = pack["verification"]
-    colour = {"verified": "#2e7d32", "incomplete": "#ef6c00", "failed": "#c62828"}[v["status"]]
+    several = len(pack["figures"]["instances"]) > 1
+    colour = {"verified": "#2e7d32", "incomplete": "#ef6c00", "failed": "#c62828"}.get(v["status"], "#c62828")
+
+    def table(table_id: str, headers: list[str], rows: list[list[str]]) -> str:
+        head = "".join(f"<th scope=\"col\">{e(h)}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+    def section(section_id: str, title: str, content: str) -> str:
+        return f'<section id="{section_id}"><h2>{e(title)}</h2>{content}</section>'
+
     body = ["<h1>AI gateway evidence pack — ISO/IEC 27001:2022</h1>",
-            f"<p>Records: <code>{e(pack['records_dir'])}</code><br>Period: {e(str(pack['period']['from']))} .. "
-            f"{e(str(pack['period']['to']))}<br>Generated: {e(pack['generated'])}</p>",
-            f'<p class="verdict" style="border-color:{colour}"><strong>Audit log verification: {e(v["status"].upper())}</strong>'
-            f" (exit code {v['exit_code']}; {v['entries']} entries, signed up to seq {v['signed_upto']}; "
-            f"trusted key: {e(v['trust_source'])})</p>",
-            "<h2>Traffic and decisions over time</h2>", render_svg(pack["timeline"])]
+            f"<p>Instances: {e(', '.join(pack['figures']['instances']))}<br>Period: {e(pack['period']['from'])} .. "
+            f"{e(pack['period']['to'])} (UTC)<br>Generated: {e(pack['generated'])}</p>",
+            f'<p class="verdict" style="border-color:{colour}"><strong>Audit log verification: '
+            f"{e(v['status'].upper())}</strong> (exit code {v['exit_code']}; {v['entries']} entries)</p>",
+            "<p>Every figure names its audit entries by sequence number (<em>seq N</em>, or <em>instance: N</em> "
+            "over several instances): the numbers <code>auditgate verify</code> checks.</p>",
+            section("verification", "Verification per instance", table("verification-table", VERIFICATION_HEADERS,
+                                                                         _verification_rows(v))),
+            section("timeline", "Traffic and decisions over time", render_svg(pack["timeline"]))]
     for control in pack["controls"]:
-        body.append(f"<h2>{e(control['id'])} {e(control['title'])} <small>(2013: {e(', '.join(control['iso27001_2013']))})</small></h2>")
-        body.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in control["evidence"]) + "</ul>")
-    body.append("<h2>Figures</h2><table>")
-    for name, value in pack["figures"].items():
-        body.append(f"<tr><th>{e(name)}</th><td><code>{e(json.dumps(value, sort_keys=True))}</code></td></tr>")
-    body.append("</table><h2>Sample entries</h2>")
-    for name, samples in pack["samples"].items():
-        for sample in samples:
-            body.append(f"<p>{e(name)} — <code>{e(sample['where'])}</code></p>"
-                        f"<pre>{e(json.dumps(sample['entry'], sort_keys=True, indent=1))}</pre>")
-    body.append(f"<h2>Verifier output</h2><pre>{e(v['summary'])}</pre><h2>What this pack cannot show</h2>")
-    body.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in pack["cannot_show"]) + "</ul>")
-    style = ("body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
-             "pre{background:#f5f5f5;padding:.5rem;overflow-x:auto;font-size:.8rem}table{border-collapse:collapse}"
+        body.append(section(f"control-{control['id']}", f"{control['id']} {control['title']}",
+                            f"<p><small>ISO/IEC 27001:2013: {e(', '.join(control['iso27001_2013']))}</small></p><ul>"
+                            + "".join(f"<li>{e(line)}</li>" for line in control["evidence"]) + "</ul>"))
+    for key, title, columns, empty in TABLES:
+        rows = pack["tables"][key]
+        if not rows:
+            body.append(section(key.replace("_", "-"), title, f"<p class=\"empty\">{e(empty)}</p>"))
+            continue
+        cols = [c for c in columns if c[0] != "new"]
+        headers = [h if k != "old" else "old → new digest" for k, h in cols]
+        cells = [[(_config_cell(r) if k == "old" else _cell(r, k, several)) for k, _ in cols] for r in rows]
+        body.append(section(key.replace("_", "-"), title, table(f"{key.replace('_', '-')}-table", headers, cells)))
+    body.append(section("websocket", "WebSocket sessions", table(
+        "websocket-table", ["what", "count", "audit entries"],
+        [[a, str(b), c] for a, b, c in _websocket_rows(pack["figures"]["websocket"], several)])))
+    body.append(section("findings", "Verifier findings", table("findings-table", FINDING_HEADERS, _finding_rows(v))
+                        if v["findings"] else '<p class="empty">none</p>'))
+    body.append(section("cannot-show", "What this pack cannot show",
+                        "<ul>" + "".join(f"<li>{e(line)}</li>" for line in pack["cannot_show"]) + "</ul>"))
+    style = ("body{font-family:sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
+             "table{border-collapse:collapse;margin:.5rem 0}"
              "th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top;font-size:.85rem}"
-             ".verdict{border-left:.4rem solid;padding:.5rem 1rem;background:#fafafa}small{color:#666;font-weight:normal}")
+             "th{background:#f0f0f0}.verdict{border-left:.4rem solid;padding:.5rem 1rem;background:#fafafa}"
+             "small{color:#666;font-weight:normal}.empty{color:#555;font-style:italic}")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>AI gateway evidence pack</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def write_evidence_pack(records_dir: Path, out: Path, date_from: str | None = None, date_to: str | None = None,
-                        pubkeys: list[Path] | None = None) -> dict:
-    result = verify(records_dir, pubkeys)
-    pack = build_evidence(result, date_from, date_to)
+def write_evidence_pack(records_dirs: Path | list[Path], out: Path, date_from: str | None = None,
+                        date_to: str | None = None, pubkeys: list[Path] | None = None,
+                        witnesses: list | None = None) -> dict:
+    """Verify each records directory (with the witnesses, if any) and write one pack over all of them."""
+    from auditgate.audit.witness import check_tail, tail_status
+
+    directories = [records_dirs] if isinstance(records_dirs, (str, Path)) else list(records_dirs)
+    results = []
+    for directory in directories:
+        result = verify(Path(directory), pubkeys)
+        check_tail(result, witnesses or [])
+        results.append(result)
+    pack = build_evidence(results, date_from, date_to, tails=[tail_status(r, bool(witnesses)) for r in results])
     # The pack names callers and quotes audit entries: 0600 files, and 0700 for the directories made here
     # (an --out directory that exists keeps its mode: the operator chose where it goes).
     private_dir(out)
@@ -350,7 +764,9 @@ def write_evidence_pack(records_dir: Path, out: Path, date_from: str | None = No
 def _same_person(entry: dict) -> bool:
     """An approval by its own requester: the same stable subject, or names that read the same (NFKC,
     invisible characters removed, case folded) — a zero-width space makes no second person."""
-    requester, approver = entry.get("requester_principal"), entry.get("approver_principal")
+    details = _details(entry)
+    requester = entry.get("requester_principal") or details.get("requester_principal")
+    approver = entry.get("approver_principal") or details.get("approver_principal")
     if requester and approver and requester == approver:
         return True
     return normalized_name(entry.get("requester")) is not None and (
