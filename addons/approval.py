@@ -26,8 +26,8 @@ from auditgate.approval.store import (
     APPROVED,
     DENIED,
     EXPIRED,
+    ORPHANED,
     PENDING,
-    STORE_FILE,
     TOO_LATE,
     Approval,
     DecisionTooLate,
@@ -36,6 +36,7 @@ from auditgate.approval.store import (
     new_approval_id,
     public_view,
 )
+from auditgate.approval.stores import choose_store
 from auditgate.approval.webhook import post_webhook, webhook_message
 from auditgate.core.config import ConfigError
 from auditgate.core.flow_contract import (
@@ -46,7 +47,12 @@ from auditgate.core.flow_contract import (
     AuditUnavailable,
     services,
 )
-from auditgate.core.options import add_gateway_options, records_dir, rules_dir
+from auditgate.core.options import (
+    add_gateway_options,
+    instance_id,
+    records_dir,
+    rules_dir,
+)
 from auditgate.core.refusal import is_answered, refuse
 from auditgate.core.request_facts import facts_of
 from auditgate.identity.authenticator import AuthFailure
@@ -56,6 +62,9 @@ logger = logging.getLogger("auditgate.addons.approval")
 
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8181"
 POLL_SECONDS = 1.0  # a held flow also re-reads the store this often: decisions made by another instance
+PUSHED_POLL_SECONDS = 5.0  # the same, with a store that tells of decisions at once (PostgreSQL's NOTIFY)
+DEFAULT_LEASE_MS = 15_000
+MIN_LEASE_MS = 1_000
 SWEEP_SECONDS = 1.0  # how often approvals past their expiry, or abandoned by their callers, are closed
 SWEEP_SKIP_QUEUED = 4  # calls already waiting on the store thread past which a sweep waits for the next turn
 DEFAULT_BUSY_TIMEOUT_MS = 2000
@@ -64,6 +73,8 @@ MAX_BUSY_TIMEOUT_MS = 60_000
 ABANDONED = "the caller went away before a decision"
 UNAVAILABLE_CODE = "gateway_approvals_unavailable"
 PREVIEW_CHARS = 1200
+WEBSOCKET_METHOD = "WEBSOCKET"  # an approval's method when it holds one WebSocket message
+MESSAGE_MARK = "#m"  # a held message's subject: <flow id>#m<n>, the n-th message of that flow held
 _MASK_WINDOW = 4000
 
 
@@ -82,7 +93,12 @@ class ApprovalGate:
 
     def __init__(self) -> None:
         self.store: ThreadedApprovalStore | None = None
-        self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Which gateway instance this is (gateway_instance; set at `running`, once the listen port is known),
+        # and this run of it: the holder of its pending approvals, whose lease keeps them pending.
+        self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self.holder = f"{self.instance}/{secrets.token_hex(4)}"
+        self._run_token = secrets.token_hex(4)
+        self._next_heartbeat = 0.0
         self.masker = None
         self.admin_url = ""
         self._server = None
@@ -94,6 +110,7 @@ class ApprovalGate:
         self._abandoned: dict[str, tuple[float, int]] = {}
         self._sweeper: asyncio.Task | None = None
         self._last_sweep_error = ""
+        self._message_count: dict[str, int] = {}  # WebSocket flow id → its messages held so far
 
     # ---- options and lifecycle ----------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -118,6 +135,17 @@ class ApprovalGate:
             "fails; a request needing approval is then refused (503 gateway_approvals_unavailable).",
         )
         loader.add_option(
+            "gateway_approvals", str, "",
+            "Where approvals live: empty for the SQLite file in gateway_records; postgresql://USER:PASSWORD@HOST/DB "
+            "(or env:NAME, reading that DSN from the environment) for a PostgreSQL store shared by several "
+            "gateway instances.",
+        )
+        loader.add_option(
+            "approval_instance_lease_ms", int, DEFAULT_LEASE_MS,
+            "How long (ms) this instance's lease in the approvals store lasts without a heartbeat (renewed every "
+            "third of it). Another instance closes this one's pending approvals only once its lease has lapsed.",
+        )
+        loader.add_option(
             "approval_abandoned_grace_ms", int, DEFAULT_ABANDONED_GRACE_MS,
             "When every caller waiting on a pending approval has gone, how long (ms) an SDK retry has to attach "
             "to it before it is closed as expired.",
@@ -140,18 +168,26 @@ class ApprovalGate:
                                               f"{MAX_BUSY_TIMEOUT_MS}")
         if "approval_abandoned_grace_ms" in updated and ctx.options.approval_abandoned_grace_ms < 0:
             raise exceptions.OptionsError("auditgate: approval_abandoned_grace_ms must be 0 or more")
-        if updated & {"gateway_records", "approval_store_busy_timeout_ms"}:
+        if "approval_instance_lease_ms" in updated and ctx.options.approval_instance_lease_ms < MIN_LEASE_MS:
+            raise exceptions.OptionsError(f"auditgate: approval_instance_lease_ms must be at least {MIN_LEASE_MS}")
+        if updated & {"gateway_records", "approval_store_busy_timeout_ms", "gateway_approvals"}:
+            try:
+                choice = choose_store(ctx.options.gateway_approvals, records_dir())
+            except ValueError as e:  # its message never quotes the DSN
+                raise exceptions.OptionsError(f"auditgate: {e}") from None
             # Opened now, on the store's own thread (the start waits for it): a store that cannot be opened
             # stops the start. Every later call goes through that thread, never the event loop.
-            store = ThreadedApprovalStore(records_dir() / STORE_FILE, ctx.options.approval_store_busy_timeout_ms / 1000)
+            store = choice.threaded(ctx.options.approval_store_busy_timeout_ms / 1000)
             try:
                 store.open_now()
             except StoreUnavailable as e:
                 store.close()
-                raise exceptions.OptionsError(f"auditgate: gateway_records: {e}") from None
+                option = "gateway_approvals" if choice.kind == "postgresql" else "gateway_records"
+                raise exceptions.OptionsError(f"auditgate: {option}: {e}") from None
             if self.store is not None:
-                self.store.close()
+                self.store.close()  # its lease stays: this process still holds its requests (in the new store)
             self.store = store
+            self._next_heartbeat = 0.0
         if "gateway_rules" in updated:
             try:
                 self.identities = identities_file(rules_dir())
@@ -176,15 +212,19 @@ class ApprovalGate:
         return os.environ.get(value[4:], "") if value.startswith("env:") else value
 
     async def running(self) -> None:
+        self.instance = instance_id()
+        self.holder = f"{self.instance}/{self._run_token}"
         if self.store is not None:
             try:
-                closed = await self.store.expire_orphans(self.instance, time.time())
+                await self._heartbeat(time.time())
+                closed = await self._expire_orphans()
             except StoreUnavailable as e:
                 logger.error("approvals: could not close the requests held before the last stop: %s", e)
             else:
                 if closed:
                     logger.warning("approvals: %d request(s) held before the last stop were closed as expired",
                                    closed)
+            self.store.listen(self._changed_elsewhere)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         if self._server is None:
@@ -224,8 +264,31 @@ class ApprovalGate:
             self._sweeper.cancel()
             self._sweeper = None
         if self.store is not None:
-            self.store.close()
+            self.store.close(release_holder=self.holder)  # its held requests go with it: others close them now
             self.store = None
+
+    # ---- instances ------------------------------------------------------------------------------------
+    async def _heartbeat(self, now: float) -> None:
+        lease_s = ctx.options.approval_instance_lease_ms / 1000
+        await self.store.heartbeat(self.holder, self.instance, now, lease_s)
+        self._next_heartbeat = now + lease_s / 3
+
+    async def _expire_orphans(self) -> int:
+        """Close the pending approvals of processes whose lease lapsed (stopped, or killed): their flows are gone."""
+        closed = await self.store.expire_orphans(self.holder, time.time())
+        for approval in closed:
+            logger.info("approvals: %s (held by %s) expired: %s", approval.id, approval.instance, ORPHANED)
+            self._audit_or_log(approval, None, EXPIRED, ORPHANED, holder=approval.holder)
+            self._wake(approval.id)
+        return len(closed)
+
+    def _changed_elsewhere(self, approval_id: str | None) -> None:
+        """The store told of a change (a decision on another instance): the flows waiting on it re-read it now."""
+        if approval_id is None:
+            for waiting in list(self._held):
+                self._wake(waiting)
+        else:
+            self._wake(approval_id)
 
     @property
     def page_url(self) -> str:
@@ -410,6 +473,95 @@ class ApprovalGate:
             self._show(flow, f"approval {approval.id} timed out", ":alarm_clock:")
         return None, record
 
+    # ---- one WebSocket message ------------------------------------------------------------------------
+    async def hold_message(self, flow: http.HTTPFlow, policy: dict, prompt_texts: list[str]) -> dict:
+        """Hold ONE client message of a WebSocket flow for a second person's decision, through the same
+        store, page, CLI and webhook as HTTP requests; the connection goes on meanwhile (the caller drops
+        the message and re-sends it when granted). Returns an ApprovalRecord whose "status" is granted,
+        denied, expired (timed out, or the client left) or unavailable (store or audit log down: the
+        message must be dropped). Four-eyes, timeouts, reuse windows and the audit entries are those of
+        HTTP approvals; each message is its own subject ("<flow id>#m<n>"), so one approval sends one
+        message unless its rule's reuse window is open."""
+        self._message_count[flow.id] = number = self._message_count.get(flow.id, 0) + 1
+        subject = f"{flow.id}{MESSAGE_MARK}{number}"
+        record: dict = {"rule": str(policy.get("rule")), "requester": name_of(IDENTITY.get(flow))}
+        if self.store is None:
+            return {**record, "status": "unavailable", "reason": "the approvals store is not available"}
+        started = time.time()
+        try:
+            return await self._hold_message(flow, policy, prompt_texts, subject, record, started)
+        except StoreUnavailable as e:
+            logger.error("approvals: a WebSocket message for rule %s was refused: %s", policy.get("rule"), e)
+            reason = "the approvals store is unavailable"
+        except AuditUnavailable as e:
+            logger.error("approvals: a WebSocket message for rule %s was refused: the audit log cannot record it: "
+                         "%s", policy.get("rule"), e)
+            reason = "the audit log cannot record the request for approval"
+        return {**record, "status": "unavailable", "reason": reason, "waited_s": round(time.time() - started, 3)}
+
+    async def _hold_message(self, flow: http.HTTPFlow, policy: dict, prompt_texts: list[str], subject: str,
+                            record: dict, started: float) -> dict:
+        body = "\n".join(prompt_texts).encode()
+        for _ in range(3):  # as _request: an identical message finding its approval used asks again (bounded)
+            now = time.time()
+            approval, how = await self.store.hold(
+                self._message_candidate(flow, policy, prompt_texts, body, now), subject, now,
+                on_create=lambda created: self._audit(created, None, "requested", None))
+            record.update(id=approval.id, rule=approval.rule, requester=approval.requester.get("name"), how=how,
+                          requested_at=approval.created_at)
+            if how == "created":
+                logger.info("approvals: holding %s (a WebSocket message) from %s for rule %s (%s)", approval.id,
+                            approval.requester.get("name"), approval.rule, self.page_url)
+                self._notify(approval)
+            held = _Held(flow, approval.id)
+            if how != "reused":
+                self._held.setdefault(approval.id, []).append(held)
+                self._by_client.setdefault(flow.client_conn, []).append(held)
+                try:
+                    approval = await self._wait(held, approval)
+                except asyncio.CancelledError:
+                    held.abandoned = True  # the session ended: nobody waits for this message any more
+                    raise
+                finally:
+                    self._forget(held)
+                    if held.abandoned:
+                        self._abandon_later(approval.id)
+            record.update(waited_s=round(time.time() - started, 3), decided_by=name_of(approval.decided_by),
+                          decided_at=approval.decided_at, reason=approval.reason, refusals=approval.refusals)
+            if held.abandoned and approval.status in (PENDING, APPROVED):
+                return {**record, "status": EXPIRED, "reason": ABANDONED}
+            if approval.status == DENIED:
+                return {**record, "status": DENIED}
+            if approval.status != APPROVED:
+                return {**record, "status": EXPIRED}
+            if await self.store.claim(approval.id, subject, time.time()):
+                return {**record, "status": "granted", "how": how}
+        return {**record, "status": DENIED, "reason": "an identical message was approved once and already sent"}
+
+    def _abandon_later(self, approval_id: str) -> None:
+        """_abandon from a place that may be unwinding a cancellation: in a task of its own."""
+        task = asyncio.get_running_loop().create_task(self._abandon(approval_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _message_candidate(self, flow: http.HTTPFlow, policy: dict, prompt_texts: list[str], body: bytes,
+                           now: float) -> Approval:
+        identity = IDENTITY.get(flow) or {}
+        upstream = UPSTREAM.get(flow) or {}
+        request = flow.request
+        host, port = str(upstream.get("host", request.host)), int(upstream.get("port", request.port))
+        caller = principal_of(identity) or f"name:{identity.get('name')}"
+        # Keyed like a request, on the message's text: a resent identical message attaches to its approval.
+        key, body_hash = request_key(caller, WEBSOCKET_METHOD, host, port, request.path.split("?", 1)[0], body)
+        return Approval(
+            id=new_approval_id(), key=key, rule=str(policy.get("rule")), requester=identity,
+            approver_groups=list(policy.get("approvers") or ()), created_at=now,
+            expires_at=now + float(policy.get("timeout_s", 300)), reuse_seconds=float(policy.get("reuse_s", 0)),
+            model=request.query.get("model"), method=WEBSOCKET_METHOD, host=host,
+            path=request.path.split("?", 1)[0], body_sha256=body_hash, preview=self._preview(prompt_texts),
+            instance=self.instance, holder=self.holder,
+        )
+
     def _candidate(self, flow: http.HTTPFlow, policy: dict, now: float) -> Approval:
         identity = IDENTITY.get(flow) or {}
         upstream = UPSTREAM.get(flow) or {}
@@ -424,7 +576,7 @@ class ApprovalGate:
             expires_at=now + float(policy.get("timeout_s", 300)), reuse_seconds=float(policy.get("reuse_s", 0)),
             model=facts.model, method=request.method, host=host, path=facts.path,
             body_sha256=body_hash, preview=self._preview(facts.prompt_texts), tools=facts.tool_names,
-            instance=self.instance,
+            instance=self.instance, holder=self.holder,
         )
 
     def _preview(self, prompt_texts: list[str]) -> str:
@@ -460,8 +612,9 @@ class ApprovalGate:
                 self._wake(approval.id)
                 logger.info("approvals: %s expired (rule %s)", approval.id, approval.rule)
                 continue
+            poll = PUSHED_POLL_SECONDS if self.store.pushes_changes else POLL_SECONDS
             try:
-                await asyncio.wait_for(held.woken.wait(), min(POLL_SECONDS, approval.expires_at - now))
+                await asyncio.wait_for(held.woken.wait(), min(poll, approval.expires_at - now))
             except TimeoutError:
                 pass
             held.woken.clear()
@@ -489,6 +642,9 @@ class ApprovalGate:
         by_client = self._by_client.get(held.flow.client_conn, [])
         if held in by_client:
             by_client.remove(held)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._message_count.pop(flow.id, None)
 
     def client_disconnected(self, client: connection.Client) -> None:
         # mitmproxy lets a hook run on after its client left; a held flow then must not go upstream
@@ -546,6 +702,10 @@ class ApprovalGate:
             logger.info("approvals: %s expired (rule %s)", approval.id, approval.rule)
             self._audit_or_log(approval, None, EXPIRED, "not decided in time")
             self._wake(approval.id)
+        now = time.time()
+        if now >= self._next_heartbeat:
+            await self._heartbeat(now)
+            await self._expire_orphans()
 
     # ---- telling people ---------------------------------------------------------------------------------
     def _notify(self, approval: Approval) -> None:
@@ -572,7 +732,10 @@ class ApprovalGate:
         if events is None:
             return  # no audit log in this bundle (the addon loaded alone)
         # The principals (stable subjects) beside the names: who approved whose request is compared on them.
-        fields = {"flow_id": approval.flows[0] if approval.flows else None,
+        flow_id, _, message = (approval.flows[0] if approval.flows else "").partition(MESSAGE_MARK)
+        if message:  # a held WebSocket message: its flow, and which of the flow's held messages it is
+            details = {"message": int(message), **details}
+        fields = {"flow_id": flow_id or None,
                   "requester": approval.requester.get("name"), "approver": approver, "decision": decision,
                   "reason": reason, "details": {"approval_id": approval.id, "rule": approval.rule,
                                                 "requester_principal": approval.requester_principal, **details}}

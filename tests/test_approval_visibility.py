@@ -201,7 +201,8 @@ def test_an_old_store_is_upgraded_in_place_and_its_files_made_private(tmp_path):
             os.chmod(f"{path}{suffix}", 0o644)
         store = SqliteApprovalStore(path)
         try:
-            assert store._schema_version() == SCHEMA_VERSION == 1
+            assert store._schema_version() == SCHEMA_VERSION == 2
+            assert store.get("apr_oidc").holder == "i"  # version 2: the holder, backfilled from the instance
             assert store.get("apr_oidc").requester_principal == f"oidc:{ISSUER}#sub-alice"
             assert store.get("apr_token").requester_principal is None  # no token id then: approvers only
             assert [a.id for a in store.list(viewer=Viewer.of(ALICE))] == ["apr_oidc"]

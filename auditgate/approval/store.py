@@ -1,7 +1,10 @@
-"""Where held requests and their approvals live: a small interface, and SQLite behind it (no mitmproxy).
+"""Where held requests and their approvals live: a small interface, SQLite behind it (no mitmproxy), and the
+threaded wrapper the gateway calls every store through (PostgreSQL: auditgate.approval.postgres).
 
-The interface is what a PostgreSQL store would implement for several gateway instances sharing approvals;
-each call is one short transaction, and `hold` is atomic (a retry and its original never both create one).
+Each call is one short transaction, and `hold` is atomic (a retry and its original never both create one).
+Several gateway instances may share one store: a pending approval belongs to the process holding its flow
+(its `holder`: the instance id plus a token of that run), which keeps a lease in the store by heartbeat;
+another instance closes it only once that lease has lapsed (`expire_orphans`).
 
 `SqliteApprovalStore` is plain blocking code; the gateway reaches it only through `ThreadedApprovalStore`,
 which runs every call on one thread of its own (the connection lives there), so a store that is locked by
@@ -87,10 +90,15 @@ class Approval:
     # The requester's stable subject (auditgate.approval.rules.principal_of), kept in a column of its own so
     # that the admin API lists a caller's own requests in SQL. None: an identity without one (older rows).
     requester_principal: str | None = None
+    # The gateway process holding the request (instance id and a token of that run): its lease keeps the
+    # approval pending (see ApprovalStore.heartbeat). Empty: the instance itself (older rows, tests).
+    holder: str = ""
 
     def __post_init__(self) -> None:
         if self.requester_principal is None:
             self.requester_principal = principal_of(self.requester)
+        if not self.holder:
+            self.holder = self.instance
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -154,18 +162,33 @@ class ApprovalStore(Protocol):
     def expire_overdue(self, now: float) -> list[Approval]:
         """Close as expired every pending approval past its expiry; returns those this call closed."""
 
-    def expire_orphans(self, live_instance: str, now: float) -> int:
-        """Close as expired the pending approvals of instances that are gone (their held flows are gone too)."""
+    def heartbeat(self, holder: str, instance: str, now: float, lease_s: float) -> None:
+        """Renew (or take) holder's lease until now + lease_s: its pending approvals are not orphans meanwhile."""
+
+    def release(self, holder: str) -> None:
+        """End holder's lease now (a gateway stopping): its pending approvals are orphans at once."""
+
+    def instances(self, now: float) -> list[dict]:
+        """The processes with a lease: holder, instance, started_at, heartbeat_at, lease_until, live."""
+
+    def expire_orphans(self, live_holder: str, now: float) -> list[Approval]:
+        """Close as expired the pending approvals whose holder is not live_holder and has no lease running at
+        now (its process stopped or died: its held flows are gone too). Returns those this call closed."""
 
     def close(self) -> None: ...
 
 
+ORPHANED = "the gateway holding the request stopped; the request is gone"
+
+
 _COLUMNS = ("id", "key", "rule", "requester", "approver_groups", "created_at", "expires_at", "reuse_seconds", "status",
             "model", "method", "host", "path", "body_sha256", "preview", "tools", "instance", "flows", "forwarded",
-            "decided_at", "decided_by", "reason", "refusals", "requester_principal")
+            "decided_at", "decided_by", "reason", "refusals", "requester_principal", "holder")
 _JSON = {"requester", "approver_groups", "tools", "flows", "forwarded", "decided_by", "refusals"}
 # Version 0: the table as first shipped. Each later version is one step of _upgrade, in order.
-SCHEMA_VERSION = 1  # 1: requester_principal (the requester's stable subject), backfilled from requester
+# 1: requester_principal (the requester's stable subject), backfilled from requester
+# 2: holder (the process holding a pending approval, backfilled from instance) and the instances' leases
+SCHEMA_VERSION = 2
 _CREATE = (
     """CREATE TABLE IF NOT EXISTS approvals (
     id TEXT PRIMARY KEY, key TEXT NOT NULL, rule TEXT NOT NULL, requester TEXT NOT NULL,
@@ -268,6 +291,14 @@ class SqliteApprovalStore:
                                      (principal, approval_id))
             self._db.execute("CREATE INDEX IF NOT EXISTS approvals_by_requester "
                              "ON approvals (requester_principal, created_at)")
+        if version < 2:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(approvals)")}
+            if "holder" not in columns:
+                self._db.execute("ALTER TABLE approvals ADD COLUMN holder TEXT")
+            self._db.execute("UPDATE approvals SET holder = coalesce(instance, '') WHERE holder IS NULL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS instance_leases (holder TEXT PRIMARY KEY, "
+                             "instance TEXT NOT NULL, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, "
+                             "lease_until REAL NOT NULL)")
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
 
     def _identity(self) -> tuple[int, int]:
@@ -463,14 +494,43 @@ class SqliteApprovalStore:
             return [self._row(r) for r in cursor.fetchall()]
 
     @_unavailable
-    def expire_orphans(self, live_instance: str, now: float) -> int:
+    def heartbeat(self, holder: str, instance: str, now: float, lease_s: float) -> None:
         with self._lock:
             self._check_file()
+            self._db.execute(
+                "INSERT INTO instance_leases (holder, instance, started_at, heartbeat_at, lease_until) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (holder) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, "
+                "lease_until = excluded.lease_until", (holder, instance, now, now, now + lease_s))
+
+    @_unavailable
+    def release(self, holder: str) -> None:
+        with self._lock:
+            self._check_file()
+            self._db.execute("DELETE FROM instance_leases WHERE holder = ?", (holder,))
+
+    @_unavailable
+    def instances(self, now: float) -> list[dict]:
+        with self._lock:
+            self._check_file()
+            rows = self._db.execute("SELECT holder, instance, started_at, heartbeat_at, lease_until "
+                                    "FROM instance_leases ORDER BY instance, started_at").fetchall()
+        return [{"holder": r[0], "instance": r[1], "started_at": r[2], "heartbeat_at": r[3], "lease_until": r[4],
+                 "live": r[4] > now} for r in rows]
+
+    @_unavailable
+    def expire_orphans(self, live_holder: str, now: float) -> list[Approval]:
+        with self._lock:
+            self._check_file()
+            orphaned = ("status = ? AND holder != ? AND NOT EXISTS (SELECT 1 FROM instance_leases AS lease "
+                        "WHERE lease.holder = approvals.holder AND lease.lease_until > ?)")
+            # A read first, as expire_overdue: the usual answer (no orphans) takes no write lock.
+            if not self._db.execute(f"SELECT 1 FROM approvals WHERE {orphaned} LIMIT 1",
+                                    (PENDING, live_holder, now)).fetchone():
+                return []
             cursor = self._db.execute(
-                "UPDATE approvals SET status = ?, decided_at = ?, reason = ? WHERE status = ? AND instance != ?",
-                (EXPIRED, now, "the gateway holding the request stopped; the request is gone", PENDING, live_instance),
-            )
-            return cursor.rowcount
+                f"UPDATE approvals SET status = ?, decided_at = ?, reason = ? WHERE {orphaned} "
+                f"RETURNING {', '.join(_COLUMNS)}", (EXPIRED, now, ORPHANED, PENDING, live_holder, now))
+            return [self._row(r) for r in cursor.fetchall()]
 
     def close(self) -> None:
         with self._lock:
@@ -494,7 +554,8 @@ def _outcome_nobody_awaits(future: asyncio.Future) -> None:
 
 
 class ThreadedApprovalStore:
-    """The same interface, awaitable: each call runs on one thread of its own that owns the SQLite connection.
+    """The same interface, awaitable: each call runs on one thread of its own that owns the store's connection
+    (SQLite, or PostgreSQL's pool: `opener` makes the blocking store on that thread).
 
     The event loop never waits on SQLite: a store locked by another process costs the call that needs it
     up to the busy timeout, on the store thread, and that call then fails with StoreUnavailable. Each call
@@ -508,9 +569,21 @@ class ThreadedApprovalStore:
 
     MAX_QUEUED = 64
 
-    def __init__(self, path: Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
-                 call_timeout: float | None = None) -> None:
+    def __init__(self, path: Path | None = None, busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
+                 call_timeout: float | None = None, *, opener: Callable[[], ApprovalStore] | None = None,
+                 description: str | None = None, listener: Callable[[Callable[[str | None], None]], object] | None
+                 = None) -> None:
+        """path: a SQLite file; or opener (a blocking store, made on the store thread) and its description
+        (for messages: never a password). listener(on_change) starts pushing changed approval ids (None: any
+        may have changed) from another thread, and returns an object with stop(); None: the store cannot."""
+        if opener is None:
+            assert path is not None
+            opener = functools.partial(SqliteApprovalStore, path, busy_timeout)
         self.path = path
+        self.description = description or f"the approvals store {path}"
+        self._opener = opener
+        self._listener_factory = listener
+        self._listener = None
         self.busy_timeout = busy_timeout
         # Room for one call queued behind another that waits out its busy timeout.
         self.call_timeout = call_timeout if call_timeout is not None else 2 * busy_timeout + 1.0
@@ -522,11 +595,17 @@ class ThreadedApprovalStore:
     # ---- on the store thread --------------------------------------------------------------------------
     def _open(self) -> None:
         if self._store is None:
-            self._store = SqliteApprovalStore(self.path, self.busy_timeout)
+            self._store = self._opener()
 
     def _run(self, name: str, args: tuple):
         self._open()
         return getattr(self._store, name)(*args)
+
+    def _release_quietly(self, holder: str) -> None:
+        try:
+            self._run("release", (holder,))
+        except StoreUnavailable as e:  # its lease then lapses on its own; its approvals are closed after it
+            logger.warning("approvals store: the lease of %s could not be ended: %s", holder, e)
 
     def _close(self) -> None:
         if self._store is not None:
@@ -570,13 +649,35 @@ class ThreadedApprovalStore:
         try:
             future.result(timeout=self.call_timeout)
         except concurrent.futures.TimeoutError:
-            raise StoreUnavailable(f"the approvals store {self.path} did not open within "
-                                   f"{self.call_timeout:g}s") from None
+            raise StoreUnavailable(f"{self.description} did not open within {self.call_timeout:g}s") from None
 
-    def close(self) -> None:
-        """Close the connection on its thread once the calls already queued are done; returns at once."""
+    @property
+    def pushes_changes(self) -> bool:
+        """Whether the store tells of decisions made elsewhere as they are committed (PostgreSQL's NOTIFY)."""
+        return self._listener_factory is not None
+
+    def listen(self, on_change: Callable[[str | None], None]) -> None:
+        """Call on_change(approval_id) on the event loop for each approval another process changed (None: any
+        may have, e.g. after the notification connection was lost). Nothing for a store that cannot tell."""
+        if self._listener_factory is None or self._listener is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def from_thread(approval_id: str | None) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(on_change, approval_id)
+        self._listener = self._listener_factory(from_thread)
+
+    def close(self, release_holder: str | None = None) -> None:
+        """Close the connection on its thread once the calls already queued are done; returns at once.
+        release_holder: end that holder's lease first (a gateway stopping: its held requests are gone)."""
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
         if not self._closed:
             self._closed = True
+            if release_holder is not None:
+                self._executor.submit(self._release_quietly, release_holder)
             self._executor.submit(self._close)
             self._executor.shutdown(wait=False)
 
@@ -642,8 +743,17 @@ class ThreadedApprovalStore:
     async def expire_overdue(self, now: float) -> list[Approval]:
         return await self._call("expire_overdue", now)
 
-    async def expire_orphans(self, live_instance: str, now: float) -> int:
-        return await self._call("expire_orphans", live_instance, now)
+    async def heartbeat(self, holder: str, instance: str, now: float, lease_s: float) -> None:
+        return await self._call("heartbeat", holder, instance, now, lease_s)
+
+    async def release(self, holder: str) -> None:
+        return await self._call("release", holder)
+
+    async def instances(self, now: float) -> list[dict]:
+        return await self._call("instances", now)
+
+    async def expire_orphans(self, live_holder: str, now: float) -> list[Approval]:
+        return await self._call("expire_orphans", live_holder, now)
 
 
 def public_view(approval: Approval, now: float, viewer: dict | None = None) -> dict:
@@ -663,5 +773,6 @@ def public_view(approval: Approval, now: float, viewer: dict | None = None) -> d
             data["decided_by"] = {"name": approval.decided_by.get("name")} if approval.decided_by else None
             data["refusals"] = [{k: r[k] for k in ("decision", "code", "at") if k in r} for r in approval.refusals]
             data.pop("instance", None)
+            data.pop("holder", None)
         data["viewer_may"] = decisions_open_to(approval.requester, approval.approver_groups, approval.status, viewer)
     return data

@@ -91,6 +91,7 @@ def _show(args: argparse.Namespace) -> int:
         ("request", f"{approval['method']} {approval['host']}{approval['path']}"), ("model", approval.get("model")),
         ("tools", ", ".join(approval.get("tools") or []) or "-"),
         ("approvers", ", ".join(approval.get("approver_groups") or [])),
+        ("held on", approval.get("instance") or "-"),  # the gateway instance holding it (any instance decides)
         ("requested", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(approval["created_at"]))),
         ("age", f"{approval.get('age_s', 0):.0f}s"),
     ]
