@@ -52,6 +52,7 @@ LOST_EVENT = "records_lost"
 HEALTH_SECONDS = 0.25  # how often a failing recorder checks whether it can record again
 STALL_SECONDS = 5.0  # a writer that has not answered a batch for this long is failing
 MAX_LOST_IDS = 10_000  # lost flows named per report; more are counted
+SHUTDOWN_SESSIONS_SECONDS = 3.0  # how long shutdown waits for the WebSocket sessions it closes to end
 # mitmproxy's own flow writers: a second copy of every flow, outside the records the audit log vouches for,
 # in files mitmproxy opens under the process's umask. Refused while the proxy serves.
 UNGOVERNED_WRITERS = ("save_stream_file", "hardump")
@@ -79,6 +80,7 @@ class FlowRecorder:
         self._lost: list[LostRecord] = []  # lost, not yet in the audit log
         self._lost_uncounted = 0  # lost beyond MAX_LOST_IDS: only counted
         self._task: asyncio.Task | None = None
+        self._sessions: dict[str, http.HTTPFlow] = {}  # WebSocket sessions open now: recorded at shutdown too
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -162,6 +164,9 @@ class FlowRecorder:
             self.record(flow)
 
     # ---- WebSocket sessions: recorded at their end, with their (masked) messages ----------------------
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        self._sessions[flow.id] = flow
+
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         if self.failing and not session.record(flow).get("failed"):
             # The session's record cannot be written: its messages are not passed on unrecorded.
@@ -170,9 +175,15 @@ class FlowRecorder:
         self._digest_audio(flow, upto=len(flow.websocket.messages) - 1)  # those before the latest left already
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._sessions.pop(flow.id, None)
+        rec = session.record(flow)
+        if rec.get("recorded"):
+            return  # ended by the gateway at its shutdown, and seen ending again as the process exits
+        rec["recorded"] = True
+        rec.pop("expand", None)
         self._digest_audio(flow, upto=len(flow.websocket.messages))
+        _omit_undelivered(flow)
         self.record(flow)
-
     @staticmethod
     def _digest_audio(flow: http.HTTPFlow, upto: int) -> None:
         """Audio payloads of messages already forwarded, replaced by their size and digest in the flow (the record)."""
@@ -191,7 +202,28 @@ class FlowRecorder:
         if flow.live:
             self.record(flow)
 
-    def done(self) -> None:
+    def done(self):
+        if self._sessions:
+            return self._done_after_sessions()  # awaited by mitmproxy
+        self._close_writer()
+        return None
+
+    async def _done_after_sessions(self) -> None:
+        # Before the writer closes, and before the audit log (after this addon) closes: sessions still open are
+        # ended (1001), so each is recorded, with its audit entries, as any session at its end.
+        open_sessions = list(self._sessions.values())
+        for flow in open_sessions:
+            session.record(flow)["ended_by"] = "gateway_shutdown"
+        logger.info("ending %d WebSocket session(s) still open at shutdown", len(open_sessions))
+        try:
+            await session_control.end_at_shutdown(open_sessions, SHUTDOWN_SESSIONS_SECONDS)
+        except Exception as e:
+            logger.error("ending the WebSocket sessions open at shutdown failed: %s", describe(e), exc_info=True)
+        for flow in list(self._sessions.values()):  # not ended even so: their messages so far are recorded
+            self.websocket_end(flow)
+        self._close_writer()
+
+    def _close_writer(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -394,6 +426,18 @@ class FlowRecorder:
                 return
             self._lost = [r for r in self._lost if r.reason != reason]
             self._lost_uncounted = 0
+
+
+def _omit_undelivered(flow: http.HTTPFlow) -> None:
+    """The record holds what the client got: a server message the client did not get (one the gateway sent
+    again in its place or with its held tail first, one dropped as the session closed on a failure, which
+    may be raw) keeps its place, marked dropped, without its content."""
+    for message in flow.websocket.messages:
+        if not message.from_client and message.dropped and not message.content.startswith(OMITTED_PREFIX):
+            message.content = OMITTED_PREFIX + b'"not passed on"}'
+
+
+OMITTED_PREFIX = b'{"omitted":'
 
 
 addons = [FlowRecorder()]

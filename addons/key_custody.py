@@ -40,7 +40,7 @@ from auditgate.routing.upstreams import (
 from auditgate.transport import limits
 from auditgate.transport.inflate import content_codings
 from auditgate.websocket import session, session_control
-from auditgate.websocket.events import RESPONSE_END_EVENTS, NotAnEvent, dump, parse
+from auditgate.websocket.events import NotAnEvent, dump, parse
 from auditgate.websocket.masking import EventMasker, key_scrubbing_masker
 
 logger = logging.getLogger("auditgate.addons.key_custody")
@@ -270,7 +270,9 @@ class KeyCustody:
         if message.from_client or session.record(flow).get("failed"):
             return
         try:
-            if session.own_kind(flow) != "error":
+            # Not the gateway's own error event, nor an event it scrubbed already and sends again itself,
+            # nor one not sent at all.
+            if session.own_kind(flow) not in ("error", session.RESENT) and not message.dropped:
                 self._scrub_message(flow, message)
             session.mark(flow, "key_custody")
         except Exception as error:  # never the raw message: dropped, and the session closed
@@ -280,31 +282,36 @@ class KeyCustody:
         self._sessions.pop(flow.id, None)
 
     def _scrub_message(self, flow: http.HTTPFlow, message) -> None:
+        """The key out of every event the message stands for (masking may have put a held tail before it)."""
         echoes = WIRE.echoes
         if not echoes:
             return
         found = 0
-        try:
-            event = parse(message.content, message.is_text)
-        except NotAnEvent:
-            event = None
-        if event is not None and event["type"].endswith(".delta"):
-            # Each text that arrives in deltas is followed across them: a key spelled out over several is
-            # caught. Every other event (a .done, an item, a response) repeats whole texts: scrubbed below.
-            scrubber = self._sessions.get(flow.id)
-            if scrubber is None:
-                scrubber = self._sessions[flow.id] = key_scrubbing_masker(echoes)
-            before = sum(scrubber.findings.values())
-            scrubbed = scrubber.mask(event)
-            found += sum(scrubber.findings.values()) - before
-            if scrubbed != event:
-                message.content = dump(scrubbed)
-        if event is not None and event["type"] in RESPONSE_END_EVENTS:
-            self._sessions.pop(flow.id, None)  # the response's text streams are over
-        content, in_bytes = echoes.scrub(message.content)  # whatever else spells it, in any field
-        if in_bytes:
-            message.content = content
-        found += in_bytes
+        contents = session.latest_events(flow)
+        out: list[bytes] = []
+        for content in contents:
+            try:
+                event = parse(content, message.is_text)
+            except NotAnEvent:
+                event = None
+            pieces = [content]
+            if event is not None:
+                # Each text that arrives in deltas is followed across them: a key spelled out over several is
+                # caught, and what the scrubber holds back comes as one more delta before the stream's end.
+                scrubber = self._sessions.get(flow.id)
+                if scrubber is None:
+                    scrubber = self._sessions[flow.id] = key_scrubbing_masker(echoes)
+                before = sum(scrubber.findings.values())
+                scrubbed = scrubber.mask(event)
+                found += sum(scrubber.findings.values()) - before
+                if scrubbed != [event]:
+                    pieces = [dump(e) for e in scrubbed]
+            for piece in pieces:
+                piece, in_bytes = echoes.scrub(piece)  # whatever else spells it, in any field
+                found += in_bytes
+                out.append(piece)
+        if out != contents:
+            session.set_events(flow, out)
         if found:
             session.record(flow)["key_echoes"] += found
             logger.warning("removed %d echo(es) of the upstream key from a WebSocket message from %s", found,

@@ -397,8 +397,10 @@ class PiiMasking:
         if session.record(flow).get("failed"):
             return
         try:
-            if session.own_kind(flow) == "error" or message.dropped:
-                session.mark(flow, "masking")  # the gateway's own error event; or a client event not sent
+            if session.own_kind(flow) in ("error", session.RESENT) or message.dropped:
+                # The gateway's own error event, or an event it masked already and sends again itself;
+                # or a client event not sent.
+                session.mark(flow, "masking")
                 return
             if message.from_client:
                 self._mask_client_event(flow, message)
@@ -460,8 +462,10 @@ class PiiMasking:
                 masker = self._sessions[flow.id] = self._new_event_masker()
             before = Counter(masker.findings)
             masked = masker.mask(event)
-            if masked != event:
-                message.content = dump(masked)
+            if masked != [event]:
+                # A delta may carry less, or nothing; an event ending a text stream comes after its held tail.
+                session.set_events(flow, [dump(e) for e in masked])
+            if masker.findings != before:
                 self._note_masked(flow, masker.findings - before)
         if event["type"] in RESPONSE_END_EVENTS:
             found, messages = masker.end_response() if masker is not None else (Counter(), 0)

@@ -5,9 +5,18 @@ masking and key custody the server's; ``auditgate.websocket.session``). This add
 bundle, does not trust that they all ran: a message that a concern did not mark as governed (a hook
 that silently did nothing, an addon missing, a hook the guard caught failing and killed the flow of)
 is dropped, the client gets the error event gateway_internal_error and the session is closed with
-1011. Once the session is closed the gateway's own error event is all that still passes. At the end
-it writes the ``websocket_session`` audit entry: who, where, how many messages each way, blocked and
-masked, the close code, the flow file, and ``messages_sha256`` over the messages as recorded.
+1011. Once the session is closed the gateway's own error event is all that still passes.
+
+A server message that stands for other events than itself (masking put a held tail before the event
+ending its stream, or left out a delta whose text is all held back: ``auditgate.websocket.session``)
+is dropped here and its events are sent in its place with mitmproxy's ``inject.websocket``. Injected
+messages reach the client in the order they were injected, after the message whose hook runs; upstream
+messages arriving meanwhile are sent the same way behind them, until the gateway's own have passed.
+
+At the end it writes the ``websocket_session`` audit entry: who, where, how many messages each way
+(from the server: those the client got), blocked and masked, the close code, who ended the session
+(``ended_by``: client, upstream, gateway, gateway_shutdown), the flow file, and ``messages_sha256`` over
+the messages as recorded.
 """
 
 from __future__ import annotations
@@ -42,12 +51,18 @@ def _hook_failed(flow: http.HTTPFlow) -> str | None:
 
 
 class WebSocketGate:
-    """Drops (and closes the session on) any WebSocket message that not every concern governed."""
+    """Drops (and closes the session on) any WebSocket message that not every concern governed; sends the
+    events a server message stands for in its place, in the upstream's order."""
+
+    def __init__(self) -> None:
+        self._ended_at_shutdown: set[str] = set()
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         message = flow.websocket.messages[-1]
         rec = session.record(flow)
-        if session.own_kind(flow) == "error" or message.dropped:
+        kind = session.own_kind(flow)
+        events = session.take_expansion(flow)
+        if kind == "error" or (message.dropped and events is None):
             return  # the gateway's own error event; or a message that is not passed on anyway
         if rec.get("failed"):
             message.drop()  # the session is closing: nothing more passes
@@ -58,28 +73,56 @@ class WebSocketGate:
             reason = why or f"not governed by {', '.join(missing)}"
             logger.error("a WebSocket message of flow %s reached the last check, but %s: dropped", flow.id, reason)
             session_control.fail(flow, "websocket_gate", reason)
+            return
+        if message.from_client or kind is not None:
+            return
+        if events is None and not rec.get("in_flight"):
+            return  # one event for one: it goes on as it is
+        # Expanded (a held tail before the event that ends its stream; a delta all held back: nothing), or
+        # an upstream event arriving while the gateway's own are on their way: sent by the gateway, in order.
+        message.drop()
+        try:
+            for content in events if events is not None else [message.content]:
+                session.note_own(flow, content, session.RESENT)
+                session_control.send(flow, True, content)
+        except session.TooManyInFlight as error:
+            session_control.fail(flow, "websocket_gate", error)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         events = services.audit_events
-        if events is None:
-            return
         rec = session.record(flow)
+        if events is None or flow.id in self._ended_at_shutdown:
+            return  # a session the gateway ended at its shutdown may see its end again as the process exits
         messages = flow.websocket.messages
         fields = {
             "flow_id": flow.id, "path": flow.request.path.split("?", 1)[0], "endpoint": rec.get("endpoint"),
             "caller": (IDENTITY.get(flow) or {}).get("name"),
             "messages_from_client": sum(1 for m in messages if m.from_client),
-            "messages_from_server": sum(1 for m in messages if not m.from_client),
+            # What the client got: the server events the gateway sent in place of others are counted, not those.
+            "messages_from_server": sum(1 for m in messages if not m.from_client and not m.dropped),
             "blocked": rec.get("blocked", 0), "held": rec.get("held", 0), "released": rec.get("released", 0),
             "masked": rec.get("masked", 0), "findings": dict(rec.get("findings", {})),
             "key_echoes": rec.get("key_echoes", 0), "responses": rec.get("responses", 0),
             "close_code": flow.websocket.close_code, "failed": rec.get("failed"),
+            "ended_by": _ended_by(flow, rec),
             "flow_file": FLOW_FILE.get(flow), "messages_sha256": messages_sha256(messages),
         }
         try:
             events.append_event("websocket_session", fields)
+            if rec.get("ended_by"):
+                # Not noted on the flow: its record and the audit log's flow entry are taken already.
+                self._ended_at_shutdown.add(flow.id)
         except AuditUnavailable as e:
             logger.error("the audit log could not take the end of WebSocket flow %s: %s", flow.id, e)
+
+
+def _ended_by(flow: http.HTTPFlow, rec: dict) -> str:
+    """client | upstream | gateway (closed on a failure, 1011/1008) | gateway_shutdown (still open at shutdown)."""
+    if rec.get("ended_by"):
+        return rec["ended_by"]
+    if rec.get("failed") or rec.get("close_code"):
+        return "gateway"
+    return "client" if flow.websocket.closed_by_client else "upstream"
 
 
 addons = [WebSocketGate()]

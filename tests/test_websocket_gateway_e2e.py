@@ -266,12 +266,17 @@ def test_a_responses_session_masks_pii_split_across_deltas_and_is_recorded_maske
     with open_session(ws) as connection:
         connection.send(json.dumps({"type": "response.create", "model": "gpt-test", "input": "who do I write to?"}))
         events = events_until(connection, {"response.completed", "error"})
-    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
     done = next(e for e in events if e["type"] == "response.output_text.done")["text"]
     completed = next(e for e in events if e["type"] == "response.completed")
-    assert EMAIL not in json.dumps(events) and "jane.doe" not in deltas, events
-    assert done.startswith("Write to ") and done.endswith(" today.") and deltas == done[:len(deltas)]
+    assert EMAIL not in json.dumps(events) and "jane.doe" not in "".join(deltas), events
+    # The held tail came as a last delta before the .done: the deltas add up to the final text, none empty.
+    assert done == "Write to <EMAIL_ADDRESS> today." == "".join(deltas) and "" not in deltas, deltas
     assert completed["response"]["output"][0]["content"][0]["text"] == done
+    # In the upstream's order (the events the gateway sent itself did not overtake or fall behind others).
+    types = [e["type"] for e in events]
+    assert types == ["response.created", *["response.output_text.delta"] * len(deltas), "response.output_text.done",
+                     "response.output_item.done", "response.completed"], types
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     # The key went to the upstream on the upgrade, never the caller's token.
     upgrade = ws.upstream.upgrades[-1]
@@ -279,6 +284,12 @@ def test_a_responses_session_masks_pii_split_across_deltas_and_is_recorded_maske
     [flow] = websocket_flows(ws.records, predicate=lambda f: any(b"who do I write to" in m.content
                                                                   for m in f.websocket.messages))
     assert flow.websocket.messages and not any(EMAIL.encode() in m.content for m in flow.websocket.messages)
+    # The record holds what the client got: the server messages passed on are the events received, and one the
+    # gateway sent again in its place keeps its place, dropped, without its content.
+    passed = [json.loads(m.content) for m in flow.websocket.messages if not m.from_client and not m.dropped]
+    assert passed == events
+    assert all(m.content == b'{"omitted":"not passed on"}' for m in flow.websocket.messages
+               if not m.from_client and m.dropped)
     assert WEBSOCKET.get(flow)["masked"] >= 1
     [session] = events_of(ws.records, "websocket_session", flow.id)
     fields = session.get("fields", session)
@@ -325,6 +336,9 @@ def test_a_realtime_session_masks_transcripts_and_records_audio_as_a_digest(ws):
         connection.send(json.dumps({"type": "response.create", "response": {"instructions": "say it"}}))
         events = events_until(connection, {"response.done", "error"})
     assert EMAIL not in json.dumps(events)
+    transcript = next(e for e in events if e["type"] == "response.output_audio_transcript.done")["transcript"]
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta"]
+    assert transcript == "mail <EMAIL_ADDRESS>" == "".join(deltas), deltas
     assert next(e for e in events if e["type"] == "response.output_audio.delta")["delta"] == AUDIO  # forwarded as is
     assert ws.upstream.received[0]["audio"] == AUDIO
     [flow] = websocket_flows(ws.records, predicate=lambda f: f.request.path.startswith("/v1/realtime"))
@@ -409,3 +423,44 @@ def test_forward_mode_over_https_proxy_governs_a_session_the_same_way(tmp_path, 
     finally:
         gateway.stop()
         upstream.stop()
+
+
+def test_a_session_still_open_when_the_gateway_stops_is_closed_1001_recorded_and_audited(tmp_path):
+    """SIGINT (GatewayProcess.stop) while a session is open: mitmproxy itself would exit without ending it."""
+    upstream = WebSocketUpstream().start()
+    upstream.reply_deltas = ["mail jane.doe@", "example.com now"]
+    rules = make_rules(tmp_path / "rules", upstreams=[{"host": "127.0.0.1", "port": upstream.port,
+                                                       "key_env": "OPENAI_API_KEY"}])
+    alice = add_service_token(rules, "alice", ["agents"])
+    from mitmproxy.certs import CertStore
+
+    confdir = tmp_path / "confdir"
+    confdir.mkdir()
+    CertStore.from_store(confdir, "mitmproxy", 2048)
+    records = tmp_path / "records"
+    gateway = GatewayProcess(tmp_path / "gw", rules=rules, records=records, confdir=confdir,
+                             args=["--mode", f"reverse:http://127.0.0.1:{upstream.port}"], env=gateway_env()).start()
+    try:
+        connection = connect(f"ws://127.0.0.1:{gateway.port}/v1/responses", proxy=None, open_timeout=15,
+                             additional_headers={"authorization": f"Bearer {alice}"})
+        connection.send(json.dumps({"type": "response.create", "model": "gpt-test", "input": "who?"}))
+        events = events_until(connection, {"response.completed", "error"})
+        assert events[-1]["type"] == "response.completed"
+        gateway.stop()  # the session is still open
+        with pytest.raises(ConnectionClosed) as closed:
+            connection.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001  # going away, not cut
+    finally:
+        gateway.stop()
+        upstream.stop()
+    [flow] = websocket_flows(records)
+    assert (flow.websocket.close_code, WEBSOCKET.get(flow)["ended_by"]) == (1001, "gateway_shutdown")
+    passed = [json.loads(m.content) for m in flow.websocket.messages if not m.from_client and not m.dropped]
+    assert passed == events  # every message so far, as the client got it
+    [session] = events_of(records, "websocket_session", flow.id, timeout=0)
+    fields = session.get("fields", session)
+    assert (fields["ended_by"], fields["close_code"]) == ("gateway_shutdown", 1001)
+    assert fields["messages_sha256"] == messages_sha256(flow.websocket.messages)
+    assert fields["messages_from_server"] == len(events) and fields["flow_file"]
+    assert events_of(records, "flow", flow.id, timeout=0), "the audit log's own entry for the flow"
+    assert not files_containing(tmp_path, [EMAIL, UPSTREAM_KEY, alice])

@@ -1,4 +1,5 @@
-"""The pure logic of auditgate.websocket: endpoints, prompt facts, masking one event in one out, audio, digest."""
+"""The pure logic of auditgate.websocket: endpoints, prompt facts, masking events (deltas adding up to the
+final text), the session record, audio, digest."""
 
 from __future__ import annotations
 
@@ -84,45 +85,74 @@ def test_tools_are_found_wherever_the_event_carries_them_and_audio_is_not_text()
     assert EventFacts(audio, endpoint="realtime", path="/", method="GET", size=1).prompt_texts == []
 
 
+def _one(events: list[dict]) -> dict:
+    [event] = events
+    return event
+
+
 @pytest.mark.parametrize("cut", range(1, 30))
-def test_a_value_split_across_deltas_is_masked_one_event_in_one_event_out(cut):
+def test_a_value_split_across_deltas_is_masked_and_the_deltas_add_up_to_the_final_text(cut):
     text = "Mail jane.doe@example.com today, thanks."
     masker = _masker()
-    out = [masker.mask(_delta(text[:cut], sequence_number=1)), masker.mask(_delta(text[cut:], sequence_number=2))]
-    done = masker.mask({"type": "response.output_text.done", "item_id": "i1", "output_index": 0, "content_index": 0,
-                        "text": text, "sequence_number": 3})
-    deltas = "".join(e["delta"] for e in out)
-    assert "jane" not in deltas and "example.com" not in deltas
-    assert done["text"] == "Mail <EMAIL> today, thanks." and done["text"].startswith(deltas)
-    assert [e["sequence_number"] for e in [*out, done]] == [1, 2, 3]
-    completed = masker.mask({"type": "response.completed", "response": {"id": "r", "output": [
-        {"id": "i1", "type": "message", "content": [{"type": "output_text", "text": text}]}]}})
+    out = [*masker.mask({"type": "response.created", "sequence_number": 0, "response": {"id": "r"}}),
+           *masker.mask(_delta(text[:cut], sequence_number=1)), *masker.mask(_delta(text[cut:], sequence_number=2)),
+           *masker.mask({"type": "response.output_text.done", "item_id": "i1", "output_index": 0,
+                         "content_index": 0, "text": text, "sequence_number": 3})]
+    deltas = [e["delta"] for e in out if e["type"] == "response.output_text.delta"]
+    done = out[-1]
+    assert "jane" not in "".join(deltas) and "example.com" not in "".join(deltas)
+    # The held tail went out as a last delta before the .done: the deltas add up to the final text.
+    assert done["text"] == "Mail <EMAIL> today, thanks." and "".join(deltas) == done["text"]
+    assert "" not in deltas  # a delta whose text is all held back is not sent at all
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))  # renumbered, contiguous
+    completed = _one(masker.mask({"type": "response.completed", "response": {"id": "r", "output": [
+        {"id": "i1", "type": "message", "content": [{"type": "output_text", "text": text}]}]}}))
     assert completed["response"]["output"][0]["content"][0]["text"] == done["text"]
     assert masker.end_response()[0] == {"EMAIL_ADDRESS": 1}
+
+
+def test_a_response_ending_without_its_done_events_still_sends_the_held_tails_first():
+    masker = _masker()
+    first = masker.mask(_delta("Mail jane.doe@example.com", sequence_number=5))
+    ended = masker.mask({"type": "response.cancelled", "sequence_number": 6, "response": {"id": "r"}})
+    assert [e["type"] for e in ended] == ["response.output_text.delta", "response.cancelled"]
+    assert "".join(e["delta"] for e in [*first, ended[0]]) == "Mail <EMAIL>"
+    assert [e["sequence_number"] for e in [*first, *ended]] == list(range(5, 5 + len(first) + 2))
 
 
 def test_realtime_transcripts_are_masked_and_audio_deltas_pass_as_they_came():
     masker = _masker()
     audio = base64.b64encode(bytes(range(200))).decode()
-    assert masker.mask(_delta(audio, "response.output_audio.delta"))["delta"] == audio
-    first = masker.mask(_delta("call jane.doe@ex", "response.output_audio_transcript.delta"))
-    second = masker.mask(_delta("ample.com", "response.output_audio_transcript.delta"))
+    assert _one(masker.mask(_delta(audio, "response.output_audio.delta")))["delta"] == audio
+    first = masker.mask(_delta("call jane.doe@ex", "response.output_audio_transcript.delta", event_id="e1"))
+    second = masker.mask(_delta("ample.com", "response.output_audio_transcript.delta", event_id="e2"))
     done = masker.mask({"type": "response.output_audio_transcript.done", "item_id": "i1", "output_index": 0,
-                        "content_index": 0, "transcript": "call jane.doe@example.com"})
-    assert "jane" not in first["delta"] + second["delta"] and done["transcript"] == "call <EMAIL>"
-    heard = masker.mask({"type": "conversation.item.input_audio_transcription.completed", "item_id": "i2",
-                         "content_index": 0, "transcript": "I am jane.doe@example.com"})
-    assert heard["transcript"] == "I am <EMAIL>"
+                        "content_index": 0, "transcript": "call jane.doe@example.com", "event_id": "e3"})
+    deltas = "".join(e["delta"] for e in [*first, *second, *done[:-1]])
+    assert "jane" not in deltas and done[-1]["transcript"] == "call <EMAIL>" == deltas
+    assert len({e["event_id"] for e in [*first, *second, *done]}) == len([*first, *second, *done])
+    # The input transcription streams too (.delta ... .completed), while a response may end meanwhile.
+    heard = [*masker.mask(_delta("I am jane.doe@exa", "conversation.item.input_audio_transcription.delta",
+                                 item_id="i2")),
+             *masker.mask({"type": "response.done", "response": {"id": "r", "output": []}}),
+             *masker.mask(_delta("mple.com", "conversation.item.input_audio_transcription.delta", item_id="i2")),
+             *masker.mask({"type": "conversation.item.input_audio_transcription.completed", "item_id": "i2",
+                           "content_index": 0, "transcript": "I am jane.doe@example.com"})]
+    completed = heard[-1]
+    assert completed["type"] == "conversation.item.input_audio_transcription.completed"
+    assert completed["transcript"] == "I am <EMAIL>" == "".join(e.get("delta", "") for e in heard
+                                                                if e["type"].endswith(".delta"))
 
 
 def test_the_key_is_scrubbed_across_deltas():
     key = "sk-test-" + "a1" * 24
     scrubber = key_scrubbing_masker(KeyEchoes([key]))
-    out = "".join(scrubber.mask(_delta(part))["delta"] for part in ["key: " + key[:10], key[10:30], key[30:] + " x"])
+    out = [e for part in ["key: " + key[:10], key[10:30], key[30:] + " x"] for e in scrubber.mask(_delta(part))]
     done = scrubber.mask({"type": "response.output_text.done", "item_id": "i1", "output_index": 0,
                           "content_index": 0, "text": "key: " + key + " x"})
-    assert key[:10] not in out and key[10:30] not in out and key[30:] not in out
-    assert key not in done["text"] and "[upstream-key-removed]" in done["text"]
+    deltas = "".join(e["delta"] for e in [*out, *done[:-1]])
+    assert key[:10] not in deltas and key[10:30] not in deltas and key[30:] not in deltas
+    assert key not in done[-1]["text"] and "[upstream-key-removed]" in done[-1]["text"] and deltas == done[-1]["text"]
 
 
 def test_audio_is_recorded_as_its_size_and_digest():
@@ -143,3 +173,56 @@ def test_the_messages_digest_covers_order_direction_and_content():
     assert digest != messages_sha256(messages[::-1])
     assert digest != messages_sha256([(1, True, b"a", 0.0, True, False), messages[1]])
     assert digest != messages_sha256([messages[0], (1, True, b"b", 1.0, False, False)])
+
+
+def test_function_call_arguments_stream_to_the_same_text_as_their_done_and_item():
+    masker = _masker()
+    where = {"item_id": "fc1", "output_index": 1}
+    out = [e for part in ['{"to": "jane.d', 'oe@example.com"}']
+           for e in masker.mask({"type": "response.function_call_arguments.delta", **where, "delta": part})]
+    out += masker.mask({"type": "response.function_call_arguments.done", **where,
+                        "arguments": '{"to": "jane.doe@example.com"}'})
+    deltas = "".join(e["delta"] for e in out if e["type"].endswith(".delta"))
+    assert out[-1]["arguments"] == '{"to": "<EMAIL>"}' == deltas
+
+
+class _Message:
+    def __init__(self, content: bytes, injected: bool = False) -> None:
+        self.content, self.injected, self.from_client, self.dropped = content, injected, False, False
+
+
+class _Flow:
+    def __init__(self) -> None:
+        self.metadata: dict = {}
+        self.websocket = type("W", (), {"messages": []})()
+
+    def receive(self, content: bytes, injected: bool = False) -> _Message:
+        self.websocket.messages.append(_Message(content, injected))
+        return self.websocket.messages[-1]
+
+
+def test_the_session_knows_what_a_message_stands_for_and_which_resent_events_are_on_their_way():
+    from auditgate.websocket import session
+
+    flow = _Flow()
+    flow.receive(b"done")
+    assert session.latest_events(flow) == [b"done"] and session.expansion(flow) is None
+    session.set_events(flow, [b"tail", b"done'"])
+    assert session.latest_events(flow) == [b"tail", b"done'"] and flow.websocket.messages[-1].content == b"done'"
+    assert session.take_expansion(flow) == [b"tail", b"done'"] and "expand" not in session.record(flow)
+    # The same event twice on its way is recognised twice; the count of events in flight follows.
+    for content in (b"tail", b"same", b"same"):
+        session.note_own(flow, content, session.RESENT)
+    assert session.record(flow)["in_flight"] == 3
+    flow.receive(b"same")  # from the upstream, not injected: not the gateway's own
+    assert session.own_kind(flow) is None and session.record(flow)["in_flight"] == 3
+    for content in (b"tail", b"same", b"same"):
+        flow.receive(content, injected=True)
+        assert session.own_kind(flow) == session.RESENT and session.own_kind(flow) == session.RESENT  # once
+    assert session.record(flow)["in_flight"] == 0 and session.record(flow)["own"] == {}
+    flow.receive(b"same", injected=True)  # a fourth copy was never sent by the gateway
+    assert session.own_kind(flow) is None
+    # An expansion belongs to the message it was made for only.
+    session.set_events(flow, [])
+    flow.receive(b"next")
+    assert session.expansion(flow) is None and session.latest_events(flow) == [b"next"]

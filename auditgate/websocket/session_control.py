@@ -12,6 +12,7 @@ running: an error event injected first reaches the client before the close.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -152,3 +153,38 @@ def answer_error(flow: http.HTTPFlow, code: str, message: str) -> None:
     content = error_event(code, message)
     session.note_own(flow, content, "error")
     send(flow, True, content)
+
+
+GOING_AWAY_CLOSE = 1001  # RFC 6455: an endpoint is going away (a server going down)
+SHUTDOWN_REASON = "gateway shutting down"
+
+
+async def end_at_shutdown(flows: list[http.HTTPFlow], timeout: float) -> list[http.HTTPFlow]:
+    """End the sessions still open when the gateway stops, so each ends the way any session ends.
+
+    mitmproxy does not end open WebSocket sessions at shutdown: the process exits with them open, and no
+    ``websocket_end`` hook runs for them. Each is closed here with 1001 at both ends, which runs every
+    addon's ``websocket_end`` (the flow file, the audit log's entries) while the addons can still write.
+    Waits until they all ended (mitmproxy sets ``flow.live`` to False once the hooks returned); any session
+    still open after ``timeout`` has its hooks run directly. Returns the ones ended directly."""
+    live = [f for f in flows if f.live and f.websocket is not None and f.websocket.timestamp_end is None]
+    for flow in live:
+        try:
+            close(flow, GOING_AWAY_CLOSE, SHUTDOWN_REASON)
+        except Exception as error:  # its hooks are run below
+            logger.error("WebSocket flow %s could not be closed at shutdown: %s", flow.id, type(error).__name__)
+    deadline = time.monotonic() + timeout
+    while any(f.live for f in live) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    stuck = [f for f in live if f.live]
+    for flow in stuck:
+        logger.warning("WebSocket flow %s did not end at shutdown within %gs: its end is recorded now", flow.id,
+                       timeout)
+        if flow.websocket.timestamp_end is None:
+            flow.websocket.timestamp_end = time.time()
+            flow.websocket.closed_by_client = False
+            flow.websocket.close_code = GOING_AWAY_CLOSE
+            flow.websocket.close_reason = SHUTDOWN_REASON
+        await ctx.master.addons.handle_lifecycle(WebsocketEndHook(flow))
+        flow.live = False
+    return stuck
