@@ -32,10 +32,26 @@ from auditgate.audit.chain import (
     utc_timestamp,
     write_atomically,
 )
-from auditgate.audit.entries import flow_fields, read_rules_digests, rules_signature
+from auditgate.audit.entries import (
+    flow_fields,
+    intent_fields,
+    read_rules_digests,
+    rules_signature,
+)
 from auditgate.audit.errors import describe
-from auditgate.core.flow_contract import REFUSAL, AuditUnavailable, services
-from auditgate.core.options import add_gateway_options, records_dir, rules_dir
+from auditgate.core.flow_contract import (
+    INSTANCE,
+    INTENT_SEQ,
+    REFUSAL,
+    AuditUnavailable,
+    services,
+)
+from auditgate.core.options import (
+    add_gateway_options,
+    instance_id,
+    records_dir,
+    rules_dir,
+)
 from auditgate.core.private_files import (
     describe_tightened,
     private_dir,
@@ -81,6 +97,7 @@ class AuditLog:
         self._synced_seq = 0
         self._key_files_stale = False  # a rotated key is in the log and in use, not yet in its file
         self._rejected_pending: tuple | None = None  # (mtime, size) of a pending key already refused
+        self.instance = ""  # this gateway's gateway_instance: on every entry and every flow
 
     # ---- options and lifecycle ----------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -116,8 +133,10 @@ class AuditLog:
             max_bytes=ctx.options.gateway_audit_max_mb * 1024 * 1024,
             fsync=ctx.options.gateway_audit_fsync,
         )
+        self.instance = instance_id()
         if self.writer is not None and not updated & {"gateway_records", "gateway_audit_key", "confdir"}:
             self.writer.settings = settings
+            self.writer.instance = self.instance
             return
         key_path = self._key_path()
         audit_dir = records_dir().expanduser().absolute() / AUDIT_SUBDIR
@@ -139,7 +158,7 @@ class AuditLog:
                 logger.warning("made audit files private (files 0600, directories 0700) that other users could "
                                "read: %s", describe_tightened(tightened, records_dir()))
             self._shutdown_writer()
-            writer = AuditWriter(audit_dir, key, settings)
+            writer = AuditWriter(audit_dir, key, settings, instance=self.instance)
             write_atomically(audit_dir / PUBLIC_KEY_FILE, public_key_pem(key.public_key()))
         except BrokenLogError as e:
             raise exceptions.OptionsError(f"auditgate: the audit log cannot be continued: {e}") from None
@@ -231,25 +250,74 @@ class AuditLog:
         self._after_write()
 
     # ---- flows --------------------------------------------------------------------------------------
-    def request(self, flow: http.HTTPFlow) -> None:
-        if self.unavailable and flow.live and not is_answered(flow):
+    def _mark(self, flow: http.HTTPFlow) -> None:
+        """The instance that serves the flow, from its first hook on (so that every addon and record sees it)."""
+        if INSTANCE.get(flow) is None:
+            INSTANCE.set(flow, self.instance)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._mark(flow)
+
+    def request(self, flow: http.HTTPFlow):
+        self._mark(flow)
+        if not flow.live or is_answered(flow):
+            return None
+        if self.unavailable:
             self._refused_while_unavailable += 1
             refuse(flow, 503, UNAVAILABLE_CODE,
                    "the gateway cannot write its audit log, so it serves no request until it can")
+            return None
+        return self._intent(flow)
+
+    def _intent(self, flow: http.HTTPFlow):
+        """The last request hook: the request goes upstream when this returns, so its intent entry is written
+        first (and with fsync=entry, synced first); the outcome entry names it. Without it: refused."""
+        if self.writer is None:
+            return None
+        self._ensure_started()
+        if not self.unavailable:
+            try:
+                entry = self.writer.append("intent", intent_fields(flow), sanitized=True)
+            except Exception as e:  # not forwarded without its intent entry
+                self._fail(e)
+            else:
+                INTENT_SEQ.set(flow, entry["seq"])
+                self._after_write()
+                if self.writer.settings.fsync == "entry":
+                    return self._durable_intent(flow, entry["seq"])
+                return None
+        self._refused_while_unavailable += 1
+        refuse(flow, 503, UNAVAILABLE_CODE, "the gateway could not write its audit log for this request")
+        return None
+
+    async def _durable_intent(self, flow: http.HTTPFlow, seq: int) -> None:
+        if not await self._synced(seq):
+            logger.error("the intent entry of flow %s may not be on disk; the request is not forwarded", flow.id)
+            self._refused_while_unavailable += 1
+            refuse(flow, 503, UNAVAILABLE_CODE, "the gateway could not make its audit entry for this request durable")
 
     def http_connect(self, flow: http.HTTPFlow):
+        self._mark(flow)
         # Mirrors the flow recorder: a refused CONNECT is recorded, and never reaches the response hook.
         if flow.live and flow.response and flow.response.status_code >= 400:
             return self._audit_flow(flow)
 
     def response(self, flow: http.HTTPFlow):
+        self._mark(flow)
+        if flow.websocket is not None and flow.response is not None and flow.response.status_code == 101:
+            return None  # a WebSocket session: its entry is written at its end, with its messages (websocket_end)
         # mitmproxy sends the response (or a streamed response's end) only once this hook returns.
         if flow.live:
             return self._audit_flow(flow)
 
     def error(self, flow: http.HTTPFlow):
+        self._mark(flow)
         if flow.live:
             return self._audit_flow(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow):
+        # After the flow recorder's (bundle order), which named the flow file: the digest covers the messages.
+        return self._audit_flow(flow)
 
     def _audit_flow(self, flow: http.HTTPFlow):
         if self.writer is None:
@@ -278,7 +346,8 @@ class AuditLog:
     @staticmethod
     def _can_withhold(flow: http.HTTPFlow) -> bool:
         response = flow.response
-        return response is not None and not response.stream and flow.request.method != "CONNECT"
+        return (response is not None and not response.stream and flow.request.method != "CONNECT"
+                and flow.websocket is None)
 
     def _note_unaudited(self, flow: http.HTTPFlow) -> None:
         refusal = REFUSAL.get(flow) or {}
@@ -436,16 +505,18 @@ class AuditLog:
         if not future.cancelled() and future.exception() is not None:
             self._fail(future.exception())
 
-    async def _durable(self, flow: http.HTTPFlow, seq: int) -> None:
-        """Group commit: wait until an fsync that started after entry `seq` was written has succeeded.
-
-        If none could (a failed fsync closes the log), the reply is refused instead: with fsync=entry no
-        reply goes out before its entry is on disk."""
+    async def _synced(self, seq: int) -> bool:
+        """Group commit: wait until an fsync that started after entry `seq` was written has succeeded."""
         while self._synced_seq < seq and self.writer is not None and not self.unavailable:
             if self._sync_future is None:
                 self._sync_future = asyncio.ensure_future(self._sync_now())
             await asyncio.shield(self._sync_future)
-        if self._synced_seq >= seq:
+        return self._synced_seq >= seq
+
+    async def _durable(self, flow: http.HTTPFlow, seq: int) -> None:
+        """With fsync=entry no reply goes out before its entry is on disk: if no fsync could make it durable
+        (a failed fsync closes the log), the reply is refused instead."""
+        if await self._synced(seq):
             return
         if self._can_withhold(flow):
             logger.error("the audit entry of flow %s may not be on disk; its reply is withheld", flow.id)

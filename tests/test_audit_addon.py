@@ -53,6 +53,7 @@ def test_the_entry_is_on_disk_when_the_response_hook_returns(setup):
     with taddons.context(recorder, log) as tctx:
         _configure(tctx, recorder, log, tmp_path, rules)
         flow = _flow()
+        log.requestheaders(flow)  # the flow's first hook: the instance that serves it, on it from then on
         recorder.response(flow)
         assert log.response(flow) is None  # fsync=checkpoint: nothing to wait for
         # No event loop turn has happened: the line was written inside the hook.
@@ -62,6 +63,8 @@ def test_the_entry_is_on_disk_when_the_response_hook_returns(setup):
         assert entry["identity"]["name"] == "alice"
         assert entry["masking"]["findings"] == [{"count": 2, "direction": "request", "entity_type": "EMAIL_ADDRESS",
                                                  "path": "input"}]
+        assert entry["v"] == 2 and entry["instance"] == flow.metadata["auditgate.instance"] != ""
+        assert set(entry["record"]["fields"]) >= {"request.path", "response.status_code", "metadata.auditgate.identity"}
         log.done()
         recorder.done()
     kinds = [e["kind"] for e in _entries(tmp_path / "records")]
@@ -101,9 +104,13 @@ def test_a_full_disk_refuses_new_requests_until_the_log_is_writable_again(setup)
             log.tick()
             assert log.unavailable is None
             served = _flow()
-            served.response = None
+            response, served.response = served.response, None
+            log.requestheaders(served)
             log.request(served)
             assert served.response is None  # served again
+            served.response = response
+            recorder.response(served)
+            log.response(served)
             log.done()
             recorder.done()
 
@@ -486,3 +493,60 @@ def test_a_log_that_cannot_even_start_keeps_the_gateway_closed_then_starts_it(se
     kinds = [e["kind"] for e in _entries(tmp_path / "records")]
     assert kinds[:4] == ["gateway_start", "config", "checkpoint", "audit_resumed"]
     assert verify(tmp_path / "records", check_flows=False).status == "verified"
+
+
+def test_with_fsync_entry_the_intent_is_on_disk_before_the_request_goes_upstream(setup, monkeypatch):
+    tmp_path, rules = setup
+    disk = _HeldFsync(monkeypatch)
+
+    async def scenario():
+        log = AuditLog()
+        with taddons.context(log) as tctx:
+            tctx.configure(log, gateway_records=str(tmp_path / "records"), gateway_rules=str(rules),
+                           confdir=str(tmp_path / "conf"), gateway_audit_fsync="entry", gateway_instance="gw-a")
+            log.running()
+            disk.hold(log.writer.path)
+            flow = _flow()
+            flow.response = None
+            log.requestheaders(flow)
+            waiter = log.request(flow)  # the last request hook: mitmproxy sends the request once it returns
+            assert asyncio.iscoroutine(waiter)
+            hook = asyncio.ensure_future(waiter)
+            assert await asyncio.to_thread(disk.entered.wait, 10), "the request hook never asked for an fsync"
+            assert not hook.done()  # the disk has not answered: the request is held
+            [intent] = [e for e in _entries(tmp_path / "records") if e["kind"] == "intent"]
+            assert intent["flow_id"] == flow.id and flow.metadata["auditgate.intent_seq"] == intent["seq"]
+            assert intent["instance"] == "gw-a" == flow.metadata["auditgate.instance"]
+            disk.release.set()
+            await asyncio.wait_for(hook, 10)
+            assert flow.response is None  # not refused: it goes upstream now
+            disk.armed = False
+            log.done()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_intent_cannot_be_written_is_refused_not_forwarded(setup):
+    tmp_path, rules = setup
+
+    async def scenario():
+        recorder, log = FlowRecorder(), AuditLog()
+        with taddons.context(recorder, log) as tctx:
+            _configure(tctx, recorder, log, tmp_path, rules)
+            log.running()
+            fd = log.writer._fd
+            saved, full = os.dup(fd), os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, fd)  # every write to the audit file fails with ENOSPC
+            try:
+                flow = _flow()
+                flow.response = None
+                log.request(flow)
+                assert flow.response.status_code == 503 and "auditgate.intent_seq" not in flow.metadata
+            finally:
+                os.dup2(saved, fd)
+                os.close(saved)
+                os.close(full)
+            log.done()
+            recorder.done()
+
+    asyncio.run(scenario())

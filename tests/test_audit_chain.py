@@ -269,3 +269,88 @@ def test_a_key_rotation_at_a_checkpoint_boundary_or_cut_by_a_failed_write_still_
     pem.write_bytes(public_key_pem(old.public_key()))
     result = verify(records, [pem], check_flows=False)
     assert result.status == "verified", result.summary()
+
+
+# ---- format 2: RFC 8785 (JCS) ------------------------------------------------------------------------------------
+
+import rfc8785  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from auditgate.audit.chain import jcs  # noqa: E402
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**60), max_value=2**60) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_json_values)
+def test_jcs_is_rfc8785_byte_for_byte(value):
+    try:
+        expected = rfc8785.dumps(value)
+    except rfc8785.CanonicalizationError:
+        with pytest.raises(CanonicalJsonError):
+            jcs(value)
+        return
+    assert jcs(value) == expected
+
+
+def test_jcs_edge_cases_agree_with_rfc8785():
+    for value in [{"\U0001f600": 1, "\ue000": 2, "z": 3}, {"a": "\u2028\x7f\x00\x1f\"\\/"}, [2**53 - 1, -(2**53 - 1)],
+                  {"k": [1, {"b": 1, "a": "é"}]}, "", {}, []]:
+        assert jcs(value) == rfc8785.dumps(value)
+    for bad in [2**53, {"x": "\ud800"}]:
+        with pytest.raises(CanonicalJsonError):
+            jcs(bad)
+    with pytest.raises(CanonicalJsonError):  # entries stay integer-only in format 2 too
+        seal({"v": 2, "seq": 1, "latency": 1.5})
+
+
+def test_every_entry_the_writer_makes_is_hashed_over_rfc8785(tmp_path):
+    log = build_log(tmp_path)
+    for path in log.files():
+        for line in path.read_bytes().splitlines():
+            entry = json.loads(line)
+            assert entry["v"] == 2 and "instance" in entry
+            claimed = entry.pop("hash")
+            assert line == rfc8785.dumps(entry)[:-1] + f',"hash":"{claimed}"}}'.encode()
+            assert hashlib.sha256(rfc8785.dumps(entry)).hexdigest() == claimed
+
+
+def test_the_docs_recipe_recomputes_a_hash_and_checks_a_signature_without_auditgate(tmp_path):
+    """Follows /tmp/s3/evidence-core.md's recipe literally: json + hashlib + rfc8785, then openssl."""
+    import base64
+    import shutil
+
+    log = build_log(tmp_path)
+    audit_file = log.files()[0]
+    public_key_pem = log.pubkey
+    # -- the recipe, step 1: one entry's hash
+    recipe = f'''
+import hashlib, json, rfc8785
+lines = open({str(audit_file)!r}, "rb").read().splitlines()
+entry = json.loads(lines[2])
+claimed = entry.pop("hash")
+print(hashlib.sha256(rfc8785.dumps(entry)).hexdigest() == claimed)
+'''
+    done = subprocess.run([sys.executable, "-I", "-c", recipe], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert done.stdout.strip() == "True", done.stderr
+    # -- step 2: one checkpoint's signature, with openssl
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    lines = audit_file.read_bytes().splitlines()
+    index, checkpoint = next((i, json.loads(l)) for i, l in enumerate(lines) if json.loads(l)["kind"] == "checkpoint")
+    assert checkpoint["signed_hash"] == json.loads(lines[index - 1])["hash"] == checkpoint["prev"]
+    message = f"auditgate-audit-checkpoint:v1:{checkpoint['signed_seq']}:{checkpoint['signed_hash']}"
+    (tmp_path / "msg.bin").write_bytes(message.encode())
+    (tmp_path / "sig.bin").write_bytes(base64.b64decode(checkpoint["signature"]))
+    verify_cmd = ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(public_key_pem), "-rawin",
+                  "-in", "msg.bin", "-sigfile", "sig.bin"]
+    done = subprocess.run(verify_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Signature Verified Successfully" in done.stdout, done.stdout + done.stderr
+    (tmp_path / "msg.bin").write_bytes(message.replace(":v1:", ":v1:9").encode())  # another seq: must fail
+    assert subprocess.run(verify_cmd, cwd=tmp_path, capture_output=True, timeout=60).returncode != 0

@@ -194,3 +194,114 @@ def test_a_log_signed_only_by_another_key_fails(log, tmp_path):
     stranger = create_private_key_file(tmp_path / "stranger-key.pem")
     other.write_bytes(public_key_pem(stranger.public_key()))
     assert verify(log.records, [other]).status == "failed"
+
+
+# ---- format 2: the whole flow record, field by field --------------------------------------------------------------
+
+def _rewrite_flow(log, change, which: int = 1):
+    """Edit one recorded flow as someone with write access to the flow files would (mitmproxy's own io)."""
+    flow_file = log.records / "flows" / "flows-run2.mitm"
+    with open(flow_file, "rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    change(flows[which])
+    with open(flow_file, "wb") as f:
+        writer = io.FlowWriter(f)
+        for flow in flows:
+            writer.add(flow)
+    return flows[which].id
+
+
+def _identity_to_mallory(flow):
+    flow.metadata["auditgate.identity"] = {"name": "mallory", "groups": ["agents"], "method": "service_token"}
+
+
+def _set_query(flow):
+    flow.request.path = flow.request.path + "?debug=1"
+
+
+def _set_path(flow):
+    flow.request.path = "/v1/files"
+
+
+def _add_header(flow):
+    flow.response.headers["x-added"] = "1"
+
+
+def _edit_request_header(flow):
+    flow.request.headers["content-type"] = "text/plain"
+
+
+def _status_418(flow):
+    flow.response.status_code = 418
+
+
+def _host(flow):
+    flow.request.host = "elsewhere.example"
+
+
+def _timestamp(flow):
+    flow.response.timestamp_end += 3600
+
+
+def _drop_masking(flow):
+    flow.metadata.pop("auditgate.identity")
+
+
+@pytest.mark.parametrize("change, field", [
+    (_identity_to_mallory, "metadata.auditgate.identity"),
+    (_set_query, "request.path"),
+    (_set_path, "request.path"),
+    (_add_header, "response.headers"),
+    (_edit_request_header, "request.headers"),
+    (_status_418, "response.status_code"),
+    (_host, "request.host"),
+    (_timestamp, "response.timestamps"),
+    (_drop_masking, "metadata.keys"),
+], ids=["identity", "query", "path", "response-header", "request-header", "status", "host", "timestamp",
+        "metadata-removed"])
+def test_an_edited_flow_record_fails_verify_naming_the_field(log, change, field):
+    flow_id = _rewrite_flow(log, change)
+    result = verify(log.records, [log.pubkey])
+    [changed] = [f for f in result.findings if f.severity == "failed"]
+    assert changed.kind == "flow modified" and flow_id in changed.message
+    assert field in changed.message and "from its audit entry" in changed.message, changed.message
+    done = _cli(log)
+    assert done.returncode == 1 and field in done.stdout
+
+
+def test_a_format_1_log_still_verifies(tmp_path):
+    import shutil
+
+    from tests.gateway_process import ROOT as root
+    fixture = root / "tests" / "data" / "audit-v1"
+    shutil.copytree(fixture, tmp_path / "v1")
+    records, pubkey = tmp_path / "v1" / "records", tmp_path / "v1" / "audit-public.pem"
+    result = verify(records, [pubkey])
+    assert result.status == "verified", result.summary()
+    assert result.format_versions == [1] and result.flows_matched == 6
+    assert any(b"\\u00e9" in line for p in (records / "audit").iterdir() for line in p.read_bytes().splitlines())
+    # Format 1's checks still bite: a body changed in a format 1 record is found.
+    flow_file = records / "flows" / "flows-run1.mitm"
+    with open(flow_file, "rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    flows[0].response.content = b"changed"
+    with open(flow_file, "wb") as f:
+        writer = io.FlowWriter(f)
+        for flow in flows:
+            writer.add(flow)
+    changed = [f for f in verify(records, [pubkey]).findings if f.kind == "flow modified"]
+    assert len(changed) == 1 and "response body" in changed[0].message
+
+
+def test_a_format_1_entry_slipped_into_a_format_2_log_is_a_downgrade(log):
+    from auditgate.audit.chain import seal
+    seq = log.seqs_of_kind("flow")[2]
+    path, index = log.locate(seq)
+
+    def downgrade(entry):
+        entry.pop("v")
+        entry.pop("hash")
+        entry["hash"] = seal(entry)[0]["hash"]  # a valid format 1 hash
+
+    rewrite_line(path, index, downgrade)
+    assert ("downgraded", seq) in _failures(verify(log.records, [log.pubkey]))

@@ -7,15 +7,18 @@ from pathlib import Path
 
 from auditgate.audit.chain import json_safe, sha256_hex
 from auditgate.audit.errors import describe
+from auditgate.audit.record_digest import claims_of_flow, record_digest
 from auditgate.core.flow_contract import (
     APPROVAL,
     BODY_LIMITS,
     FLOW_FILE,
     GUARD,
     IDENTITY,
+    INTENT_SEQ,
     MASKING,
     POLICY,
     REFUSAL,
+    STREAM_CUT,
     TUNNEL,
     UPSTREAM,
 )
@@ -23,7 +26,11 @@ from auditgate.core.request_facts import facts_of
 
 
 def flow_fields(flow, now: float) -> dict:
-    """The fields of a flow's audit entry: who, where, what was decided, and the digests of both bodies."""
+    """The fields of a flow's audit entry: who, where, what was decided, the digests of both bodies, and
+    (`record`) the digest of everything the flow's record will hold, field by field (audit/record_digest.py).
+
+    Taken at the hook that writes the entry, from the flow as the flow recorder takes its state for the
+    record on the loop's next turn: no addon changes a flow after the audit log's hook."""
     request, response = flow.request, flow.response
     peer = flow.client_conn.peername if flow.client_conn else None
     return {
@@ -50,6 +57,23 @@ def flow_fields(flow, now: float) -> dict:
         "request_sha256": sha256_hex(request.raw_content),
         "response_sha256": sha256_hex(response.raw_content) if response else None,
         "flow_file": FLOW_FILE.get(flow),
+        "intent": INTENT_SEQ.get(flow),  # the seq of its intent entry: it went upstream (None: it never did)
+        "stream_cut": json_safe(STREAM_CUT.get(flow)),  # a stream that ended in an error: what the client got
+        "record": record_digest(claims_of_flow(flow)),
+    }
+
+
+def intent_fields(flow) -> dict:
+    """The fields of an intent entry: a request about to go upstream (the last request hook), before any outcome."""
+    request = flow.request
+    return {
+        "flow_id": flow.id,
+        "identity": json_safe(IDENTITY.get(flow)),
+        "method": request.method,
+        "host": request.pretty_host,
+        "port": request.port,
+        "path": request.path.partition("?")[0],
+        "request_sha256": sha256_hex(request.raw_content),
     }
 
 

@@ -13,7 +13,8 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from auditgate.core.flow_contract import REFUSAL
+from auditgate.audit.record_digest import claims_of_state, record_digest
+from auditgate.core.flow_contract import INTENT_SEQ, REFUSAL
 
 FLOWS_SUBDIR = "flows"
 _MAX_LENGTH_DIGITS = 12
@@ -128,6 +129,8 @@ class FlowRecord:
     request_sha256: str | None
     response_sha256: str | None
     refusal_code: str | None
+    record: dict | None = None  # the whole-flow digest of what the record holds (auditgate.audit.record_digest)
+    intent: int | None = None  # the seq of the flow's intent entry, as its metadata names it
 
 
 @dataclass
@@ -152,10 +155,12 @@ def read_flow_file(path: Path) -> FlowFile:
             metadata = value.get("metadata") if isinstance(value.get("metadata"), dict) else {}
             refusal = REFUSAL.read(metadata) if isinstance(REFUSAL.read(metadata), dict) else {}
             refusal = refusal if isinstance(refusal.get("code"), (str, type(None))) else {}
+            intent = INTENT_SEQ.read(metadata)
             result.records.append(FlowRecord(
                 file=path.name, offset=offset, flow_id=str(value.get("id")),
                 request_sha256=_body_digest(value.get("request")), response_sha256=_body_digest(value.get("response")),
-                refusal_code=refusal.get("code"),
+                refusal_code=refusal.get("code"), record=record_digest(claims_of_state(value)),
+                intent=intent if isinstance(intent, int) and not isinstance(intent, bool) else None,
             ))
     except TnetstringError as e:
         result.cut_at, result.error = getattr(e, "offset", None), str(e)

@@ -1,6 +1,10 @@
 """The offline verifier: chain links, checkpoint signatures and flow-file digests of an audit log.
 
-Plain Python plus `cryptography`; no mitmproxy. docs/auditors.md ("Verifying") describes
+Reads both formats: version 2 entries ("v": 2, RFC 8785 hashing) carry a whole-flow digest (every field a
+flow record claims) and intents (a request about to go upstream); version 1 entries (no "v") carry the
+two body digests only, and are checked on those.
+
+Plain Python plus `cryptography` and `rfc8785`; no mitmproxy. docs/auditors.md ("Verifying") describes
 the same algorithm step by step.
 """
 
@@ -14,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from auditgate.audit.chain import (
     AUDIT_SUBDIR,
+    FORMAT_VERSION,
     GENESIS_HASH,
     PUBLIC_KEY_FILE,
     audit_files,
@@ -26,11 +31,14 @@ from auditgate.audit.chain import (
     rotation_message,
     verify_signature,
 )
-from auditgate.audit.flow_files import MAX_DEPTH, FlowFile, read_flow_files
+from auditgate.audit.flow_files import MAX_DEPTH, FlowFile, FlowRecord, read_flow_files
+from auditgate.audit.record_digest import ERROR_FIELD, differing_fields
 
 FAILED, INCOMPLETE, NOTE = "failed", "incomplete", "note"
 RECORDS_LOST_EVENT = "records_lost"  # the gateway's own report of flows whose records did not reach a file
 REFUSED_UNAVAILABLE = ("gateway_audit_unavailable", "gateway_records_unavailable")
+INTENT_EVENT = "intent"  # a request about to go upstream; its outcome (a flow entry) names its seq
+OUTCOME_UNKNOWN = "outcome unknown"  # the finding kind of an intent without an outcome: not tampering
 EXIT_CODES = {"verified": 0, FAILED: 1, INCOMPLETE: 3}
 
 
@@ -75,6 +83,10 @@ class VerifyResult:
     flows_matched: int = 0
     flows_lost_reported: int = 0  # flow entries without a record whose loss the gateway reported itself
     flow_files: int = 0
+    format_versions: list[int] = field(default_factory=list)  # entry format versions seen (1: no "v")
+    intents: int = 0  # intent entries: requests the gateway was about to send upstream
+    outcome_unknown: int = 0  # intents without an outcome entry: forwarded, outcome unknown (gateway stopped)
+    streams_cut: int = 0  # flow entries of streams that ended in an error, recorded with what the client got
     findings: list[Finding] = field(default_factory=list)
     log: list[Located] = field(default_factory=list, repr=False)
 
@@ -113,8 +125,16 @@ class VerifyResult:
                          f"(seq {self.first_seq}..{self.last_seq}), {self.checkpoints} checkpoint(s)")
         lines.append(f"  trusted key(s): {', '.join(k[:16] for k in self.anchors) or 'none'} ({self.anchor_source})")
         lines.append(f"  signed: entries up to seq {self.signed_upto} are covered by a checkpoint signed with a trusted key")
+        what = ("every recorded field" if self.format_versions == [FORMAT_VERSION] else
+                "request and response body digests" if FORMAT_VERSION not in self.format_versions else
+                "every recorded field for format 2 entries, the bodies for format 1")
         lines.append(f"  flows: {self.flows_matched} of {self.flow_entries} flow entries matched their record "
-                     f"in {self.flow_files} flow file(s) (request and response body digests)")
+                     f"in {self.flow_files} flow file(s) ({what})")
+        if self.intents:
+            lines.append(f"  intents: {self.intents} request(s) about to go upstream; {self.outcome_unknown} "
+                         "forwarded with outcome unknown (gateway stopped)")
+        if self.streams_cut:
+            lines.append(f"  streams cut: {self.streams_cut} (recorded with what the client received)")
         if self.flows_lost_reported:
             lines.append(f"  flows: {self.flows_lost_reported} flow record(s) lost and reported lost by the gateway "
                          "itself (not tampering; see the findings)")
@@ -165,6 +185,7 @@ def _check_chain(result: VerifyResult) -> None:
     seen: dict[int, Located] = {}
     previous: Located | None = None
     after_unreadable = False
+    seen_current = False  # a format 2 entry came before: no format 1 entry may follow
     for index, located in enumerate(log):
         entry = located.entry
         if entry.get("unreadable"):
@@ -175,7 +196,21 @@ def _check_chain(result: VerifyResult) -> None:
         if not isinstance(seq, int) or not isinstance(entry.get("hash"), str):
             result.add(FAILED, "malformed", located.where, None, "the entry has no integer seq or no hash")
             continue
-        if entry["hash"] != entry_hash(entry):
+        version = entry.get("v", 1)
+        if version not in result.format_versions:
+            result.format_versions.append(version)
+        if version not in (1, FORMAT_VERSION):
+            result.add(FAILED, "unknown format", located.where, seq,
+                       f"format version {version!r}: this verifier reads versions 1 and {FORMAT_VERSION}")
+        elif version == 1 and seen_current:
+            result.add(FAILED, "downgraded", located.where, seq,
+                       "a format 1 entry after format 2 entries: the gateway never writes one; it was put there")
+        seen_current = seen_current or version == FORMAT_VERSION
+        try:
+            intact = entry["hash"] == entry_hash(entry)
+        except ValueError:  # not representable in its format's canonical JSON (RFC 8785 refuses it)
+            intact = False
+        if not intact:
             result.add(FAILED, "modified", located.where, seq,
                        "its content does not match its hash: the entry was edited")
         linked = seq == expected_seq and entry.get("prev") == expected_prev
@@ -381,20 +416,46 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
         flow_id = flow_id if isinstance(flow_id, str) else repr(flow_id)
         candidates = unconsumed.get((name, flow_id), [])
         wanted = (entry.get("request_sha256"), entry.get("response_sha256"))
-        match = next((r for r in candidates if (r.request_sha256, r.response_sha256) == wanted), None)
+        audited = entry.get("record") if isinstance(entry.get("record"), dict) else None
+        if entry.get("stream_cut"):
+            result.streams_cut += 1
+        if audited is not None:  # format 2: the whole record, field by field
+            match = next((r for r in candidates if r.record and r.record["sha256"] == audited.get("sha256")), None)
+        elif entry.get("v", 1) != 1:
+            match = None  # a format 2 flow entry without its record digest: it was edited (and the chain says so)
+        else:  # format 1: the two body digests
+            match = next((r for r in candidates if (r.request_sha256, r.response_sha256) == wanted), None)
+        late_error = _late_error(audited, candidates) if audited is not None and match is None else None
         if match is not None:
             candidates.remove(match)
             result.flows_matched += 1
+        elif late_error is not None and flow_id not in withheld:
+            candidates.remove(late_error)
+            result.flows_matched += 1
+            result.add(NOTE, "error after the entry", located.where, located.seq,
+                       f"flow {flow_id} in {name}: mitmproxy noted an error on it after its entry was written (the "
+                       "client left while the reply was being sent); every other field matches")
         elif candidates and flow_id in withheld:
             candidates.pop(0)
             result.add(NOTE, "reply withheld", located.where, located.seq,
                        f"flow {flow_id}: its reply was withheld (its entry could not be made durable); the record "
                        "holds what the caller got instead")
+        elif candidates and audited is not None:
+            nearest = min(candidates, key=lambda r: len(differing_fields(audited, r.record or {})))
+            candidates.remove(nearest)  # this entry's record, changed: not also "a record without entry"
+            fields = differing_fields(audited, nearest.record or {})
+            named = ", ".join(fields) if fields else "the record (its field digests in the entry were edited)"
+            verb = "differs" if len(fields) <= 1 else "differ"
+            result.add(FAILED, "flow modified", located.where, located.seq,
+                       f"flow {flow_id} in {name}: {named} {verb} from its audit entry")
         elif candidates:
             record = candidates[0]
-            which = "request" if record.request_sha256 != wanted[0] else "response"
-            result.add(FAILED, "flow modified", located.where, located.seq,
-                       f"flow {flow_id} in {name}: the recorded {which} body does not match the audited digest")
+            if entry.get("v", 1) != 1:
+                message = "its audit entry has no record digest to check it against"
+            else:
+                which = "request" if record.request_sha256 != wanted[0] else "response"
+                message = f"the recorded {which} body does not match the audited digest"
+            result.add(FAILED, "flow modified", located.where, located.seq, f"flow {flow_id} in {name}: {message}")
         elif flow_id in lost:
             report, reason = lost[flow_id]
             result.flows_lost_reported += 1
@@ -430,6 +491,49 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
             else:
                 result.add(FAILED, "unaudited flow", where, None,
                            f"flow {record.flow_id} has no audit entry: its entry was removed")
+
+
+def _late_error(audited: dict, candidates: list[FlowRecord]) -> FlowRecord | None:
+    """The record that differs from its entry only by an error the entry did not have.
+
+    mitmproxy notes a client that left while a response hook ran as the flow's error after the hook
+    (check_killed), without an error hook: the flow recorder, which takes the state a moment later, keeps
+    it; the entry, written in the hook, could not. Any other difference is tampering."""
+    fields = audited.get("fields") if isinstance(audited.get("fields"), dict) else {}
+    if ERROR_FIELD in fields:
+        return None
+    return next((r for r in candidates if r.record and differing_fields(audited, r.record) == [ERROR_FIELD]), None)
+
+
+def _check_intents(result: VerifyResult) -> None:
+    """Every intent (a request about to go upstream) has an outcome entry naming it, or is reported: forwarded,
+    outcome unknown (the gateway stopped, by a crash or a kill, before the reply). Not tampering: the chain
+    and the signatures vouch for what is there."""
+    intents: dict[int, Located] = {}
+    answered: set[int] = set()
+    for located in result.log:
+        entry = located.entry
+        if entry.get("kind") == INTENT_EVENT and isinstance(located.seq, int):
+            intents[located.seq] = located
+        elif entry.get("kind") == "flow" and isinstance(entry.get("intent"), int):
+            reference = entry["intent"]
+            intent = intents.get(reference)
+            if intent is None or intent.entry.get("flow_id") != entry.get("flow_id"):
+                if result.first_seq is not None and result.first_seq <= reference:
+                    result.add(FAILED, "bad intent reference", located.where, located.seq,
+                               f"flow {entry.get('flow_id')} names seq {reference} as its intent, which is not the "
+                               "intent entry of that flow")
+                continue
+            answered.add(reference)
+    result.intents = len(intents)
+    for seq, located in intents.items():
+        if seq in answered:
+            continue
+        result.outcome_unknown += 1
+        entry = located.entry
+        result.add(INCOMPLETE, OUTCOME_UNKNOWN, located.where, seq,
+                   f"flow {entry.get('flow_id')} ({entry.get('method')} {entry.get('host')}{entry.get('path')}): "
+                   "forwarded, outcome unknown (gateway stopped): its intent has no outcome entry")
 
 
 def _list(value) -> list:
@@ -473,6 +577,7 @@ def verify(records_dir: Path, pubkeys: list[Path] | None = None, check_flows: bo
         _check_chain(result)
         _check_file_ends(files, result)
         _check_signatures(result, anchors)
+        _check_intents(result)
         if check_flows:
             _check_flows(records_dir, result)
     if any(f.severity == FAILED for f in result.findings):

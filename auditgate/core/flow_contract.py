@@ -189,8 +189,40 @@ INSTANCE: FlowKey[str] = FlowKey(
     "auditgate.instance", "audit_log (the gateway_instance that served the flow)", "approval, verify, evidence")
 
 # ---- WebSocket sessions (issue 13) -------------------------------------------------------------------------------
+class WebSocketRecord(TypedDict, total=False):
+    """A WebSocket session's governance, message by message: counts and digests, never content."""
+    endpoint: str  # responses | realtime
+    governed: dict[str, int]  # concern (policy, masking, key_custody) → how many messages it had governed
+    own: dict[str, list]  # sha256 of a message the gateway injected, not yet seen again → [kind, how many]
+    # kind: "error" | "release" | "resent" (a governed server event the gateway sends in place of the upstream's)
+    in_flight: int  # resent events injected and not yet seen again: upstream events meanwhile are resent behind
+    expand: list  # [message count, [event, ...]]: what the latest server message stands for (taken by websocket_gate)
+    ended_by: str  # "gateway_shutdown": the session was still open when the gateway stopped (closed 1001)
+    recorded: bool  # flow_recorder recorded the session (at its end)
+    blocked: int  # client events dropped by policy (block, approval denied/expired/unavailable)
+    held: int  # client events held for approval
+    released: int  # held client events sent on after a granted approval
+    masked: int  # server events in which masking found personal data (client events masking changed)
+    findings: dict[str, int]  # entity type → count, both directions
+    key_echoes: int  # echoes of the upstream key taken out of server messages
+    responses: int  # finished model responses
+    failed: str  # why the gateway closed the session (1011): the concern and the error's type, never content
+    close_code: int  # the close code the gateway sent, when it closed the session
+    current_own: list  # [message count, "error" | "release" | None]: the latest message, once recognised
+    audio_from: int  # messages before this one have their audio digested for the record (flow_recorder)
+
+
+WEBSOCKET: FlowKey[WebSocketRecord] = FlowKey(
+    "auditgate.websocket", "policy, masking, key_custody, websocket_gate (a WebSocket session's messages)",
+    "websocket_gate, flow_recorder, audit_log, evidence")
 
 # ---- whole-flow evidence (issue 14) ------------------------------------------------------------------------------
+INTENT_SEQ: FlowKey[int] = FlowKey(
+    "auditgate.intent_seq", "audit_log (the seq of the flow's intent entry, written before it went upstream)",
+    "audit_log (the outcome entry names it), verify")
+STREAM_CUT: FlowKey[dict] = FlowKey(
+    "auditgate.stream_cut", "sse_streaming: {reason, bytes_to_client} of a stream that ended in an error",
+    "audit_log, verify, evidence")
 
 
 # ---- services one addon offers another, outside any flow ------------------------------------------------------
