@@ -124,7 +124,8 @@ class PolicyRules:
         if decision.action == "block":
             message = f"blocked by policy rule '{rule}'" + (f": {decision.message}" if decision.message else "")
             logger.info("policy %s blocked a request from %s (%s)", rule, who, decision.matched)
-            refuse(flow, 403, "gateway_blocked", message)
+            status, code = decision.refusal or (403, "gateway_blocked")
+            refuse(flow, status, code, message)
         elif decision.action == "log":
             logger.warning("policy %s flagged a request from %s (%s)", rule, who, decision.matched)
         elif decision.action == "require_approval":
@@ -191,7 +192,7 @@ class PolicyRules:
             rec["blocked"] += 1
             logger.info("policy %s blocked a %s event from %s (%s)", rule, event["type"], who, decision.matched)
             text = f"blocked by policy rule '{rule}'" + (f": {decision.message}" if decision.message else "")
-            session_control.refuse_event(flow, "gateway_policy_blocked", text)
+            session_control.refuse_event(flow, decision.refusal[1] if decision.refusal else "gateway_policy_blocked", text)
         elif decision.action == "require_approval":
             message.drop()  # held apart from the session, which goes on meanwhile
             session.mark(flow, "policy")

@@ -39,7 +39,8 @@ def test_prompt_text_is_every_text_leaf_and_no_structure():
                  "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
                            {"type": "function_call_output", "call_id": "c1", "output": "tool said"}]}
     # Every text leaf: metadata too (exhaustive by construction); ids, types, roles and the model are structure.
-    assert prompt_texts(responses, "responses") == ["be brief", "x", "hi", "tool said"]
+    # The keys the caller chose (here the metadata's "note") are read too, as one last text.
+    assert prompt_texts(responses, "responses") == ["be brief", "x", "hi", "tool said", "note"]
     chat = {"model": "m", "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "u"}]}
     assert prompt_texts(chat, "chat") == ["sys", "u"]
 

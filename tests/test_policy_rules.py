@@ -264,12 +264,17 @@ def _shipped_text_patterns() -> list[tuple[str, int]]:
 
 
 def _first_match_without_shortcut(condition, facts_: MatchInput) -> str | None:
-    """TextCondition.first_match as its fields define it, with every pattern run by the regex engine."""
-    text = facts_.folded_text if condition.ignore_case else facts_.text
-    for pattern, label, bounded in zip(condition.patterns, condition.labels, condition.keyword_starts):
-        for m in pattern.finditer(text):
-            if not bounded or m.start() == 0 or not (text[m.start() - 1].isalnum() or text[m.start() - 1] == "_"):
-                return label
+    """TextCondition.first_match as its fields define it, with every pattern run by the regex engine: on the
+    text as sent, then on its normalized form."""
+    if condition.ignore_case:
+        texts = (facts_.folded_text, facts_.normalized_text.lower())
+    else:
+        texts = (facts_.text, facts_.normalized_text)
+    for text in texts:
+        for pattern, label, bounded in zip(condition.patterns, condition.labels, condition.keyword_starts):
+            for m in pattern.finditer(text):
+                if not bounded or m.start() == 0 or not (text[m.start() - 1].isalnum() or text[m.start() - 1] == "_"):
+                    return label
     return None
 
 

@@ -12,7 +12,6 @@ no longer the ones going upstream. No mitmproxy import: a flow is anything with 
 from __future__ import annotations
 
 import codecs
-import json
 import re
 import weakref
 from email.parser import BytesParser
@@ -21,7 +20,9 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import parse_qsl
 
-from auditgate.masking.payload import endpoint_kind, mask_request_payload
+from auditgate.core.prompt_text import PromptTexts
+from auditgate.core.strict_json import DuplicateKeyError, loads_strict
+from auditgate.masking.payload import endpoint_kind, read_request_texts
 
 JSON_PARSE_LIMIT = 256 * 1024  # the model of a larger body that nobody parsed is found by a scan
 _MODEL_PATTERN = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
@@ -127,7 +128,10 @@ class RequestFacts:
             return None, [v for pair in fields for v in pair if v], None
         if self.is_json:
             try:
-                return json.loads(text), None, None
+                return loads_strict(text), None, None
+            except DuplicateKeyError:
+                # Policy would decide on one value while the upstream may read the other: never read.
+                raise _bad("the request body's JSON names the same key twice in one object") from None
             except ValueError:
                 if self.content_type:  # declared JSON: what the upstream would read cannot be known
                     raise _bad("the request body is not valid JSON") from None
@@ -170,10 +174,11 @@ class RequestFacts:
         return value if isinstance(value, str) and value else None
 
     @cached_property
-    def prompt_texts(self) -> list[str]:
-        """Every text of the request: a JSON body's text leaves, a text body, form fields' values."""
+    def prompt_texts(self) -> PromptTexts:
+        """Every text of the request: a JSON body's text leaves and keys and inline text files, a text
+        body, form fields' values; with its joined and normalized forms (see core.prompt_text)."""
         payload, texts, _ = self._read
-        return texts if texts is not None else prompt_texts(payload, self.endpoint)
+        return PromptTexts(texts) if texts is not None else prompt_texts(payload, self.endpoint)
 
     @cached_property
     def tool_names(self) -> list[str]:
@@ -191,18 +196,11 @@ def facts_of(flow) -> RequestFacts:
     return facts
 
 
-def prompt_texts(payload: Any, endpoint: str) -> list[str]:
-    """Exactly the prompt text masking would look at: instructions, input, messages, tool outputs."""
-    texts: list[str] = []
-
-    def collect(value: str, path: str) -> str:
-        if value:
-            texts.append(value)
-        return value
-
-    if payload is not None:
-        mask_request_payload(payload, endpoint, collect)
-    return texts
+def prompt_texts(payload: Any, endpoint: str = "") -> PromptTexts:
+    """The prompt text policy reads: every text masking looks at (instructions, input, messages, tool
+    outputs, long base64 runs too), the caller's object keys, inline text files decoded; content it
+    cannot read noted (``.unreadable``). The same walker for every endpoint (and WebSocket events)."""
+    return read_request_texts(payload)
 
 
 def _multipart_texts(content_type: str, data: bytes) -> list[str]:

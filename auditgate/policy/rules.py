@@ -1,6 +1,8 @@
 """policy.yaml: ordered rules, first match wins, and what each action means (no mitmproxy).
 
     default: allow                      # allow | block | log: what happens when no rule matches
+    unreadable_content: refuse          # refuse | allow: inline content policy cannot read (PDF, binary
+                                        # files, files by URL); refused 415 gateway_content_unreadable
     rules:
       - id: block-private-keys          # required, unique; recorded with every flow it decides
         description: ...                # optional, for people
@@ -12,7 +14,8 @@
           paths: ["/v1/responses"]      # request paths (globs)
           endpoints: [responses, chat]  # responses | chat | embeddings | models | traces | other | realtime
           models: ["gpt-4o*"]           # the request's "model" (globs)
-          text:                         # over the prompt text (instructions, input, messages, tool outputs)
+          text:                         # over the prompt text (instructions, input, messages, tool outputs,
+                                        # object keys, inline text files), as sent and normalized
             keywords: ["ignore previous instructions"]   # whole words/phrases; spaces match any whitespace
             regex: ['-----BEGIN [A-Z ]*PRIVATE KEY-----']
             ignore_case: true           # default true
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from auditgate.core.config import ConfigError, RulesFile
+from auditgate.core.prompt_text import PromptTexts, as_prompt_texts
 
 POLICY_FILE = "policy.yaml"
 ACTIONS = ("allow", "block", "require_approval", "log")
@@ -47,7 +51,11 @@ ENDPOINT_KINDS = ("responses", "chat", "embeddings", "models", "traces", "other"
 DEFAULT_APPROVAL_TIMEOUT = 300.0
 MAX_APPROVAL_TIMEOUT = 24 * 3600.0
 
-_TOP_KEYS = {"default", "rules"}
+_TOP_KEYS = {"default", "rules", "unreadable_content"}
+UNREADABLE_SETTINGS = ("refuse", "allow")
+# The refusal of content policy cannot read: not a rule's block (403), a request the gateway cannot inspect.
+UNREADABLE_RULE = "unreadable-content"
+UNREADABLE_REFUSAL = (415, "gateway_content_unreadable")
 _RULE_KEYS = {"id", "description", "match", "action", "message", "approvers", "timeout_seconds", "reuse_seconds"}
 _MATCH_KEYS = {"callers", "groups", "hosts", "methods", "paths", "endpoints", "models", "text", "tools", "pii",
                "body_size"}
@@ -70,7 +78,7 @@ class MatchInput:
     endpoint: str = "other"
     body_size: int = 0
     model_fn: Callable[[], str | None] = lambda: None
-    texts_fn: Callable[[], list[str]] = list
+    texts_fn: Callable[[], list[str]] = list  # a PromptTexts (core.prompt_text) or a plain list
     tools_fn: Callable[[], list[str]] = list
     pii_fn: Callable[[], set[str]] = set
     _cache: dict = field(default_factory=dict, repr=False)
@@ -85,16 +93,33 @@ class MatchInput:
         return self._get("model", self.model_fn)
 
     @property
-    def texts(self) -> list[str]:
-        return self._get("texts", self.texts_fn)
+    def texts(self) -> PromptTexts:
+        return self._get("texts", lambda: as_prompt_texts(self.texts_fn()))
 
     @property
     def text(self) -> str:
-        return self._get("text", lambda: "\n\n".join(self.texts))
+        return self.texts.joined
 
     @property
     def folded_text(self) -> str:
         return self._get("folded_text", lambda: self.text.lower())
+
+    @property
+    def normalized_text(self) -> str:
+        """The text normalized (the same object as ``text`` when that changes nothing)."""
+        return self.texts.normalized
+
+    @property
+    def folded_normalized_text(self) -> str:
+        def fold() -> str:
+            normalized = self.normalized_text
+            return self.folded_text if normalized is self.text else normalized.lower()
+        return self._get("folded_normalized_text", fold)
+
+    @property
+    def unreadable(self) -> tuple[str, ...]:
+        """What inline content the request carries that policy cannot read (media types, never content)."""
+        return self.texts.unreadable
 
     @property
     def tools(self) -> list[str]:
@@ -126,7 +151,18 @@ class TextCondition:
     required: tuple[tuple[str, ...] | None, ...] = ()
 
     def first_match(self, facts: MatchInput) -> str | None:
-        text = facts.folded_text if self.ignore_case else facts.text
+        """The first pattern found in the text as sent, or else in its normalized form (zero-width
+        characters, look-alike letters and escapes folded), which is usually the same string: one pass."""
+        if self.ignore_case:
+            text, normalized = facts.folded_text, facts.folded_normalized_text
+        else:
+            text, normalized = facts.text, facts.normalized_text
+        found = self._first_in(text)
+        if found is None and normalized is not text:
+            found = self._first_in(normalized)
+        return found
+
+    def _first_in(self, text: str) -> str | None:
         for pattern, label, bounded, needles in zip(self.patterns, self.labels, self.keyword_starts, self.required):
             if needles is not None and not any(needle in text for needle in needles):
                 continue
@@ -239,9 +275,15 @@ class Decision:
     timeout_seconds: float = DEFAULT_APPROVAL_TIMEOUT
     reuse_seconds: float = 0.0
     policy: str = ""  # digest of the policy file that decided
+    # (status, code) of a block that is not a rule's (403 gateway_blocked): content policy cannot read.
+    refusal: tuple[int, str] | None = None
+    # Content passed unread because policy.yaml allows it (unreadable_content: allow): recorded as such.
+    unread: tuple[str, ...] = ()
 
     def as_metadata(self) -> dict:
         out: dict[str, Any] = {"rule": self.rule or "default", "action": self.action, "policy": self.policy}
+        if self.unread:
+            out["unread"] = list(self.unread)
         if self.matched:
             out["matched"] = self.matched
         if self.message:
@@ -257,14 +299,24 @@ class Policy:
     default: str = "allow"
     digest: str = ""
     path: str = ""
+    unreadable_content: str = "refuse"
 
     def decide(self, facts: MatchInput) -> Decision:
+        if self.unreadable_content == "refuse" and facts.unreadable:
+            # No rule can have read it: refused before any rule, whatever the rules would allow.
+            kinds = sorted(set(facts.unreadable))
+            return Decision("block", UNREADABLE_RULE, {"unreadable": kinds},
+                            f"the request carries content the gateway cannot read ({', '.join(kinds)}), so no "
+                            "policy rule could inspect it; send it as text, or ask the operator to allow it "
+                            "(policy.yaml: unreadable_content: allow)", policy=self.digest,
+                            refusal=UNREADABLE_REFUSAL)
+        unread = tuple(sorted(set(facts.unreadable)))
         for rule in self.rules:
             matched = rule.match.evaluate(facts)
             if matched is not None:
                 return Decision(rule.action, rule.id, matched, rule.message, rule.approvers, rule.timeout_seconds,
-                                rule.reuse_seconds, self.digest)
-        return Decision(self.default, None, policy=self.digest)
+                                rule.reuse_seconds, self.digest, unread=unread)
+        return Decision(self.default, None, policy=self.digest, unread=unread)
 
     @property
     def uses_pii(self) -> bool:
@@ -309,8 +361,12 @@ def parse_policy(text: str, path: Path | str = POLICY_FILE) -> Policy:
             raise fail(("rules", i, "id"), f"rules[{i}]: duplicate rule id {rule.id!r}")
         ids.add(rule.id)
         rules.append(rule)
+    unreadable = data.get("unreadable_content", "refuse")
+    if unreadable not in UNREADABLE_SETTINGS:
+        raise fail(("unreadable_content",), f"unreadable_content: must be one of {', '.join(UNREADABLE_SETTINGS)} "
+                                            f"(got {unreadable!r})")
     digest = "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
-    return Policy(tuple(rules), default, digest, str(path))
+    return Policy(tuple(rules), default, digest, str(path), unreadable)
 
 
 def _unknown_keys(entry: dict, allowed: set[str], at: tuple, where: str, fail) -> None:
