@@ -29,6 +29,7 @@ from auditgate.routing.key_echo import (
     ReplyStreamScrubber,
     as_stream_result,
     chunks_of,
+    scrub_json,
 )
 from auditgate.routing.key_on_wire import PLACEHOLDER, WIRE
 from auditgate.routing.upstreams import (
@@ -307,8 +308,12 @@ class KeyCustody:
                 if scrubbed != [event]:
                     pieces = [dump(e) for e in scrubbed]
             for piece in pieces:
-                piece, in_bytes = echoes.scrub(piece)  # whatever else spells it, in any field
-                found += in_bytes
+                # Every string of the event as its reader decodes it (a field masking skips, an object key,
+                # a key spelled with JSON escapes), then the bytes: whatever else spells it.
+                # (Without a backslash every string reads as its bytes: the byte scrub alone finds them all.)
+                piece, in_json = scrub_json(echoes, piece) if b"\\" in piece else (piece, 0)
+                piece, in_bytes = echoes.scrub(piece)
+                found += in_json + in_bytes
                 out.append(piece)
         if out != contents:
             session.set_events(flow, out)

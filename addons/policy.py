@@ -157,7 +157,7 @@ class PolicyRules:
 
     async def _decide_message(self, flow: http.HTTPFlow, message) -> None:
         try:
-            event = parse(message.content, message.is_text)
+            event = parse(message.content, message.is_text, strict=True)
         except NotAnEvent as e:
             # Text the gateway cannot read is text no rule has seen: refused, never passed.
             session.mark(flow, "policy")

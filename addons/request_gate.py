@@ -59,6 +59,11 @@ class RequestGate:
                    "this gateway governs WebSocket sessions only at /v1/responses and /v1/realtime; "
                    "use the HTTP transport for this endpoint")
             return
+        if is_websocket_upgrade(flow.request):
+            # No permessage-deflate: mitmproxy inflates a compressed frame whole before any hook or the
+            # message size limit sees it, so one small frame could inflate to gigabytes in the proxy.
+            # Without the offer the upstream answers uncompressed, and so does mitmproxy to the client.
+            flow.request.headers.pop("Sec-WebSocket-Extensions", None)
         missing = missing_check(flow)
         if missing:
             logger.error("request %s %s reached the last check unrefused, but %s: refused", flow.request.method,

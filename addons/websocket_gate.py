@@ -13,6 +13,11 @@ is dropped here and its events are sent in its place with mitmproxy's ``inject.w
 messages reach the client in the order they were injected, after the message whose hook runs; upstream
 messages arriving meanwhile are sent the same way behind them, until the gateway's own have passed.
 
+What mitmproxy relays without a hook (close frames, pings and pongs) and the size of every message are
+governed from the session's start (``session_control.govern``): close reasons withheld (their digest
+recorded), client pings answered by the gateway, upstream pings relayed empty, a message over
+``gateway_websocket_max_message_bytes`` refused with 1009.
+
 At the end it writes the ``websocket_session`` audit entry: who, where, how many messages each way
 (from the server: those the client got), blocked and masked, the close code, who ended the session
 (``ended_by``: client, upstream, gateway, gateway_shutdown), the flow file, and ``messages_sha256`` over
@@ -23,8 +28,8 @@ from __future__ import annotations
 
 import logging
 
+from mitmproxy import ctx, exceptions, http
 from mitmproxy import flow as mflow
-from mitmproxy import http
 
 from auditgate.core.flow_contract import (
     FLOW_FILE,
@@ -56,6 +61,23 @@ class WebSocketGate:
 
     def __init__(self) -> None:
         self._ended_at_shutdown: set[str] = set()
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "gateway_websocket_max_message_bytes", int, session_control.DEFAULT_MAX_MESSAGE_BYTES,
+            "Largest WebSocket message in bytes (either direction, as assembled and inflated): a larger one is "
+            "never relayed; the client gets the error event gateway_message_too_large and the session is "
+            "closed with 1009.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "gateway_websocket_max_message_bytes" in updated and ctx.options.gateway_websocket_max_message_bytes < 1:
+            raise exceptions.OptionsError("gateway_websocket_max_message_bytes must be at least 1")
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        if not session_control.govern(flow, ctx.options.gateway_websocket_max_message_bytes):
+            # Its close frames, pings and sizes would pass ungoverned: the session is not opened for use.
+            logger.error("WebSocket flow %s: its relay could not be governed: the session is closed", flow.id)
+            session_control.fail(flow, "websocket_gate", "the session's relay could not be governed")
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         message = flow.websocket.messages[-1]
@@ -107,6 +129,8 @@ class WebSocketGate:
             "ended_by": _ended_by(flow, rec),
             "flow_file": FLOW_FILE.get(flow), "messages_sha256": messages_sha256(messages),
         }
+        if rec.get("close_reason"):
+            fields["close_reason"] = dict(rec["close_reason"])  # withheld: who sent it, its SHA-256 and size
         try:
             events.append_event("websocket_session", fields)
             if rec.get("ended_by"):

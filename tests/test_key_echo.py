@@ -222,3 +222,19 @@ def test_a_stream_the_gateway_cannot_decode_ends_with_an_error_event(key_custody
     out = b"".join(flow.response.stream(b"\x1f\x9d" + AZURE.encode()))
     assert AZURE.encode() not in out and b"gateway_key_custody_failed" in out
     assert flow.response.stream(b"more") == [] and "content-encoding" not in flow.response.headers
+
+
+def test_a_key_json_escaped_anywhere_in_a_document_is_scrubbed_keys_and_duplicates_too():
+    from auditgate.routing.key_echo import scrub_json
+
+    echoes = KeyEchoes([SK])
+    escaped = "\\u0073" + json.dumps(SK)[2:-1]  # "s" as a JSON escape: no byte spelling of the key matches
+    for document in ('{"type":"error","error":{"param":"' + escaped + '"}}',
+                     '{"type":"x","detail":{"' + escaped + '":1}}',
+                     '{"type":"x","param":"' + escaped + '","param":null}',
+                     '[{"deep":["' + escaped + '"]}]'):
+        assert echoes.scrub(document.encode())[1] == 0  # the byte scrub alone misses it
+        scrubbed, found = scrub_json(echoes, document.encode())
+        assert found == 1 and SK not in json.dumps(json.loads(scrubbed, object_pairs_hook=list))
+    clean = b'{"type":"x","text":"\\n nothing"}'
+    assert scrub_json(echoes, clean) == (clean, 0) and scrub_json(echoes, b"not json") == (b"not json", 0)

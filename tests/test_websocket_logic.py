@@ -226,3 +226,12 @@ def test_the_session_knows_what_a_message_stands_for_and_which_resent_events_are
     session.set_events(flow, [])
     flow.receive(b"next")
     assert session.expansion(flow) is None and session.latest_events(flow) == [b"next"]
+
+
+def test_a_server_events_type_that_is_not_dotted_words_is_masked_and_known_types_are_not():
+    masker = _masker()
+    [renamed] = masker.mask({"type": "note.jane.doe@example.com", "text": "x"})
+    assert "jane.doe@example.com" not in renamed["type"] and masker.findings["EMAIL_ADDRESS"] == 1
+    known = {"type": "response.output_text.done", "item_id": "m", "output_index": 0, "content_index": 0,
+             "text": "hi"}
+    assert masker.mask(dict(known)) == [known]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import threading
 import time
@@ -211,9 +212,9 @@ def probe(connection, setup: Setup) -> None:
     assert receive(connection, {"response.completed"})[-1]["type"] == "response.completed"
 
 
-def expect_blocked(connection) -> dict:
+def expect_blocked(connection, code: str = "gateway_policy_blocked") -> dict:
     [error] = receive(connection, {"error"})
-    assert error["error"]["code"] == "gateway_policy_blocked", error
+    assert error["error"]["code"] == code, error
     return error
 
 
@@ -296,7 +297,8 @@ def test_a_blocked_prompt_is_blocked_in_every_carrier(ws, carrier):
     secret = AWS_KEY_ID if "aws" in carrier else SECRET
     with open_session(ws) as connection:
         connection.send(CARRIERS[carrier])
-        expect_blocked(connection)
+        # Duplicate keys: refused unread (policy would read one value, a first-wins upstream the other).
+        expect_blocked(connection, "gateway_bad_request" if carrier.startswith("duplicate") else "gateway_policy_blocked")
         probe(connection, ws)  # the session stays usable, and the blocked event was decided before it
     assert not ws.upstream.got(secret)
 
@@ -326,32 +328,27 @@ BYPASS_CARRIERS = {
     "a tool schema's property name": pytest.param(
         ev(type="response.create", input="hi", tools=[{"type": "function", "name": "lookup", "parameters": {
             "type": "object", "properties": {PRIVATE_KEY: {"type": "string"}}}}]),
-        marks=pytest.mark.xfail(strict=True, reason="BYPASS: policy never reads JSON object keys "
-                                "(masking/payload.py _Walk.object); a schema property name is prompt text")),
+        ),
     # json.loads keeps the LAST of duplicate keys; the gateway forwards the message as sent, so the
     # upstream gets the first value too (and a first-wins parser reads it).
     "duplicate input keys": pytest.param(
         '{"type":"response.create","input":' + json.dumps(PRIVATE_KEY) + ',"input":"hello"}',
-        marks=pytest.mark.xfail(strict=True, reason="BYPASS: duplicate JSON keys: policy decides on the last "
-                                "value (websocket/events.py parse, json.loads) and the raw message goes on")),
+),
     # A file sent inline (base64) is read by the model; policy sees only the base64 text.
     "an inline input_file": pytest.param(
         ev(type="response.create", input=[{"role": "user", "content": [
             {"type": "input_file", "filename": "redteam-keyfile.txt",
              "file_data": "data:text/plain;base64," + base64.b64encode(PRIVATE_KEY.encode()).decode()}]}]),
-        marks=pytest.mark.xfail(strict=True, reason="BYPASS: inline file_data (base64) is neither decoded "
-                                "for policy nor refused (masking/payload.py)")),
+        ),
     # Strings of >= 1024 base64-alphabet characters are skipped as binary blobs; an AWS key id is all
     # base64 alphabet, so a long run of letters and line breaks with one inside is never matched.
     "an aws key id inside a base64-looking text": pytest.param(
         ev(type="response.create", input="A" * 1100 + "\n" + AWS_KEY_ID + "\n"),
-        marks=pytest.mark.xfail(strict=True, reason="BYPASS: masking/payload.py _BASE64_BLOB skip: a text "
-                                ">= 1024 chars of [A-Za-z0-9+/\\n] is never read by policy")),
+        ),
     # The masking normalizer drops zero-width characters; policy matches the raw text.
     "a zero-width space in the pem header": pytest.param(
         ev(type="response.create", input=PRIVATE_KEY.replace("PRIVATE KEY", "PRIVATE\u200b KEY")),
-        marks=pytest.mark.xfail(strict=True, reason="BYPASS: policy text is not normalized (policy/rules.py "
-                                "MatchInput.text), unlike masking's (masking/normalize.py)")),
+        ),
 }
 
 
@@ -386,14 +383,15 @@ def test_a_fragmented_message_is_decided_whole(ws):
 
 
 @pytest.mark.parametrize("compression", ["deflate", None])
-def test_a_permessage_deflate_session_is_governed_like_a_plain_one(ws, compression):
+def test_a_client_offering_permessage_deflate_gets_a_plain_session_governed_the_same(ws, compression):
     ws.upstream.script = reply(f"write to {EMAIL}")
     with open_session(ws, compression=compression) as connection:
         connection.send(CARRIERS["instructions"])
         expect_blocked(connection)
         connection.send(ev(type="response.create", input="go"))
         events = receive(connection, {"response.completed"})
-    assert ws.upstream.upgrades[-1]["extensions"] == (["permessage-deflate"] if compression else [])
+    # The offer never reaches the upstream (a compressed frame would be inflated whole before the size limit).
+    assert ws.upstream.upgrades[-1]["extensions"] == []
     assert EMAIL not in text_of(events) and not ws.upstream.got(SECRET)
 
 
@@ -519,9 +517,6 @@ def test_a_binary_server_frame_is_refused_with_1011(ws):
     assert events[-1]["error"]["code"] == "gateway_internal_error" and EMAIL not in text_of(events)
 
 
-@pytest.mark.xfail(strict=True, reason="BYPASS: a server event's \"type\" is structural and never masked "
-                   "(masking/payload.py STRUCTURAL_KEYS); the SSE side masks event names that are not plain "
-                   "dotted words (masking/stream.py _PLAIN_NAME), the WebSocket side does not")
 def test_pii_in_a_server_events_type_is_masked(ws):
     ws.upstream.script = [ev(type=f"note.{EMAIL}", text="x"), completed()]
     with open_session(ws) as connection:
@@ -530,9 +525,6 @@ def test_pii_in_a_server_events_type_is_masked(ws):
     assert EMAIL not in text_of(events)
 
 
-@pytest.mark.xfail(strict=True, reason="BYPASS: any response end flushes and restarts EVERY open text stream "
-                   "(websocket/masking.py EventMasker._held_tails/_restart), not just the ending response's: "
-                   "another response's held tail goes out, its next delta starts a fresh stream")
 def test_pii_split_across_deltas_of_interleaved_responses_never_reaches_the_client(ws):
     # Realtime runs responses side by side (out-of-band ones): another response ending between two
     # deltas of the first must not let the first's held tail out.
@@ -558,10 +550,6 @@ def test_pii_split_across_deltas_of_interleaved_responses_never_reaches_the_clie
     assert EMAIL not in text_of(events) and EMAIL not in deltas and "jane.doe@exa" not in deltas
 
 
-@pytest.mark.xfail(strict=True, reason="BYPASS: another response's end restarts the text streams (masking: "
-                   "websocket/masking.py EventMasker._held_tails/_restart; key custody: key_custody.py "
-                   "_scrub_message drops the session's scrubber on any response end): the key's second half "
-                   "arrives in a fresh stream that no longer knows the first")
 def test_the_upstream_key_split_across_deltas_of_interleaved_responses_never_reaches_the_client(ws):
     half = len(UPSTREAM_KEY) // 2
 
@@ -589,10 +577,7 @@ def _escaped(text: str) -> str:
 
 
 @pytest.mark.parametrize("spelling", [
-    "in an unknown event", "in an error param",
-    pytest.param("json-escaped in an error param", marks=pytest.mark.xfail(
-        strict=True, reason="BYPASS: key_custody._scrub_message scrubs non-delta events as bytes only; a key "
-        "spelled with a JSON escape in a field masking skips (\"param\", \"id\", ...) reaches the client"))])
+    "in an unknown event", "in an error param", "json-escaped in an error param"])
 def test_the_upstream_key_echoed_in_a_server_event_never_reaches_the_client(ws, spelling):
     key = _escaped(UPSTREAM_KEY) if spelling.startswith("json-escaped") else UPSTREAM_KEY
     event = ('{"type":"x.redteam.echo","detail":{"k":"' + key + '"}}' if spelling == "in an unknown event" else
@@ -608,8 +593,6 @@ def test_the_upstream_key_echoed_in_a_server_event_never_reaches_the_client(ws, 
     assert UPSTREAM_KEY not in recorded_text(flow)
 
 
-@pytest.mark.xfail(strict=True, reason="BYPASS: the close frame's reason is relayed and recorded as the "
-                   "upstream sent it (mitmproxy WebsocketLayer.relay_messages; no hook scrubs or masks it)")
 @pytest.mark.parametrize("secret", ["key", "pii"])
 def test_the_key_or_pii_in_the_upstreams_close_reason_never_reaches_the_client_or_the_records(ws, secret):
     value = UPSTREAM_KEY if secret == "key" else EMAIL
@@ -624,8 +607,6 @@ def test_the_key_or_pii_in_the_upstreams_close_reason_never_reaches_the_client_o
     assert value not in recorded_text(flow)
 
 
-@pytest.mark.xfail(strict=True, reason="BYPASS: ping payloads are relayed to the other end and logged in "
-                   "full at info by mitmproxy (WebsocketLayer.relay_messages), without any hook")
 def test_the_upstream_key_in_a_server_ping_never_reaches_the_client_or_the_log(ws):
     ws.upstream.script = [("ping", f"k={UPSTREAM_KEY}".encode()), completed()]
     with open_session(ws) as connection:
@@ -636,8 +617,6 @@ def test_the_upstream_key_in_a_server_ping_never_reaches_the_client_or_the_log(w
     assert f"k={UPSTREAM_KEY}" not in ws.gateway.log()  # this ping's payload (other tests leave the key too)
 
 
-@pytest.mark.xfail(strict=True, reason="BYPASS: a client ping's payload goes to the upstream unrecorded "
-                   "and into the gateway's log in full (mitmproxy WebsocketLayer.relay_messages)")
 def test_pii_in_a_client_ping_is_neither_logged_nor_passed_unrecorded(ws):
     pinged = "ping.redteam@example.com"
     with open_session(ws) as connection:
@@ -691,6 +670,143 @@ def test_a_rule_added_while_a_session_is_open_governs_its_next_event(ws):
             time.sleep(0.1)
         assert last["type"] == "error" and "redteam-late-rule" in last["error"]["message"]
         probe(connection, ws)
+
+
+# ---- 6. websocket-hardening: close reasons, pings, structural fields, message size -----------------------------
+# (Before the last test of the module, which stops its gateway.)
+WITHHELD_REASON = "reason withheld by the gateway"
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # gateway_websocket_max_message_bytes' default
+
+
+@pytest.fixture
+def upstream_closes(ws, monkeypatch):
+    """The scripted upstream learns one more action, ("await_close",): it waits for the gateway's close frame
+    and notes its code and reason in the returned dict."""
+    seen: dict = {}
+    act = ws.upstream._act
+
+    async def acting(connection, action):
+        if action[0] != "await_close":
+            return await act(connection, action)
+        await connection.wait_closed()
+        seen.update(code=connection.close_code, reason=connection.close_reason)
+
+    monkeypatch.setattr(ws.upstream, "_act", acting)
+    return seen
+
+
+def _session_of(records: Path, marker: str, timeout: float = 10.0) -> dict:
+    return session_flow(records, marker, timeout)[1]
+
+
+def test_pii_in_the_clients_close_reason_never_reaches_the_upstream_or_the_records(ws, upstream_closes):
+    ws.upstream.script = [("await_close",)]
+    marker = "client-close-reason"
+    reason = f"bye {EMAIL}"
+    with open_session(ws) as connection:
+        connection.send(ev(type="response.create", input=marker))
+        connection.close(4001, reason)
+    deadline = time.monotonic() + 10
+    while not upstream_closes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert upstream_closes == {"code": 4001, "reason": WITHHELD_REASON}  # the code passes, the reason does not
+    flow, session = session_flow(ws.records, marker)
+    assert EMAIL not in recorded_text(flow) and flow.websocket.close_reason == WITHHELD_REASON
+    assert session["close_reason"] == {"from": "client", "bytes": len(reason),
+                                       "sha256": hashlib.sha256(reason.encode()).hexdigest()}
+    assert EMAIL not in ws.gateway.log()
+
+
+def test_the_upstreams_withheld_close_reason_is_audited_as_a_digest(ws):
+    reason = f"bad {UPSTREAM_KEY}"
+    ws.upstream.script = [("close", 4002, reason)]
+    marker = "close-reason digest"
+    with open_session(ws) as connection:
+        connection.send(ev(type="response.create", input=marker))
+        with pytest.raises(ConnectionClosed) as closed:
+            connection.recv(timeout=15)
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4002, WITHHELD_REASON)
+    session = _session_of(ws.records, marker)
+    assert session["close_reason"]["from"] == "upstream"
+    assert session["close_reason"]["sha256"] == hashlib.sha256(reason.encode()).hexdigest()
+    assert UPSTREAM_KEY not in json.dumps(audit_entries(ws.records))
+
+
+def test_a_clients_ping_is_answered_by_the_gateway_with_its_own_payload(ws):
+    # The client's keepalive matches the pong's payload: answered at once, the payload going nowhere else.
+    with open_session(ws) as connection:
+        for payload in (b"", b"\x00\xff keepalive", f"p {EMAIL}".encode()[:125]):
+            assert connection.ping(payload).wait(10)
+        probe(connection, ws)
+    assert f"p {EMAIL}" not in ws.gateway.log()
+
+
+def test_the_upstream_key_json_escaped_in_an_object_key_or_a_duplicate_never_reaches_the_client(ws):
+    escaped = _escaped(UPSTREAM_KEY)
+    ws.upstream.script = ['{"type":"x.redteam.keys","detail":{"' + escaped + '":1}}',
+                          '{"type":"error","error":{"code":"x","param":"' + escaped + '","param":null}}',
+                          completed()]
+    marker = "escaped key names"
+    with open_session(ws) as connection:
+        connection.send(ev(type="response.create", input=marker))
+        raws = []
+        while not raws or '"response.completed"' not in raws[-1]:
+            raws.append(connection.recv(timeout=15))
+    assert all(UPSTREAM_KEY not in json.dumps(json.loads(r, object_pairs_hook=list)) for r in raws)
+    flow, session = session_flow(ws.records, marker)
+    assert UPSTREAM_KEY not in recorded_text(flow) and session["key_echoes"] >= 2
+
+
+def test_the_upstream_key_json_escaped_in_a_server_events_type_never_reaches_the_client(ws):
+    ws.upstream.script = ['{"type":"x.' + _escaped(UPSTREAM_KEY) + '","text":"x"}', completed()]
+    with open_session(ws) as connection:
+        connection.send(ev(type="response.create", input="key-type-carrier"))
+        events = receive(connection, {"response.completed"})
+    assert UPSTREAM_KEY not in text_of(events) and len(events) == 2
+
+
+def _too_big(recv) -> tuple[list[dict], ConnectionClosed]:
+    events = []
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            events.append(json.loads(recv(timeout=15)))
+    return events, closed.value
+
+
+def test_a_client_message_over_the_size_limit_is_refused_with_1009_never_relayed(ws):
+    marker = "oversized-client"
+    with open_session(ws) as connection:
+        connection.send(ev(type="response.create", input=marker))
+        receive(connection, {"response.completed"})
+        connection.send(ev(type="response.create", input=f"{marker}-big " + "a" * MAX_MESSAGE_BYTES))
+        events, closed = _too_big(connection.recv)
+    assert [e["error"]["code"] for e in events] == ["gateway_message_too_large"]
+    assert closed.rcvd is not None and closed.rcvd.code == 1009
+    assert not ws.upstream.got(f"{marker}-big")
+    flow, session = session_flow(ws.records, marker)
+    assert session["close_code"] == 1009 and session["failed"].startswith("size_limit")
+    assert session["ended_by"] == "gateway" and session["messages_from_client"] == 2
+    refused = flow.websocket.messages[-2] if not flow.websocket.messages[-1].from_client else \
+        flow.websocket.messages[-1]
+    assert refused.from_client and refused.dropped and json.loads(refused.content)["limit"] == MAX_MESSAGE_BYTES
+
+
+def test_a_server_message_over_the_size_limit_is_refused_with_1009_never_relayed(ws):
+    marker = "oversized-server"
+    big = ev(type="response.output_text.delta", item_id="m", output_index=0, content_index=0,
+             delta=f"big {EMAIL} " + "b" * MAX_MESSAGE_BYTES)
+    ws.upstream.script = [ev(type="response.created", response={"id": "rbig", "status": "in_progress"}), big,
+                          completed("rbig")]
+    with open_session(ws) as connection:
+        connection.send(ev(type="response.create", input=marker))
+        events, closed = _too_big(connection.recv)
+    assert [e["type"] for e in events] == ["response.created", "error"]
+    assert events[-1]["error"]["code"] == "gateway_message_too_large"
+    assert closed.rcvd is not None and closed.rcvd.code == 1009
+    flow, session = session_flow(ws.records, marker)
+    assert session["close_code"] == 1009 and session["failed"].startswith("size_limit: a message from the upstream")
+    assert EMAIL not in recorded_text(flow) and not any(len(m.content) > MAX_MESSAGE_BYTES
+                                                        for m in flow.websocket.messages)
 
 
 # Last in the module: it stops the module's gateway (run alone, it starts its own through the fixture).

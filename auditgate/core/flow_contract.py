@@ -210,6 +210,7 @@ class WebSocketRecord(TypedDict, total=False):
     close_code: int  # the close code the gateway sent, when it closed the session
     current_own: list  # [message count, "error" | "release" | None]: the latest message, once recognised
     audio_from: int  # messages before this one have their audio digested for the record (flow_recorder)
+    close_reason: dict  # a peer's close reason, withheld: {from: client|upstream, sha256, bytes} (never the text)
 
 
 WEBSOCKET: FlowKey[WebSocketRecord] = FlowKey(

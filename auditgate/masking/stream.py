@@ -235,6 +235,12 @@ class SseParser:
 # they cannot carry an address, a number or a key. Any other name is masked like text.
 _PLAIN_NAME = re.compile(r"[a-z_]{1,64}(?:\.[a-z_]{1,64}){0,8}")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def is_plain_event_name(name: str) -> bool:
+    """An event name that cannot carry personal data or a key (dotted lowercase words): passed unmasked."""
+    return _PLAIN_NAME.fullmatch(name) is not None
+
 # Characters some SSE clients take for line ends (Python's str.splitlines does): inside a JSON string
 # they are written escaped, so no client can cut a data line there.
 _JSON_LINE_SEPARATORS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}

@@ -110,6 +110,42 @@ class KeyEchoes:
         return merged
 
 
+def scrub_json(echoes: KeyEchoes, data: bytes) -> tuple[bytes, int]:
+    """A JSON document with the keys taken out of every string in it, object keys too, as its reader sees
+    them: a key spelled with JSON escapes (``\\u0073k-...``) is found once they are decoded. Every member
+    of an object counts, a duplicate name's earlier values too. Unchanged (and 0) when ``data`` is not JSON or
+    holds no key; otherwise written again (a duplicate name keeps its last value, as readers take it)."""
+    try:
+        document = json.loads(data, object_pairs_hook=_Members)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return data, 0
+    found = [0]
+
+    def walk(value):
+        if isinstance(value, str):
+            text, n = echoes.scrub_text(value)
+            found[0] += n
+            return text
+        if isinstance(value, _Members):
+            return {walk(name): walk(member) for name, member in value}
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        return value
+
+    scrubbed = walk(document)
+    if not found[0]:
+        return data, 0
+    text = json.dumps(scrubbed, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode(), found[0]
+    except UnicodeEncodeError:  # a lone surrogate, valid only escaped
+        return json.dumps(scrubbed, separators=(",", ":")).encode(), found[0]
+
+
+class _Members(list):
+    """An object's members as read, in order, duplicates kept."""
+
+
 class ByteStreamScrubber:
     """Scrubs a body that passes in chunks: a key split over two chunks is still found.
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from auditgate.core.strict_json import loads_strict
+
 # The paths a WebSocket upgrade may go to (after any base path): everything else stays refused.
 ENDPOINTS = {"responses": "responses", "realtime": "realtime"}
 
@@ -40,12 +42,16 @@ def endpoint_of(path: str) -> str | None:
     return ENDPOINTS.get(last) if path.count("/") >= 1 else None
 
 
-def parse(content: bytes, is_text: bool = True) -> dict:
-    """The event a message holds; NotAnEvent when it holds none (binary, not JSON, no type)."""
+def parse(content: bytes, is_text: bool = True, *, strict: bool = False) -> dict:
+    """The event a message holds; NotAnEvent when it holds none (binary, not JSON, no type).
+
+    strict (client events, before policy): duplicate keys are refused, since policy would read one value
+    and the upstream, with a first-wins parser, another. Server events are read leniently: every reader of
+    them (masking, key custody) re-reads all members itself."""
     if not is_text:
         raise NotAnEvent("a binary message")
     try:
-        event = json.loads(content)
+        event = loads_strict(content) if strict else json.loads(content)
     except (ValueError, UnicodeDecodeError):
         raise NotAnEvent("a message that is not JSON") from None
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):

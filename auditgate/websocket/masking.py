@@ -21,7 +21,11 @@ from collections.abc import Callable
 
 from auditgate.masking.engine import Span
 from auditgate.masking.payload import mask_leaves
-from auditgate.masking.stream import SseStreamMasker, TextStreamMasker
+from auditgate.masking.stream import (
+    SseStreamMasker,
+    TextStreamMasker,
+    is_plain_event_name,
+)
 from auditgate.websocket.events import AUDIO_FIELDS, RESPONSE_END_EVENTS, response_id_of
 
 # More text streams than this open at once and the masker starts afresh (a session that never ends a response).
@@ -72,6 +76,11 @@ class EventMasker:
     def mask(self, event: dict) -> list[dict]:
         """The events to send for ``event`` (a dict with a string "type"), in order (see the module doc)."""
         kind = event["type"]
+        if not is_plain_event_name(kind):
+            # As the SSE side masks event names: a type that is not dotted words is masked like any text
+            # (an API's own types always are dotted words, so a known event is never renamed).
+            event = dict(event, type=self._whole(kind, "event.type"))
+            kind = event["type"]
         self.response_messages += 1
         audio_field = AUDIO_FIELDS.get(kind)
         if audio_field is not None and isinstance(event.get(audio_field), str):
