@@ -35,7 +35,7 @@ from auditgate.audit.chain import (
 from auditgate.audit.entries import (
     flow_fields,
     intent_fields,
-    read_rules_digests,
+    read_rules_state,
     rules_signature,
 )
 from auditgate.audit.errors import describe
@@ -378,11 +378,8 @@ class AuditLog:
         signature = rules_signature(directory)
         if not force and signature == self._rules_signature:
             return
-        # Built from strings only; not passed through json_safe, which would drop a file named like a credential.
-        digests, unreadable = read_rules_digests(directory)
-        fields = {"reason": "start" if force else "changed", "rules_dir": str(directory), "files": digests}
-        if unreadable:
-            fields["unreadable"] = unreadable  # in the directory but not readable: what the gateway saw, said
+        # File digests, and per rule of policy.yaml (which rules an edit added, removed or changed).
+        fields = read_rules_state(directory).config_fields("start" if force else "changed", directory)
         self.writer.append("config", fields, sanitized=True)
         self._rules_signature = signature  # only once written: a failed write is tried again
 

@@ -185,12 +185,15 @@ def reverse_route(request, monkeypatch, ws_rules, ws_upstreams, confdir) -> Rout
 
 @pytest.fixture
 def websocket_transport():
-    """The Agents SDK's one-line switch, put back to its default (HTTP) afterwards whatever happens."""
+    """The Agents SDK's one-line switch (process-wide), put back as it was afterwards whatever happens."""
+    from agents.models._openai_shared import get_default_openai_responses_transport
+
+    before = get_default_openai_responses_transport()
     agents.set_default_openai_responses_transport("websocket")
     try:
         yield
     finally:
-        agents.set_default_openai_responses_transport("http")
+        agents.set_default_openai_responses_transport(before)
 
 
 def _assert_key_custody(route: Route) -> None:

@@ -19,6 +19,7 @@ SECTIONS = {
     "websocket": "WebSocket sessions",
     "outcome-unknown": "Forwarded, outcome unknown",
     "findings": "Verifier findings",
+    "self-check": "How to check these records yourself",
     "cannot-show": "What this pack cannot show",
 }
 
@@ -73,9 +74,13 @@ def test_the_html_pack_over_two_instances_reads_as_tables_without_none_or_json(t
     assert "alice" in attempts and "approve" in attempts and "self_approval_refused" in attempts
     config = browser.find_element(By.ID, "config-changes-table").text
     assert "policy.yaml" in config and "sha256:1111111111111111… → sha256:3333333333333333…" in config
-    assert "hold-exports, new-rule" in config
+    assert "added: new-rule; changed: hold-exports" in config
     websocket = {row.find_elements(By.TAG_NAME, "td")[0].text: row.find_elements(By.TAG_NAME, "td")[1].text
                  for row in browser.find_elements(By.CSS_SELECTOR, "#websocket-table tbody tr")}
     assert websocket["sessions"] == "2" and websocket["messages blocked"] == "2" and websocket["messages masked"] == "4"
     unknown = browser.find_element(By.ID, "outcome-unknown-table").text
     assert unknown.count("lost-1") == 2 and "bob" in unknown
+    check = browser.find_element(By.ID, "self-check")
+    commands = [pre.text for pre in check.find_elements(By.TAG_NAME, "pre")]
+    assert len(commands) == 2 and "rfc8785.dumps" in commands[0] and "openssl pkeyutl -verify" in commands[1]
+    assert "RFC 8785" in check.find_element(By.TAG_NAME, "p").text

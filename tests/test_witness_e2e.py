@@ -29,7 +29,8 @@ def _witness_addon_args() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def upstream():
+def witness_upstream():
+    """This module's own upstream (not conftest's shared, per-test reset `upstream`, whose name it once shadowed)."""
     server = FakeOpenAIServer(FakeOpenAI(reply_text="Witnessed answer.")).start()
     yield server
     server.stop()
@@ -73,11 +74,11 @@ def _served(client):
 
 
 def test_checkpoints_reach_both_witnesses_refusals_while_neither_takes_them_and_a_restored_copy_cannot_start(
-        tmp_path, rules_and_callers, confdir, upstream, endpoint, capsys):
+        tmp_path, rules_and_callers, confdir, witness_upstream, endpoint, capsys):
     rules, callers = rules_and_callers
     records, witness_dir = tmp_path / "records", tmp_path / "witness-volume"
     url = f"http://127.0.0.1:{endpoint.server_port}/witness"
-    gateway = _gateway(tmp_path, "gw", rules, confdir, upstream, records, f"dir:{witness_dir},{url}",
+    gateway = _gateway(tmp_path, "gw", rules, confdir, witness_upstream, records, f"dir:{witness_dir},{url}",
                        "--set", "gateway_audit_checkpoint_entries=2", "--set", "gateway_audit_checkpoint_seconds=1",
                        "--set", "gateway_witness_max_lag=1").start()
     try:

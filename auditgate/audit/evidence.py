@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import html
 import json
+import shlex
 from collections import Counter
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 from auditgate.approval.rules import normalized_name
+from auditgate.audit.chain import AUDIT_SUBDIR, PUBLIC_KEY_FILE
 from auditgate.audit.verify import Located, VerifyResult, verify
 from auditgate.core.private_files import private_dir, write_private_atomically
 
@@ -45,6 +47,10 @@ CANNOT_SHOW = [
     "Whether a rules change was authorised: the log shows the digest of every rules file in force and when it "
     "changed, not who changed it.",
 ]
+
+
+NO_SELF_CHECK = ("These records hold no format 2 checkpoint to show the commands on; see the auditors' guide for "
+                 "recomputing an entry's hash and checking a signature without auditgate.")
 
 
 class EvidenceError(ValueError):
@@ -226,43 +232,78 @@ def _approvals(events: list[_Entry]) -> tuple[list[dict], list[dict]]:
 
 
 def _config_changes(configs: list[_Entry], earlier: dict[str, _Entry]) -> list[dict]:
-    """Per rules file: when it changed, its old and new digest, and which rule ids changed where recorded.
+    """Per rules file: when it changed, its old and new digest, and which rule ids were added, removed or changed
+    where the entries record a digest per rule (`rule_digests`, policy.yaml since format 2's config entries).
 
     `earlier` holds each instance's configuration entry before the period (what the first change is from)."""
     rows = []
     previous = dict(earlier)
     for item in configs:
-        files = item.entry.get("files") if isinstance(item.entry.get("files"), dict) else {}
+        files = _mapping(item.entry.get("files"))
         before_item = previous.get(item.instance)
-        before = before_item.entry.get("files") if before_item and isinstance(before_item.entry.get("files"), dict) else {}
-        rules_now = item.entry.get("rule_digests") if isinstance(item.entry.get("rule_digests"), dict) else {}
-        rules_before = (before_item.entry.get("rule_digests") if before_item and
-                        isinstance(before_item.entry.get("rule_digests"), dict) else {})
+        before = _mapping(before_item.entry.get("files")) if before_item else {}
         for name in sorted(set(files) | set(before)):
             old, new = before.get(name), files.get(name)
             if old == new and before_item is not None:
                 continue
+            rules = _rule_changes(before_item.entry if before_item else None, item.entry, name)
             rows.append({"instance": item.instance, "time": _iso(item.entry.get("time")), "file": str(name),
                          "old": _short(old) if before_item is not None else "(first record)",
                          "new": _short(new) if new else "(removed)",
-                         "reason": _text(item.entry.get("reason")),
-                         "rules_changed": _changed_rules(rules_before.get(name), rules_now.get(name)),
-                         "entry": item.ref})
+                         "reason": _text(item.entry.get("reason")), **rules, "entry": item.ref})
         previous[item.instance] = item
     return rows
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _short(digest) -> str:
     return f"sha256:{digest[:16]}…" if isinstance(digest, str) and digest else "(none)"
 
 
-def _changed_rules(before, after) -> str:
-    """Rule ids added, removed or changed, when the entries record a digest per rule (else: not recorded)."""
-    if not isinstance(after, dict) and not isinstance(before, dict):
-        return "not recorded"
-    before, after = before if isinstance(before, dict) else {}, after if isinstance(after, dict) else {}
-    changed = sorted(str(r) for r in set(before) | set(after) if before.get(r) != after.get(r))
-    return ", ".join(changed) or "none"
+def _rule_changes(before: dict | None, after: dict, name: str) -> dict:
+    """The rule ids (and top-level settings) of one file that an edit added, removed or changed, from the per-rule
+    digests of the config entries before and after it; `rules_changed` says it in words for the tables."""
+    now = _mapping(_mapping(after.get("rule_digests")).get(name))
+    unparsed = _mapping(after.get("rules_unparsed")).get(name)
+    had_rules = before is not None and name in _mapping(before.get("rule_digests"))
+    if unparsed is not None:
+        return {"rules_changed": f"not readable as rules ({_text(unparsed)}); the gateway keeps the rules it had"}
+    if name not in _mapping(after.get("files")):
+        gone = sorted(map(str, _mapping(_mapping(before.get("rule_digests")).get(name)))) if had_rules else []
+        return {"rules_changed": f"file removed (its rules: {', '.join(gone)})" if gone else "file removed",
+                "rules_removed": gone}
+    if not now and not had_rules:
+        recorded = "rule_digests" in after or (before is not None and "rule_digests" in before)
+        is_rule_list = name in _RULE_LIST_FILES
+        return {"rules_changed": "not recorded" if is_rule_list and not recorded else "—"}
+    if before is None:
+        return {"rules_changed": f"first record: {len(now)} rule(s)", "rules_added": sorted(map(str, now))}
+    then = _mapping(_mapping(before.get("rule_digests")).get(name))
+    if not had_rules:  # the entry before did not record its rules (an older gateway, or the file did not parse)
+        return {"rules_changed": f"{len(now)} rule(s) now; the rules before were not recorded"}
+    added = sorted(str(r) for r in set(now) - set(then))
+    removed = sorted(str(r) for r in set(then) - set(now))
+    changed = sorted(str(r) for r in set(now) & set(then) if now[r] != then[r])
+    settings_now = _mapping(_mapping(after.get("setting_digests")).get(name))
+    settings_then = _mapping(_mapping(before.get("setting_digests")).get(name))
+    settings = sorted(str(k) for k in set(settings_now) | set(settings_then) if settings_now.get(k) != settings_then.get(k))
+    parts = [f"{label}: {', '.join(ids)}" for label, ids in
+             (("added", added), ("removed", removed), ("changed", changed), ("settings changed", settings)) if ids]
+    order_now = _mapping(after.get("rule_order")).get(name)
+    order_then = _mapping(before.get("rule_order")).get(name)
+    reordered = (isinstance(order_now, list) and isinstance(order_then, list)  # the rules in both, in another order
+                 and [r for r in order_now if r in then] != [r for r in order_then if r in now])
+    if reordered:
+        parts.append("order of the rules changed")  # first match wins: a reordering changes decisions
+    return {"rules_changed": "; ".join(parts) or "none (layout or comments only)", "rules_added": added,
+            "rules_removed": removed, "rules_modified": changed, "settings_changed": settings,
+            "order_changed": reordered}
+
+
+_RULE_LIST_FILES = ("policy.yaml",)  # auditgate.audit.entries.RULE_LIST_FILES (not imported: entries needs the core)
 
 
 def _int(value) -> int:
@@ -389,7 +430,7 @@ def build_evidence(results: VerifyResult | list[VerifyResult], date_from: str | 
         "flows_with_masking": len(masked_flows),
         "config_in_force_per_instance": [
             {"instance": name, "entry": i.ref, "time": _iso(i.entry.get("time")),
-             "files": {str(k): str(v) for k, v in (i.entry.get("files") or {}).items()}}
+             "files": {str(k): v for k, v in _mapping(i.entry.get("files")).items() if isinstance(v, str)}}
             for name, i in sorted(in_force.items())],
         "checkpoints": len(checkpoints),
         "signing_keys": sorted({_text(i.entry.get("key_id")) for i in checkpoints}),
@@ -437,7 +478,53 @@ def build_evidence(results: VerifyResult | list[VerifyResult], date_from: str | 
             "records_dirs": [r.records_dir for r in results], "records_dir": ", ".join(r.records_dir for r in results),
             "period": period, "controls": controls, "figures": figures, "tables": tables,
             "timeline": _timeline([i.entry for i in flows]), "verification": verification,
-            "cannot_show": CANNOT_SHOW}
+            "self_check": _self_check(names, results), "cannot_show": CANNOT_SHOW}
+
+
+SELF_CHECK_TEXT = (
+    "Nothing below needs auditgate. Each line of an audit file is one entry; its hash is the SHA-256 of the entry "
+    "without its hash member, written as RFC 8785 (JCS) canonical JSON. A checkpoint signs, with Ed25519, the text "
+    "auditgate-audit-checkpoint:v1:SEQ:HASH, where SEQ and HASH are the sequence number and hash of the entry "
+    "before it. The first command recomputes the hash of one entry of these records with Python and the rfc8785 "
+    "package (pip install rfc8785): it prints True and that hash, which is the HASH the second command checks the "
+    "checkpoint's signature of with OpenSSL 3 (it prints \u201cSignature Verified Successfully\u201d). Use a copy of "
+    "the public key obtained from the operator, not only the one in the records directory; auditgate verify "
+    "--pubkey checks every entry the same way.")
+
+
+def _self_check(names: list[str], results: list[VerifyResult]) -> dict | None:
+    """The commands an auditor runs to recompute one entry's hash and check the signature over it with standard
+    tools, filled in with the newest format 2 checkpoint of the first instance that has one, and the entry it signs."""
+    for name, result in zip(names, results):
+        by_seq = {l.seq: l for l in result.log if isinstance(l.seq, int)}
+        checkpoint = next((l for l in reversed(result.log) if l.entry.get("kind") == "checkpoint"
+                           and l.entry.get("v") is not None and isinstance(l.entry.get("signed_seq"), int)
+                           and isinstance(l.entry.get("signed_hash"), str) and isinstance(l.entry.get("signature"), str)
+                           and l.entry["signed_seq"] in by_seq and by_seq[l.entry["signed_seq"]].entry.get("v")), None)
+        if checkpoint is None:
+            continue
+        entry = checkpoint.entry
+        signed = by_seq[entry["signed_seq"]]
+        audit_dir = Path(result.records_dir).absolute() / AUDIT_SUBDIR  # the commands run from anywhere
+        hash_command = "\n".join([
+            f"python3 - {shlex.quote(str(audit_dir / signed.file))} <<'PY'",
+            "import hashlib, json, sys, rfc8785",
+            f"entry = json.loads(open(sys.argv[1], 'rb').read().splitlines()[{signed.line - 1}])",
+            "claimed = entry.pop('hash')",
+            "digest = hashlib.sha256(rfc8785.dumps(entry)).hexdigest()",
+            "print(digest == claimed, digest)",
+            "PY"])
+        message = f"auditgate-audit-checkpoint:v1:{entry['signed_seq']}:{entry['signed_hash']}"
+        signature_command = "\n".join([
+            f"printf '%s' {shlex.quote(message)} > msg.bin",
+            f"printf '%s' {shlex.quote(entry['signature'])} | base64 -d > sig.bin",
+            f"openssl pkeyutl -verify -pubin -inkey {shlex.quote(str(audit_dir / PUBLIC_KEY_FILE))} -rawin "
+            "-in msg.bin -sigfile sig.bin"])
+        return {"instance": name, "seq": signed.seq, "checkpoint_seq": checkpoint.seq, "text": SELF_CHECK_TEXT,
+                "where": (f"{name}, seq {signed.seq} (line {signed.line} of {signed.file}), signed by the checkpoint "
+                          f"at seq {checkpoint.seq}"),
+                "commands": [hash_command, signature_command]}
+    return None
 
 
 def _unique_names(results: list[VerifyResult]) -> list[str]:
@@ -513,7 +600,8 @@ def _controls(f: dict, t: dict, v: dict, several: bool) -> list[dict]:
                    f"{', '.join(k[:16] for k in f['signing_keys']) or 'none'}; key rotations: {len(f['key_rotations'])}.",
                    "Configuration in force: " + ("; ".join(
                        f"{c['instance']}: " + ", ".join(f"{n} sha256:{d[:16]}…" for n, d in c["files"].items())
-                       + f" (recorded at {c['entry']})" for c in f["config_in_force_per_instance"]) or "not recorded")
+                       + f" (recorded at {refs_text([c['entry']], several)})"
+                       for c in f["config_in_force_per_instance"]) or "not recorded")
                    + f"; {len(t['config_changes'])} file change(s) recorded in the period ({refs('config')})."],
     }
     return [{"id": cid, "title": title, "iso27001_2013": old, "evidence": evidence[cid]} for cid, title, old in CONTROLS]
@@ -630,6 +718,14 @@ def render_markdown(pack: dict) -> str:
     out += [f"| {b['start']} | {b['served']} | {b['refused']} | {b['failed']} |" for b in pack["timeline"]["buckets"]]
     out += ["", "## Verifier findings", ""]
     out += table(FINDING_HEADERS, _finding_rows(v)) if v["findings"] else ["none", ""]
+    out += ["## How to check these records yourself", ""]
+    check = pack.get("self_check")
+    if check:
+        out += [check["text"] + f" The entry: {check['where']}.", ""]
+        for command in check["commands"]:
+            out += ["```bash", command, "```", ""]
+    else:
+        out += [NO_SELF_CHECK, ""]
     out += ["## What this pack cannot show", ""]
     out += [f"- {line}" for line in pack["cannot_show"]]
     return "\n".join(out) + "\n"
@@ -728,13 +824,19 @@ def render_html(pack: dict) -> str:
         [[a, str(b), c] for a, b, c in _websocket_rows(pack["figures"]["websocket"], several)])))
     body.append(section("findings", "Verifier findings", table("findings-table", FINDING_HEADERS, _finding_rows(v))
                         if v["findings"] else '<p class="empty">none</p>'))
+    check = pack.get("self_check")
+    body.append(section("self-check", "How to check these records yourself", (
+        f"<p>{e(check['text'])} The entry: {e(check['where'])}.</p>"
+        + "".join(f"<pre><code>{e(command)}</code></pre>" for command in check["commands"]))
+        if check else f'<p class="empty">{e(NO_SELF_CHECK)}</p>'))
     body.append(section("cannot-show", "What this pack cannot show",
                         "<ul>" + "".join(f"<li>{e(line)}</li>" for line in pack["cannot_show"]) + "</ul>"))
     style = ("body{font-family:sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
              "table{border-collapse:collapse;margin:.5rem 0}"
              "th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top;font-size:.85rem}"
              "th{background:#f0f0f0}.verdict{border-left:.4rem solid;padding:.5rem 1rem;background:#fafafa}"
-             "small{color:#666;font-weight:normal}.empty{color:#555;font-style:italic}")
+             "small{color:#666;font-weight:normal}.empty{color:#555;font-style:italic}"
+             "pre{background:#f6f6f6;padding:.5rem;overflow-x:auto;font-size:.8rem}")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>AI gateway evidence pack</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 

@@ -63,7 +63,7 @@ class Located:
 
     @property
     def where(self) -> str:
-        return f"{self.file}:{self.line} (seq {self.seq})"
+        return f"{self.file}:{self.line} (seq {_shown(self.seq, 'missing')})"
 
 
 @dataclass
@@ -121,8 +121,9 @@ class VerifyResult:
     def summary(self) -> str:
         lines = [f"auditgate verify: {self.records_dir}"]
         if self.files:
+            span = f"seq {self.first_seq}..{self.last_seq}" if self.entries else "no readable entry"
             lines.append(f"  audit log: {len(self.files)} file(s), {self.entries} entries "
-                         f"(seq {self.first_seq}..{self.last_seq}), {self.checkpoints} checkpoint(s)")
+                         f"({span}), {self.checkpoints} checkpoint(s)")
         lines.append(f"  trusted key(s): {', '.join(k[:16] for k in self.anchors) or 'none'} ({self.anchor_source})")
         lines.append(f"  signed: entries up to seq {self.signed_upto} are covered by a checkpoint signed with a trusted key")
         what = ("every recorded field" if self.format_versions == [FORMAT_VERSION] else
@@ -287,7 +288,8 @@ def _acknowledgement(files: dict[str, dict], names: list[str], position: int, re
                 or note.get("partial_sha256") not in (None, digest)):
             result.add(FAILED, "modified", name, first.seq,
                        f"the file no longer ends as the restart at {first.where} recorded "
-                       f"({note.get('valid_size')} + {note.get('partial_bytes')} bytes): it was changed since")
+                       f"({_shown(note.get('valid_size'))} + {_shown(note.get('partial_bytes'))} bytes): it was "
+                       "changed since")
         return True
     return False
 
@@ -324,7 +326,8 @@ def _check_signatures(result: VerifyResult, anchors: list[Ed25519PublicKey]) -> 
         if entry.get("signed_seq") != seq - 1 or entry.get("signed_hash") != entry.get("prev"):
             result.add(FAILED, "forged", located.where, seq, "the checkpoint does not sign the entry before it")
         elif key is None:
-            result.add(FAILED, "forged", located.where, seq, f"signed with key {str(signer)[:16]}, which no entry declares")
+            result.add(FAILED, "forged", located.where, seq,
+                       f"signed with key {_shown(signer, 'not named')[:16]}, which no entry declares")
         elif not verify_signature(key, str(entry.get("signature")),
                                   checkpoint_message(entry["signed_seq"], entry["signed_hash"])):
             result.add(FAILED, "forged", located.where, seq, "the checkpoint's signature does not verify: forged or altered")
@@ -413,7 +416,8 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
         result.flow_entries += 1
         name, flow_id = entry.get("flow_file"), entry.get("flow_id")
         name = name if isinstance(name, str) else None  # an entry edited to hold anything else fails below
-        flow_id = flow_id if isinstance(flow_id, str) else repr(flow_id)
+        flow_id = flow_id if isinstance(flow_id, str) else repr(flow_id)  # the key records are matched by
+        shown_id, shown_file = _shown(entry.get("flow_id"), "(no flow id)"), name or "its flow file (none named)"
         candidates = unconsumed.get((name, flow_id), [])
         wanted = (entry.get("request_sha256"), entry.get("response_sha256"))
         audited = entry.get("record") if isinstance(entry.get("record"), dict) else None
@@ -433,12 +437,12 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
             candidates.remove(late_error)
             result.flows_matched += 1
             result.add(NOTE, "error after the entry", located.where, located.seq,
-                       f"flow {flow_id} in {name}: mitmproxy noted an error on it after its entry was written (the "
+                       f"flow {shown_id} in {shown_file}: mitmproxy noted an error on it after its entry was written (the "
                        "client left while the reply was being sent); every other field matches")
         elif candidates and flow_id in withheld:
             candidates.pop(0)
             result.add(NOTE, "reply withheld", located.where, located.seq,
-                       f"flow {flow_id}: its reply was withheld (its entry could not be made durable); the record "
+                       f"flow {shown_id}: its reply was withheld (its entry could not be made durable); the record "
                        "holds what the caller got instead")
         elif candidates and audited is not None:
             nearest = min(candidates, key=lambda r: len(differing_fields(audited, r.record or {})))
@@ -447,7 +451,7 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
             named = ", ".join(fields) if fields else "the record (its field digests in the entry were edited)"
             verb = "differs" if len(fields) <= 1 else "differ"
             result.add(FAILED, "flow modified", located.where, located.seq,
-                       f"flow {flow_id} in {name}: {named} {verb} from its audit entry")
+                       f"flow {shown_id} in {shown_file}: {named} {verb} from its audit entry")
         elif candidates:
             record = candidates[0]
             if entry.get("v", 1) != 1:
@@ -455,42 +459,43 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
             else:
                 which = "request" if record.request_sha256 != wanted[0] else "response"
                 message = f"the recorded {which} body does not match the audited digest"
-            result.add(FAILED, "flow modified", located.where, located.seq, f"flow {flow_id} in {name}: {message}")
+            result.add(FAILED, "flow modified", located.where, located.seq, f"flow {shown_id} in {shown_file}: {message}")
         elif flow_id in lost:
             report, reason = lost[flow_id]
             result.flows_lost_reported += 1
             refused = entry.get("refusal") if isinstance(entry.get("refusal"), dict) else None
             if refused:
                 result.add(NOTE, "record lost (reported)", located.where, located.seq,
-                           f"flow {flow_id} was refused ({refused.get('code')}) and its record never reached "
-                           f"{name}; the gateway reported the loss at {report}: {reason}")
+                           f"flow {shown_id} was refused ({_shown(refused.get('code'))}) and its record never reached "
+                           f"{shown_file}; the gateway reported the loss at {report}: {reason}")
             else:
                 result.add(INCOMPLETE, "record lost (reported)", located.where, located.seq,
-                           f"flow {flow_id} was served but its record never reached {name}; the gateway reported "
+                           f"flow {shown_id} was served but its record never reached {shown_file}; the gateway reported "
                            f"the loss itself at {report} ({reason}): not tampering, but its bodies cannot be checked")
         elif name is None:
-            result.add(FAILED, "flow missing", located.where, located.seq, f"flow {flow_id} names no flow file")
+            result.add(FAILED, "flow missing", located.where, located.seq, f"flow {shown_id} names no flow file")
         elif located.seq in crash_window:
             result.add(INCOMPLETE, "flow lost in crash", located.where, located.seq,
-                       f"flow {flow_id} is not in {name}: the gateway is still running, or "
+                       f"flow {shown_id} is not in {shown_file}: the gateway is still running, or "
                        "stopped (a crash) before writing it")
         else:
-            missing = "is missing" if name not in flow_files else f"has no flow {flow_id}"
+            missing = "is missing" if name not in flow_files else f"has no flow {shown_id}"
             result.add(FAILED, "flow missing", located.where, located.seq,
                        f"flow file {name} {missing}: the flow record was removed or replaced")
     for records in unconsumed.values():
         for record in records:
             where = f"{record.file}@{record.offset}"
+            record_id = record.flow_id if record.flow_id != "None" else "(no flow id)"  # a record without its id
             if record.refusal_code in REFUSED_UNAVAILABLE:
                 result.add(NOTE, "refused unaudited", where, None,
-                           f"flow {record.flow_id} was refused with 503 ({record.refusal_code}) while the gateway "
+                           f"flow {record_id} was refused with 503 ({record.refusal_code}) while the gateway "
                            "could not audit or record it")
             elif record.flow_id in acknowledged:
                 result.add(INCOMPLETE, "known gap", where, None,
-                           f"flow {record.flow_id} was served while the audit log failed; the log says so")
+                           f"flow {record_id} was served while the audit log failed; the log says so")
             else:
                 result.add(FAILED, "unaudited flow", where, None,
-                           f"flow {record.flow_id} has no audit entry: its entry was removed")
+                           f"flow {record_id} has no audit entry: its entry was removed")
 
 
 def _late_error(audited: dict, candidates: list[FlowRecord]) -> FlowRecord | None:
@@ -521,8 +526,8 @@ def _check_intents(result: VerifyResult) -> None:
             if intent is None or intent.entry.get("flow_id") != entry.get("flow_id"):
                 if result.first_seq is not None and result.first_seq <= reference:
                     result.add(FAILED, "bad intent reference", located.where, located.seq,
-                               f"flow {entry.get('flow_id')} names seq {reference} as its intent, which is not the "
-                               "intent entry of that flow")
+                               f"flow {_shown(entry.get('flow_id'), '(no flow id)')} names seq {reference} as its "
+                               "intent, which is not the intent entry of that flow")
                 continue
             answered.add(reference)
     result.intents = len(intents)
@@ -532,8 +537,26 @@ def _check_intents(result: VerifyResult) -> None:
         result.outcome_unknown += 1
         entry = located.entry
         result.add(INCOMPLETE, OUTCOME_UNKNOWN, located.where, seq,
-                   f"flow {entry.get('flow_id')} ({entry.get('method')} {entry.get('host')}{entry.get('path')}): "
+                   f"flow {_shown(entry.get('flow_id'), '(no flow id)')} ({_request_line(entry)}): "
                    "forwarded, outcome unknown (gateway stopped): its intent has no outcome entry")
+
+
+def _request_line(entry: dict) -> str:
+    """"POST api.openai.com/v1/responses" from an intent entry, leaving out what it does not say."""
+    method, host, path = (entry.get(k) if isinstance(entry.get(k), (str, int)) and entry.get(k) != "" else None
+                          for k in ("method", "host", "path"))
+    target = f"{host or ''}{path or ''}" if host or path else None
+    line = " ".join(str(part) for part in (method, target) if part is not None)
+    return line or "request not recorded"
+
+
+def _shown(value, missing: str = "not recorded") -> str:
+    """A value in a finding an auditor reads: never "None", never a raw dict or list."""
+    if value is None or value == "":
+        return missing
+    if isinstance(value, (dict, list, tuple)):
+        return f"({type(value).__name__} in place of a value)"
+    return str(value)
 
 
 def _list(value) -> list:
@@ -551,7 +574,8 @@ def _reported_losses(result: VerifyResult) -> dict[str, tuple[str, str]]:
             continue
         for item in _list(located.entry.get("flows")):
             if isinstance(item, dict) and item.get("flow_id") is not None:
-                lost.setdefault(str(item["flow_id"]), (located.where, str(located.entry.get("reason"))))
+                lost.setdefault(str(item["flow_id"]), (located.where, _shown(located.entry.get("reason"),
+                                                                              "no reason given")))
     return lost
 
 

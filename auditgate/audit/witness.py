@@ -265,7 +265,7 @@ def compare(record: dict, entry_at: Callable[[int], dict | None], last_seq: int,
             source: str) -> Disagreement | None:
     """None when the log holds the witnessed checkpoint as it was sent; else what is wrong with the log."""
     seq, witnessed_hash = record["seq"], record["hash"]
-    when = record.get("sent_at") or "an unknown time"
+    when = record.get("sent_at") or "at an unknown time"
     entry = entry_at(seq) if seq <= last_seq else None
     if entry is None:
         named = record.get("file")
@@ -453,7 +453,8 @@ def check_tail(result, witnesses: list[Witness]) -> None:
             continue
         after = last_seq - record["seq"]
         result.add(NOTE, WITNESSED, where, record["seq"],
-                   f"witness {witness.source} holds checkpoint seq {record['seq']} (sent {record.get('sent_at')}), "
+                   f"witness {witness.source} holds checkpoint seq {record['seq']} "
+                   f"(sent {record.get('sent_at') or 'at an unknown time'}), "
                    "and the log holds it unchanged" + (f"; {after} entries after it are not witnessed yet" if after
                                                        else "; nothing after it"))
     if any(f.severity == FAILED for f in result.findings):
