@@ -43,6 +43,14 @@ from auditgate.websocket.masking import EventMasker
 logger = logging.getLogger("auditgate.addons.masking")
 
 
+def _one_cpu() -> bool:
+    """True when this process may run on a single CPU only (asked each time: affinity can change)."""
+    try:
+        return len(os.sched_getaffinity(0)) == 1
+    except (AttributeError, OSError):  # not on Linux
+        return False
+
+
 class MaskingFailed(Exception):
     """Masking could not be completed; nothing unmasked may be released."""
 
@@ -339,10 +347,12 @@ class PiiMasking:
         if not body:
             return None, []
         content_type = media_type(message.headers.get("content-type", ""))
-        if len(body) <= self.settings.inline_max_bytes and len(self._in_flight) <= 1 and not self.settings.nlp_model:
-            # Small, pattern-only, and no other flow is waiting on this process: quicker here than
-            # the round trip to a worker. With other flows in flight the workers take it, so those
-            # flows keep moving.
+        if len(body) <= self.settings.inline_max_bytes and not self.settings.nlp_model and (
+                len(self._in_flight) <= 1 or _one_cpu()):
+            # Small, pattern-only, and either no other flow is waiting on this process or this process
+            # may run on one CPU only (taskset, a cgroup cpuset of one): quicker here than the round trip
+            # to a worker. Workers buy parallelism on other CPUs; confined to one CPU they would run the
+            # same masking on the same core, plus two pickles and two context switches per body.
             try:
                 return mask_body(self.masker, body, content_type, kind, direction)
             except BodyNotMaskable as e:
