@@ -33,7 +33,10 @@ class GatewayProcess:
     def command(self) -> list[str]:
         return [MITMDUMP, "-s", self.script, "--set", f"confdir={self.confdir}", "--set", "listen_host=127.0.0.1",
                 "-p", "0", "--set", f"gateway_rules={self.rules}", "--set", f"gateway_records={self.records}",
-                "--set", "termlog_verbosity=info", *self.args]
+                "--set", "termlog_verbosity=info",
+                # Gateways started side by side must not race for the default admin port; a test that wants
+                # one sets it again in args (the last --set wins).
+                "--set", "approval_admin_listen=127.0.0.1:0", *self.args]
 
     def start(self, timeout: float = 30.0) -> "GatewayProcess":
         env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}

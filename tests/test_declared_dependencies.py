@@ -12,7 +12,7 @@ from tests.gateway_process import ROOT
 
 # Standard library modules newer than the oldest Python we support (imported behind a fallback).
 _NEWER_STDLIB = {"compression"}
-_OWN = {"auditgate", "addons", "tests", "auditgate_addons"}
+_OWN = {"auditgate", "addons", "tests", "auditgate_addons", "bench"}
 
 
 def _imports(*folders: str) -> dict[str, set[str]]:

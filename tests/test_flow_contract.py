@@ -44,8 +44,8 @@ def _flow(body: bytes, content_type: str = "application/json"):
 
 def test_facts_are_parsed_once_per_flow_for_every_reader(monkeypatch):
     calls = []
-    real_loads = json.loads
-    monkeypatch.setattr(request_facts.json, "loads", lambda *a, **k: calls.append(1) or real_loads(*a, **k))
+    real_loads = request_facts.loads_strict
+    monkeypatch.setattr(request_facts, "loads_strict", lambda *a, **k: calls.append(1) or real_loads(*a, **k))
     flow = _flow(json.dumps({"model": "gpt-x", "instructions": "be brief", "input": "hi",
                              "tools": [{"type": "function", "name": "Run_Shell"}]}).encode())
     # Authorization asks for the model, policy for texts and tools, approval for all three, audit for the model.
@@ -72,5 +72,5 @@ def test_the_model_of_a_form_upload_and_of_a_body_that_is_not_json():
 def test_a_large_body_nobody_parsed_gives_its_model_without_a_parse(monkeypatch):
     big = json.dumps({"model": "gpt-big", "input": "x" * (request_facts.JSON_PARSE_LIMIT + 10)}).encode()
     flow = _flow(big)
-    monkeypatch.setattr(request_facts.json, "loads", lambda *a, **k: (_ for _ in ()).throw(AssertionError("parsed")))
+    monkeypatch.setattr(request_facts, "loads_strict", lambda *a, **k: (_ for _ in ()).throw(AssertionError("parsed")))
     assert facts_of(flow).model == "gpt-big"

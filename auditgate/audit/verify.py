@@ -87,6 +87,8 @@ class VerifyResult:
     intents: int = 0  # intent entries: requests the gateway was about to send upstream
     outcome_unknown: int = 0  # intents without an outcome entry: forwarded, outcome unknown (gateway stopped)
     streams_cut: int = 0  # flow entries of streams that ended in an error, recorded with what the client got
+    replies_withheld: int = 0  # intents whose reply was refused because the log could not take the outcome
+    refused_unaudited_ids: set[str] = field(default_factory=set, repr=False)  # from the flow files
     findings: list[Finding] = field(default_factory=list)
     log: list[Located] = field(default_factory=list, repr=False)
 
@@ -487,6 +489,7 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
             where = f"{record.file}@{record.offset}"
             record_id = record.flow_id if record.flow_id != "None" else "(no flow id)"  # a record without its id
             if record.refusal_code in REFUSED_UNAVAILABLE:
+                result.refused_unaudited_ids.add(record.flow_id)
                 result.add(NOTE, "refused unaudited", where, None,
                            f"flow {record_id} was refused with 503 ({record.refusal_code}) while the gateway "
                            "could not audit or record it")
@@ -534,8 +537,17 @@ def _check_intents(result: VerifyResult) -> None:
     for seq, located in intents.items():
         if seq in answered:
             continue
-        result.outcome_unknown += 1
         entry = located.entry
+        if entry.get("flow_id") in result.refused_unaudited_ids:
+            # Forwarded, then the log could not take the outcome entry: the reply was withheld (503) and the
+            # flow file holds the refusal. The outcome is known; only its entry is missing, as the gateway said.
+            result.replies_withheld += 1
+            result.add(NOTE, "reply withheld", located.where, seq,
+                       f"flow {_shown(entry.get('flow_id'), '(no flow id)')} ({_request_line(entry)}): forwarded, "
+                       "then its reply was withheld (503) because the audit log could not take its outcome entry; "
+                       "the flow file holds the refusal")
+            continue
+        result.outcome_unknown += 1
         result.add(INCOMPLETE, OUTCOME_UNKNOWN, located.where, seq,
                    f"flow {_shown(entry.get('flow_id'), '(no flow id)')} ({_request_line(entry)}): "
                    "forwarded, outcome unknown (gateway stopped): its intent has no outcome entry")
@@ -601,9 +613,9 @@ def verify(records_dir: Path, pubkeys: list[Path] | None = None, check_flows: bo
         _check_chain(result)
         _check_file_ends(files, result)
         _check_signatures(result, anchors)
-        _check_intents(result)
         if check_flows:
             _check_flows(records_dir, result)
+        _check_intents(result)  # after the flow files: a reply withheld for the log is known from its record
     if any(f.severity == FAILED for f in result.findings):
         result.status = FAILED
     elif any(f.severity == INCOMPLETE for f in result.findings):
