@@ -33,10 +33,14 @@ class GatewayProcess:
     def command(self) -> list[str]:
         return [MITMDUMP, "-s", self.script, "--set", f"confdir={self.confdir}", "--set", "listen_host=127.0.0.1",
                 "-p", "0", "--set", f"gateway_rules={self.rules}", "--set", f"gateway_records={self.records}",
-                "--set", "termlog_verbosity=info",
-                # Gateways started side by side must not race for the default admin port; a test that wants
-                # one sets it again in args (the last --set wins).
-                "--set", "approval_admin_listen=127.0.0.1:0", *self.args]
+                "--set", "termlog_verbosity=info", *self._default_admin_listen(), *self.args]
+
+    def _default_admin_listen(self) -> list[str]:
+        # Gateways started side by side must not race for the default admin port. Only when args do not set
+        # it: mitmdump given the same --set twice stalls at start without a word.
+        if any(a.startswith("approval_admin_listen=") for a in self.args):
+            return []
+        return ["--set", "approval_admin_listen=127.0.0.1:0"]
 
     def start(self, timeout: float = 30.0) -> "GatewayProcess":
         env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}

@@ -497,3 +497,73 @@ def test_applying_spans_equals_presidios_anonymizer(operator_masker, pieces, dat
             text=text, analyzer_results=[RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in case],
             operators=operator_masker.operators).text if case else text
         assert operator_masker.apply(text, case) == expected
+
+
+# ---- the \d{n} triggers share one scan for runs of digits: the windows are those of a scan per trigger -----
+def _windows_scanning_each_trigger(masker, text, entities):
+    """_trigger_windows as it was with one finditer per distinct trigger pattern (the reference)."""
+    from auditgate.masking.engine import TRIGGER_RADIUS
+
+    wanted, spans = set(entities), []
+    scans: dict = {}
+    for entity, pattern in masker.triggers.items():
+        scans[pattern] = (*scans.get(pattern, ()), entity)
+    for pattern, sharing in scans.items():
+        names = wanted.intersection(sharing)
+        if names:
+            spans += [(max(0, m.start() - TRIGGER_RADIUS), min(len(text), m.end() + TRIGGER_RADIUS), names)
+                      for m in pattern.finditer(text)]
+    spans.sort(key=lambda s: s[0])
+    windows: list[list] = []
+    for start, end, names in spans:
+        if windows and start <= windows[-1][1]:
+            windows[-1][1] = max(windows[-1][1], end)
+            windows[-1][2] |= names
+        else:
+            windows.append([start, end, set(names)])
+    limit = 2 * TRIGGER_RADIUS
+    for window in windows:
+        lo = max(0, window[0] - limit)
+        window[0] = max(text.rfind(" ", lo, window[0]), text.rfind("\n", lo, window[0]), lo - 1) + 1 if window[0] else 0
+        hi = min(len(text), window[1] + limit)
+        ends = [i for i in (text.find(" ", window[1], hi), text.find("\n", window[1], hi)) if i >= 0]
+        window[1] = min(ends) if ends else hi
+    return [(s, e, w) for s, e, w in windows]
+
+
+def _spelling_texts() -> list[str]:
+    from pathlib import Path
+
+    import yaml
+
+    corpus = yaml.safe_load((Path(__file__).parent / "data" / "pii_spellings.yaml").read_text(encoding="utf-8"))
+    return [case["text"] for part in corpus.values() if isinstance(part, list) for case in part
+            if isinstance(case, dict) and isinstance(case.get("text"), str)]
+
+
+_DIGITS = ["0", "12", "123", "4111", "99999", "1234567", "٣٤٥", "１２３", "²³", " ", "  ", "\n", "-", ".", "x" * 90,
+           "a" * 200, "@", "DE89 3704 0044 0532 0130 00", "+1 415-555-0100", "10.0.0.1"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_DIGITS), max_size=30), st.sets(st.sampled_from(
+    ["PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "EMAIL_ADDRESS", "IP_ADDRESS"])))
+def test_one_digit_run_scan_gives_the_windows_of_a_scan_per_trigger(masker, pieces, entities):
+    from auditgate.masking.normalize import normalize
+
+    assert masker._digit_triggers, "the shipped \\d{2} and \\d{3} triggers should share the digit-run scan"
+    text = "".join(pieces)
+    for variant in (text, normalize(text).text):
+        wanted = sorted(entities)
+        assert masker._trigger_windows(variant, wanted) == _windows_scanning_each_trigger(masker, variant, wanted)
+
+
+def test_digit_run_scan_on_the_spellings_corpus(masker):
+    from auditgate.masking.normalize import normalize
+
+    texts = _spelling_texts()
+    assert len(texts) > 50
+    wanted = [e for e in masker.entities("response") if e in masker.triggers]
+    for text in texts:
+        for variant in (text, normalize(text).text, (text + " ") * 7):
+            assert masker._trigger_windows(variant, wanted) == _windows_scanning_each_trigger(masker, variant, wanted)

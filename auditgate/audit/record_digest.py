@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 
 from auditgate.audit.chain import JSON_SAFE_INT, CanonicalJsonError, jcs
@@ -56,7 +57,12 @@ def _plain(value, depth: int = 0):
     """Metadata made JSON the same way from the live flow and from the tnetstring record."""
     if depth > 32:
         return "<nested too deep>"
-    if value is None or isinstance(value, (bool, str)):
+    kind = type(value)
+    if kind is str or value is None or kind is bool:  # the common cases first: this runs for every entry
+        return value
+    if kind is dict:
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
         return value if -JSON_SAFE_INT <= value <= JSON_SAFE_INT else str(value)
@@ -209,11 +215,36 @@ def _state_message(message) -> list:
 
 def field_digest(value) -> str:
     """SHA-256 of the value's RFC 8785 canonical JSON."""
-    try:
-        data = _json_text(value).encode("utf-8")
-    except (CanonicalJsonError, UnicodeEncodeError):  # text no JSON holds (a lone surrogate from a damaged file)
-        data = repr(value).encode("utf-8", "backslashreplace")
+    data = _fast_json_bytes(value)
+    if data is None:
+        try:
+            data = _json_text(value).encode("utf-8")
+        except (CanonicalJsonError, UnicodeEncodeError):  # text no JSON holds (a lone surrogate from a damaged file)
+            data = repr(value).encode("utf-8", "backslashreplace")
     return hashlib.sha256(data).hexdigest()
+
+
+def _fast_json_bytes(value) -> bytes | None:
+    """The bytes _json_text() gives, from one call of the C encoder, for the common claims (text, and lists
+    and objects of text and safe integers); None where the careful path must decide (characters above
+    U+FFFF, which RFC 8785 orders its own way in keys, lone surrogates, anything the encoder refuses)."""
+    kind = type(value)
+    if kind is str:
+        text = _escape(value)
+    elif kind is list or kind is dict:
+        try:
+            text = _FAST_ENCODER.encode(value)
+        except (TypeError, ValueError, RecursionError):
+            return None
+    else:
+        return None
+    if text.isascii():
+        return text.encode("ascii")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return None if _ASTRAL.search(data) else data
 
 
 def _json_text(value) -> str:
@@ -234,6 +265,11 @@ def _json_text(value) -> str:
 
 
 _escape = json.encoder.encode_basestring  # the C escaper json.dumps(ensure_ascii=False) uses
+# Lists and objects in one call: strings escaped by the same C escaper, integers in decimal, keys sorted by
+# code point (the same as RFC 8785 while no key holds a character above U+FFFF, which _ASTRAL sends back).
+_FAST_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                                 check_circular=False)
+_ASTRAL = re.compile(rb"[\xf0-\xf4]")  # the lead byte of a 4-byte UTF-8 sequence
 
 
 def record_digest(claims: Mapping) -> dict:

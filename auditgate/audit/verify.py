@@ -117,6 +117,7 @@ class VerifyResult:
     def as_dict(self) -> dict:
         data = asdict(self)
         data.pop("log")
+        data.pop("refused_unaudited_ids")  # working state of the flow-file check, not a finding
         data["exit_code"] = self.exit_code
         return data
 

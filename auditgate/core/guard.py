@@ -60,30 +60,32 @@ def guard_addon(addon: Any) -> Any:
 
 def _guarded(addon: Any, hook: str, is_async: bool):
     cls, name = type(addon), addon_name(addon)
-
-    def call(*args):
-        # Looked up at each call: the class's hook as it is now (a test's fault injection included).
-        return getattr(cls, hook)(addon, *args)
+    # Only the response hook may have a failed responseheaders to convert: decided once, not at each call
+    # (every hook of every addon of the bundle runs through here, on every flow).
+    convert = _convert_pending if hook == "response" else None
 
     if is_async:
         async def guarded_async(*args):
-            _convert_pending(hook, args)
+            if convert is not None:
+                convert(hook, args)
             try:
-                result = call(*args)
-                if inspect.isawaitable(result):
+                # Looked up at each call: the class's hook as it is now (a test's fault injection included).
+                result = getattr(cls, hook)(addon, *args)
+                if result is not None and inspect.isawaitable(result):
                     await result
             except Exception as error:
                 failed(name, hook, args, error)
         return functools.update_wrapper(guarded_async, getattr(cls, hook))
 
     def guarded(*args):
-        _convert_pending(hook, args)
+        if convert is not None:
+            convert(hook, args)
         try:
-            result = call(*args)
+            result = getattr(cls, hook)(addon, *args)  # looked up at each call, as above
         except Exception as error:
             failed(name, hook, args, error)
             return None
-        if inspect.isawaitable(result):  # the class now holds an async hook where it had a sync one
+        if result is not None and inspect.isawaitable(result):  # the class now holds an async hook where it had a sync one
             async def finish():
                 try:
                     await result
