@@ -20,6 +20,7 @@ from openai import AsyncOpenAI
 from auditgate.identity.service_tokens import add_service_token
 from tests.agent_app import RUN_CONFIG
 from tests.approval_gateway import AdminClient, add_test_rules, admin_url
+from tests.browser import headless_chromium
 from tests.conftest import gateway_env, make_rules
 from tests.gateway_process import ROOT, GatewayProcess
 from tests.records import files_containing, read_flows, wait_for_flows
@@ -330,19 +331,6 @@ def test_cli_lists_shows_and_decides(setup, upstream):
 
 
 # ---- the approver page, in a real browser ------------------------------------------------------------------
-def _chromium(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-
-
 def test_approver_page_in_a_real_browser_lets_the_held_request_through(setup, upstream, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
@@ -351,7 +339,7 @@ def test_approver_page_in_a_real_browser_lets_the_held_request_through(setup, up
     thread, out = _in_thread(lambda: setup.client(setup.alice).responses.create(
         model="gpt-test", input="browser-e2e needs-approval-marker <img src=x onerror=alert(1)> jane.roe@example.org"))
     [pending] = setup.as_(setup.bob).wait_pending(_marked("browser-e2e"))
-    browser = _chromium(tmp_path)
+    browser = headless_chromium(tmp_path)
     try:
         browser.get(f"{setup.admin}/approvals")
         browser.find_element(By.ID, "token").send_keys(setup.bob)

@@ -1,4 +1,6 @@
-"""Approvals without mitmproxy: four-eyes checks, request keys, and the SQLite store (attach, reuse, expiry)."""
+"""Approvals without mitmproxy: four-eyes checks, request keys, and what only the SQLite store does (deciders
+racing from two processes on one file, a restart, the file's mode). Attach, reuse and expiry, which every store
+must do alike, are in tests/test_approval_store_contract.py."""
 
 from __future__ import annotations
 
@@ -17,14 +19,11 @@ from auditgate.approval.store import (
     DENIED,
     EXPIRED,
     PENDING,
-    Approval,
     SqliteApprovalStore,
-    new_approval_id,
 )
+from tests.approval_candidates import ALICE, BOB, CAROL, candidate
 from tests.honesty_approval_race import decide_each
 
-ALICE = {"name": "alice", "groups": ["agents"], "method": "service_token", "token_id": "a11ce00000000001"}
-BOB = {"name": "bob", "groups": ["agents", "approvers"], "method": "service_token", "token_id": "b0b0000000000002"}
 MALLORY = {"name": "mallory", "groups": ["agents"], "method": "service_token", "token_id": "3a11000000000003"}
 
 
@@ -94,74 +93,11 @@ def test_request_key_is_the_same_for_a_retry_and_differs_for_anything_else():
 
 
 # ---- the store -----------------------------------------------------------------------------------------
-def candidate(key: str = "k1", now: float = 1000.0, timeout: float = 60, reuse: float = 0, instance: str = "i1",
-              rule: str = "r") -> Approval:
-    return Approval(id=new_approval_id(), key=key, rule=rule, requester=ALICE, approver_groups=["approvers"],
-                    created_at=now, expires_at=now + timeout, reuse_seconds=reuse, instance=instance,
-                    body_sha256="b" * 64, preview="hello <EMAIL_ADDRESS>")
-
-
 @pytest.fixture
 def store(tmp_path):
     s = SqliteApprovalStore(tmp_path / "approvals.sqlite3")
     yield s
     s.close()
-
-
-def test_a_retry_attaches_to_the_pending_approval(store):
-    first, how = store.hold(candidate(), "flow-1", 1000)
-    assert how == "created" and first.status == PENDING
-    again, how = store.hold(candidate(), "flow-2", 1005)
-    assert how == "attached" and again.id == first.id
-    assert store.get(first.id).flows == ["flow-1", "flow-2"]
-    assert [a.id for a in store.list(PENDING)] == [first.id]
-
-
-def test_other_requests_get_their_own_approval(store):
-    a, _ = store.hold(candidate("k1"), "f1", 1000)
-    b, how = store.hold(candidate("k2"), "f2", 1000)
-    c, how_c = store.hold(candidate("k1", rule="other"), "f3", 1000)
-    assert how == how_c == "created" and len({a.id, b.id, c.id}) == 3
-
-
-def test_an_approval_whose_flow_gave_up_goes_to_the_retry_once(store):
-    held, _ = store.hold(candidate(), "f1", 1000)
-    store.decide(held.id, APPROVED, BOB, "fine", 1010)
-    retry, how = store.hold(candidate(), "f2", 1011)  # the original's client timed out before the decision
-    assert (retry.id, how) == (held.id, "attached")
-    assert store.claim(held.id, "f2", 1011)
-    assert not store.claim(held.id, "f1", 1011)  # one approval, one request upstream
-    # Used now, and no reuse window: an identical request needs a new approval.
-    later, how = store.hold(candidate(), "f3", 1012)
-    assert how == "created" and later.id != held.id
-
-
-def test_reuse_window_lets_identical_requests_through_until_it_ends(store):
-    held, _ = store.hold(candidate(reuse=30), "f1", 1000)
-    store.decide(held.id, APPROVED, BOB, None, 1010)
-    assert store.claim(held.id, "f1", 1010)
-    reused, how = store.hold(candidate(reuse=30), "f2", 1039)
-    assert (reused.id, how) == (held.id, "reused") and store.claim(held.id, "f2", 1039)
-    fresh, how = store.hold(candidate(reuse=30), "f3", 1041)
-    assert how == "created" and fresh.id != held.id
-
-
-def test_a_denied_or_expired_approval_is_not_reused(store):
-    for status in (DENIED, EXPIRED):
-        held, _ = store.hold(candidate(key=status, reuse=30), "f1", 1000)
-        store.decide(held.id, status, BOB if status == DENIED else None, "no", 1001)
-        assert not store.claim(held.id, "f1", 1001)
-        again, how = store.hold(candidate(key=status, reuse=30), "f2", 1002)
-        assert how == "created" and again.id != held.id
-
-
-def test_an_expired_pending_approval_is_not_attached_to(store):
-    held, _ = store.hold(candidate(timeout=5), "f1", 1000)
-    again, how = store.hold(candidate(timeout=5), "f2", 1006)
-    assert how == "created" and again.id != held.id
-
-
-CAROL = {"name": "carol", "groups": ["approvers"], "method": "service_token", "token_id": "ca40100000000004"}
 
 
 def _race(path, approval_ids: list[str], pause: float) -> dict[str, list[tuple]]:

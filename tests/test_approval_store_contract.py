@@ -23,23 +23,12 @@ from auditgate.approval.store import (
     StoreUnavailable,
     ThreadedApprovalStore,
     Viewer,
-    new_approval_id,
 )
 from auditgate.approval.stores import choose_store
 from auditgate.core.flow_contract import AuditUnavailable
+from tests.approval_candidates import ALICE, BOB, CAROL, candidate
 from tests.approval_gateway import StoreLocker
 from tests.postgres_server import postgres_server  # noqa: F401  (a fixture)
-
-ALICE = {"name": "alice", "groups": ["agents"], "method": "service_token", "token_id": "a11ce00000000001"}
-BOB = {"name": "bob", "groups": ["agents", "approvers"], "method": "service_token", "token_id": "b0b0000000000002"}
-CAROL = {"name": "carol", "groups": ["approvers"], "method": "service_token", "token_id": "ca40100000000004"}
-
-
-def candidate(key: str = "k1", now: float = 1000.0, timeout: float = 60, reuse: float = 0, instance: str = "i1",
-              rule: str = "r", holder: str = "") -> Approval:
-    return Approval(id=new_approval_id(), key=key, rule=rule, requester=ALICE, approver_groups=["approvers"],
-                    created_at=now, expires_at=now + timeout, reuse_seconds=reuse, instance=instance, holder=holder,
-                    body_sha256="b" * 64, preview="hello <EMAIL_ADDRESS>")
 
 
 class Backend:
@@ -105,11 +94,12 @@ def test_other_requests_get_their_own_approval(store):
 def test_an_approval_whose_flow_gave_up_goes_to_the_retry_once(store):
     held, _ = store.hold(candidate(), "f1", 1000)
     store.decide(held.id, APPROVED, BOB, "fine", 1010)
-    retry, how = store.hold(candidate(), "f2", 1011)
+    retry, how = store.hold(candidate(), "f2", 1011)  # the original's client timed out before the decision
     assert (retry.id, how) == (held.id, "attached")
     assert store.claim(held.id, "f2", 1011)
     assert store.claim(held.id, "f2", 1011)  # the same flow asking again is the same request
     assert not store.claim(held.id, "f1", 1011)  # one approval, one request upstream
+    # Used now, and no reuse window: an identical request needs a new approval.
     later, how = store.hold(candidate(), "f3", 1012)
     assert how == "created" and later.id != held.id
 

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from auditgate.audit.evidence import write_evidence_pack
+from tests.browser import headless_chromium
 from tests.test_audit_evidence import T0, _write_rich_log
 
 SECTIONS = {
@@ -24,22 +25,9 @@ SECTIONS = {
 }
 
 
-def _chromium(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-
-
 @pytest.fixture
 def browser(tmp_path):
-    driver = _chromium(tmp_path)
+    driver = headless_chromium(tmp_path)
     yield driver
     driver.quit()
 

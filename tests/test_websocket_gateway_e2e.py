@@ -5,18 +5,14 @@ Realtime API. The real-SDK tests are in tests/test_e2e_websocket_*.py."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
 import ssl
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -24,9 +20,19 @@ from auditgate.core.flow_contract import REFUSAL, WEBSOCKET
 from auditgate.identity.service_tokens import add_service_token
 from auditgate.websocket.records import messages_sha256
 from tests.approval_gateway import AdminClient, add_test_rules, admin_url
-from tests.conftest import UPSTREAM_KEY, gateway_env, make_rules
+from tests.conftest import UPSTREAM_KEY, gateway_env
 from tests.gateway_process import GatewayProcess
 from tests.records import files_containing, wait_for_flows
+from tests.websocket_sessions import (
+    ThreadedWebSocketServer,
+    WebSocketSetup,
+    ca_confdir,
+    events_of,
+    events_until,
+    open_session,
+    start_reverse_gateway,
+    websocket_rules,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -36,42 +42,17 @@ EMAIL = "jane.doe@example.com"
 AUDIO = base64.b64encode(bytes(range(256)) * 8).decode()
 
 
-class WebSocketUpstream:
+class WebSocketUpstream(ThreadedWebSocketServer):
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.ssl_context = ssl_context
+        super().__init__(ssl_context)
         self.reply_deltas: list[str] = ["Hello", " there"]
         self.upgrades: list[dict] = []  # the upgrade request's headers, lower-cased
         self.received: list[dict] = []  # every client event, parsed
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Future | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def reset(self) -> None:
         self.reply_deltas = ["Hello", " there"]
         self.upgrades.clear()
         self.received.clear()
-
-    def start(self) -> "WebSocketUpstream":
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set_result, None)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        self._stop = self._loop.create_future()
-        async with serve(self._session, "127.0.0.1", 0, ssl=self.ssl_context, max_size=None) as server:
-            self.port = server.sockets[0].getsockname()[1]
-            self._ready.set()
-            await self._stop
 
     async def _session(self, connection) -> None:
         request = connection.request
@@ -177,11 +158,7 @@ addons = [WebSocketFaults()]
 
 
 @dataclass
-class Setup:
-    gateway: GatewayProcess
-    upstream: WebSocketUpstream
-    records: Path
-    alice: str
+class Setup(WebSocketSetup):
     bob: str
     admin: str
 
@@ -190,24 +167,15 @@ class Setup:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ws-gateway")
     upstream = WebSocketUpstream().start()
-    rules = make_rules(root / "rules", upstreams=[{"host": "127.0.0.1", "port": upstream.port,
-                                                   "key_env": "OPENAI_API_KEY"}])
+    rules = websocket_rules(root / "rules", upstream.port)
     add_test_rules(rules)
     alice = add_service_token(rules, "alice", ["agents"])
     bob = add_service_token(rules, "bob", ["agents", "approvers"])
     (root / "fault_addon.py").write_text(FAULT_ADDON)
-    from mitmproxy.certs import CertStore
-
-    confdir = root / "confdir"
-    confdir.mkdir()
-    CertStore.from_store(confdir, "mitmproxy", 2048)
-    gateway = GatewayProcess(
-        root / "gw", rules=rules, records=root / "records", confdir=confdir,
-        args=["--mode", f"reverse:http://127.0.0.1:{upstream.port}", "--set", "approval_admin_listen=127.0.0.1:0",
-              "-s", str(root / "fault_addon.py")],
-        env=gateway_env()).start()
+    gateway = start_reverse_gateway(root, rules, upstream.port, root / "records",
+                                    ["--set", "approval_admin_listen=127.0.0.1:0", "-s", str(root / "fault_addon.py")])
     try:
-        yield Setup(gateway, upstream, root / "records", alice, bob, admin_url(gateway))
+        yield Setup(gateway, upstream, rules, root / "records", alice, bob, admin_url(gateway))
     finally:
         gateway.stop()
         upstream.stop()
@@ -217,44 +185,6 @@ def setup(tmp_path_factory):
 def ws(setup):
     setup.upstream.reset()
     return setup
-
-
-def open_session(setup: Setup, path: str = "/v1/responses", token: str | None = None, headers: dict | None = None):
-    return connect(f"ws://127.0.0.1:{setup.gateway.port}{path}", proxy=None, open_timeout=15, max_size=None,
-                   additional_headers={"authorization": f"Bearer {token or setup.alice}", **(headers or {})})
-
-
-def events_until(connection, last: set[str], timeout: float = 15.0) -> list[dict]:
-    """Every event received until one whose type is in ``last`` (included)."""
-    events = []
-    deadline = time.monotonic() + timeout
-    while True:
-        event = json.loads(connection.recv(timeout=max(0.1, deadline - time.monotonic())))
-        events.append(event)
-        if event["type"] in last:
-            return events
-
-
-def audit_entries(records: Path) -> list[dict]:
-    entries = []
-    for path in sorted((records / "audit").rglob("*")):
-        if path.is_file() and path.suffix in (".jsonl", ".log", ".json"):
-            for line in path.read_text(errors="replace").splitlines():
-                try:
-                    entries.append(json.loads(line))
-                except ValueError:
-                    pass
-    return entries
-
-
-def events_of(records: Path, kind: str, flow_id: str | None = None, timeout: float = 10.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in audit_entries(records) if e.get("kind") == kind
-                 and (flow_id is None or (e.get("fields") or e).get("flow_id") == flow_id)]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
 
 
 def websocket_flows(records: Path, count: int = 1, predicate=lambda f: True):
@@ -396,14 +326,9 @@ def test_forward_mode_over_https_proxy_governs_a_session_the_same_way(tmp_path, 
     context.load_cert_chain(tls_files.server_cert, tls_files.server_key)
     upstream = WebSocketUpstream(context).start()
     upstream.reply_deltas = ["ask jane.doe@", "example.com"]
-    rules = make_rules(tmp_path / "rules", upstreams=[{"host": "localhost", "port": upstream.port,
-                                                       "key_env": "OPENAI_API_KEY"}])
+    rules = websocket_rules(tmp_path / "rules", upstream.port, host="localhost")
     alice = add_service_token(rules, "alice", ["agents"])
-    from mitmproxy.certs import CertStore
-
-    confdir = tmp_path / "confdir"
-    confdir.mkdir()
-    CertStore.from_store(confdir, "mitmproxy", 2048)
+    confdir = ca_confdir(tmp_path)
     gateway = GatewayProcess(tmp_path / "gw", rules=rules, records=tmp_path / "records", confdir=confdir,
                              args=["--set", f"ssl_verify_upstream_trusted_ca={tls_files.ca_cert}"],
                              env=gateway_env()).start()
@@ -429,17 +354,10 @@ def test_a_session_still_open_when_the_gateway_stops_is_closed_1001_recorded_and
     """SIGINT (GatewayProcess.stop) while a session is open: mitmproxy itself would exit without ending it."""
     upstream = WebSocketUpstream().start()
     upstream.reply_deltas = ["mail jane.doe@", "example.com now"]
-    rules = make_rules(tmp_path / "rules", upstreams=[{"host": "127.0.0.1", "port": upstream.port,
-                                                       "key_env": "OPENAI_API_KEY"}])
+    rules = websocket_rules(tmp_path / "rules", upstream.port)
     alice = add_service_token(rules, "alice", ["agents"])
-    from mitmproxy.certs import CertStore
-
-    confdir = tmp_path / "confdir"
-    confdir.mkdir()
-    CertStore.from_store(confdir, "mitmproxy", 2048)
     records = tmp_path / "records"
-    gateway = GatewayProcess(tmp_path / "gw", rules=rules, records=records, confdir=confdir,
-                             args=["--mode", f"reverse:http://127.0.0.1:{upstream.port}"], env=gateway_env()).start()
+    gateway = start_reverse_gateway(tmp_path, rules, upstream.port, records)
     try:
         connection = connect(f"ws://127.0.0.1:{gateway.port}/v1/responses", proxy=None, open_timeout=15,
                              additional_headers={"authorization": f"Bearer {alice}"})

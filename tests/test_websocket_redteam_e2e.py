@@ -14,20 +14,25 @@ import asyncio
 import base64
 import hashlib
 import json
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import connect
 
 from auditgate.identity.service_tokens import add_service_token
-from tests.conftest import UPSTREAM_KEY, gateway_env, make_rules
-from tests.gateway_process import GatewayProcess
+from tests.conftest import UPSTREAM_KEY
 from tests.records import read_flows
+from tests.websocket_sessions import (
+    ThreadedWebSocketServer,
+    WebSocketSetup,
+    audit_entries,
+    events_until,
+    fields_of,
+    open_session,
+    start_reverse_gateway,
+    websocket_rules,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -38,20 +43,17 @@ EMAIL = "jane.doe@example.com"
 
 
 # ---- a scripted upstream ---------------------------------------------------------------------------------
-class ScriptedUpstream:
+class ScriptedUpstream(ThreadedWebSocketServer):
     """A WebSocket upstream on 127.0.0.1 that records everything it gets and, on each ``response.create``,
     plays the test's script (or a minimal reply): text (str) or binary (bytes) messages, ("ping", payload)
     (a pong carrying that payload back is noted in ``pongs``), ("close", code, reason), ("abort",)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.received: list[str | bytes] = []
         self.upgrades: list[dict] = []
         self.script: list | None = None
         self.pongs: list[bytes] = []
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def reset(self) -> None:
         self.received.clear()
@@ -59,26 +61,8 @@ class ScriptedUpstream:
         self.pongs.clear()
         self.script = None
 
-    def start(self) -> "ScriptedUpstream":
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set_result, None)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        self._stop = self._loop.create_future()
-        async with serve(self._session, "127.0.0.1", 0, max_size=None,
-                         process_response=self._echo_headers) as server:
-            self.port = server.sockets[0].getsockname()[1]
-            self._ready.set()
-            await self._stop
+    def serve_options(self) -> dict:
+        return {"process_response": self._echo_headers}
 
     @staticmethod
     def _echo_headers(connection, request, response):
@@ -141,33 +125,17 @@ def completed(rid: str = "resp_rt") -> str:
 
 
 # ---- the module's gateway ----------------------------------------------------------------------------------
-@dataclass
-class Setup:
-    gateway: GatewayProcess
-    upstream: ScriptedUpstream
-    rules: Path
-    records: Path
-    alice: str
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ws-redteam")
     upstream = ScriptedUpstream().start()
-    rules = make_rules(root / "rules", upstreams=[{"host": "127.0.0.1", "port": upstream.port,
-                                                   "key_env": "OPENAI_API_KEY"}])
+    rules = websocket_rules(root / "rules", upstream.port)
     masking = rules / "masking.yaml"
     masking.write_text(masking.read_text().replace("\nworkers: 0\n", "\nworkers: 1\n"))  # starts faster
     alice = add_service_token(rules, "alice", ["agents"])
-    from mitmproxy.certs import CertStore
-
-    confdir = root / "confdir"
-    confdir.mkdir()
-    CertStore.from_store(confdir, "mitmproxy", 2048)
-    gateway = GatewayProcess(root / "gw", rules=rules, records=root / "records", confdir=confdir,
-                             args=["--mode", f"reverse:http://127.0.0.1:{upstream.port}"], env=gateway_env()).start()
+    gateway = start_reverse_gateway(root, rules, upstream.port, root / "records")
     try:
-        yield Setup(gateway, upstream, rules, root / "records", alice)
+        yield WebSocketSetup(gateway, upstream, rules, root / "records", alice)
     finally:
         gateway.stop()
         upstream.stop()
@@ -179,58 +147,21 @@ def ws(setup):
     return setup
 
 
-def open_session(setup: Setup, path: str = "/v1/responses", **kwargs):
-    headers = kwargs.pop("additional_headers", [])
-    return connect(f"ws://127.0.0.1:{setup.gateway.port}{path}", proxy=None, open_timeout=15, max_size=None,
-                   additional_headers=[("authorization", f"Bearer {setup.alice}"), *headers], **kwargs)
-
-
-def receive(connection, last: set[str], timeout: float = 15.0) -> list[dict]:
-    """Events received until one whose type is in ``last`` (included); a message that is not a JSON object
-    is kept as {"raw": text}."""
-    events = []
-    deadline = time.monotonic() + timeout
-    while True:
-        raw = connection.recv(timeout=max(0.1, deadline - time.monotonic()))
-        try:
-            event = json.loads(raw)
-        except (ValueError, TypeError):
-            event = None
-        events.append(event if isinstance(event, dict) else {"raw": raw if isinstance(raw, str) else repr(raw)})
-        if isinstance(event, dict) and event.get("type") in last:
-            return events
-
-
 def text_of(events: list[dict]) -> str:
     """What a client holds of these events once parsed (JSON escapes decoded)."""
     return json.dumps(events, ensure_ascii=False)
 
 
-def probe(connection, setup: Setup) -> None:
+def probe(connection, setup: WebSocketSetup) -> None:
     """An allowed response.create answered in full: every message sent before it was decided by then."""
     connection.send(ev(type="response.create", model="gpt-test", input="probe"))
-    assert receive(connection, {"response.completed"})[-1]["type"] == "response.completed"
+    assert events_until(connection, {"response.completed"})[-1]["type"] == "response.completed"
 
 
 def expect_blocked(connection, code: str = "gateway_policy_blocked") -> dict:
-    [error] = receive(connection, {"error"})
+    [error] = events_until(connection, {"error"})
     assert error["error"]["code"] == code, error
     return error
-
-
-def audit_entries(records: Path) -> list[dict]:
-    entries = []
-    for path in sorted((records / "audit").rglob("*.jsonl")):
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                pass
-    return entries
-
-
-def fields_of(entry: dict) -> dict:
-    return entry.get("fields") or entry
 
 
 def session_flow(records: Path, marker: str, timeout: float = 10.0):
@@ -356,7 +287,7 @@ BYPASS_CARRIERS = {
 def test_a_blocked_prompt_in_a_carrier_policy_does_not_read_never_reaches_the_upstream(ws, raw):
     with open_session(ws) as connection:
         connection.send(raw)
-        receive(connection, {"error", "response.completed"})  # blocked, or answered: the upstream says which
+        events_until(connection, {"error", "response.completed"})  # blocked, or answered: the upstream says which
         probe(connection, ws)
     assert not ws.upstream.got(SECRET) and not ws.upstream.got(AWS_KEY_ID) and not ws.upstream.got("redteam-keyfile")
 
@@ -365,10 +296,10 @@ def test_a_blocked_prompt_in_a_carrier_policy_does_not_read_never_reaches_the_up
 def test_a_binary_frame_holding_json_is_refused_not_passed(ws):
     with open_session(ws) as connection:
         connection.send(CARRIERS["input string"].encode())
-        [error] = receive(connection, {"error"})
+        [error] = events_until(connection, {"error"})
         assert error["error"]["code"] == "gateway_bad_request"
         connection.send(PRIVATE_KEY)  # a text frame that is not JSON
-        assert receive(connection, {"error"})[-1]["error"]["code"] == "gateway_bad_request"
+        assert events_until(connection, {"error"})[-1]["error"]["code"] == "gateway_bad_request"
         probe(connection, ws)
     assert not ws.upstream.got(SECRET)
 
@@ -389,7 +320,7 @@ def test_a_client_offering_permessage_deflate_gets_a_plain_session_governed_the_
         connection.send(CARRIERS["instructions"])
         expect_blocked(connection)
         connection.send(ev(type="response.create", input="go"))
-        events = receive(connection, {"response.completed"})
+        events = events_until(connection, {"response.completed"})
     # The offer never reaches the upstream (a compressed frame would be inflated whole before the size limit).
     assert ws.upstream.upgrades[-1]["extensions"] == []
     assert EMAIL not in text_of(events) and not ws.upstream.got(SECRET)
@@ -425,7 +356,7 @@ def test_every_spelling_of_the_path_is_governed_or_refused(ws, path):
 
 def test_a_second_upgrade_header_does_not_open_an_ungoverned_path(ws):
     with pytest.raises(InvalidStatus) as refused:
-        open_session(ws, "/v1/chat/completions", additional_headers=[("Upgrade", "h2c")])
+        open_session(ws, "/v1/chat/completions", headers=[("Upgrade", "h2c")])
     assert refused.value.response.status_code == 501 and not ws.upstream.upgrades
 
 
@@ -434,7 +365,7 @@ def test_events_sent_before_the_servers_first_message_are_decided(ws):
     with open_session(ws, "/v1/realtime?model=m") as connection:
         connection.send(CARRIERS["session.update instructions"])  # no wait for anything from the server
         connection.send(CARRIERS["conversation.item.create"])
-        assert [e["error"]["code"] for e in receive(connection, {"error"}) + receive(connection, {"error"})] == \
+        assert [e["error"]["code"] for e in events_until(connection, {"error"}) + events_until(connection, {"error"})] == \
             ["gateway_policy_blocked"] * 2
         probe(connection, ws)
     assert not ws.upstream.got(SECRET)
@@ -447,7 +378,7 @@ def test_a_burst_of_events_is_decided_one_by_one_and_recorded(ws):
         for raw in sent:
             connection.send(raw)
         connection.send(ev(type="response.create", input="probe"))
-        events = receive(connection, {"response.completed"})
+        events = events_until(connection, {"response.completed"})
     assert [e["type"] for e in events[:15]] == ["error"] * 15 and events[15]["type"] == "response.created"
     allowed = [json.loads(r)["text"] for r in sent if SECRET not in r]
     got = [json.loads(r)["text"] for r in ws.upstream.received if isinstance(r, str) and marker in r]
@@ -496,7 +427,7 @@ def test_pii_in_any_server_event_is_masked_or_the_session_refused(ws, carrier):
     with open_session(ws) as connection:
         connection.send(ev(type="response.create", input=marker))
         try:
-            events = receive(connection, {"response.completed"})
+            events = events_until(connection, {"response.completed"})
             assert len(events) == 2  # one event in, one out
         except ConnectionClosed as closed:
             assert closed.rcvd is not None and closed.rcvd.code == 1011  # refused, never passed
@@ -521,7 +452,7 @@ def test_pii_in_a_server_events_type_is_masked(ws):
     ws.upstream.script = [ev(type=f"note.{EMAIL}", text="x"), completed()]
     with open_session(ws) as connection:
         connection.send(ev(type="response.create", input="type-carrier"))
-        events = receive(connection, {"response.completed"})
+        events = events_until(connection, {"response.completed"})
     assert EMAIL not in text_of(events)
 
 
@@ -544,8 +475,8 @@ def test_pii_split_across_deltas_of_interleaved_responses_never_reaches_the_clie
              "content": [{"type": "output_text", "text": f"please mail {EMAIL} today"}]}]})]
     with open_session(ws, "/v1/realtime") as connection:
         connection.send(ev(type="response.create", input="interleaved"))
-        events = receive(connection, {"response.done"})
-        events += receive(connection, {"response.done"})
+        events = events_until(connection, {"response.done"})
+        events += events_until(connection, {"response.done"})
     deltas = "".join(e.get("delta", "") for e in events if e.get("type") == "response.output_text.delta")
     assert EMAIL not in text_of(events) and EMAIL not in deltas and "jane.doe@exa" not in deltas
 
@@ -565,8 +496,8 @@ def test_the_upstream_key_split_across_deltas_of_interleaved_responses_never_rea
         ev(type="response.done", response={"id": "rK", "status": "completed", "output": []})]
     with open_session(ws, "/v1/realtime") as connection:
         connection.send(ev(type="response.create", input="interleaved-key"))
-        events = receive(connection, {"response.done"})
-        events += receive(connection, {"response.done"})
+        events = events_until(connection, {"response.done"})
+        events += events_until(connection, {"response.done"})
     deltas = "".join(e.get("delta", "") for e in events if e.get("type") == "response.output_text.delta")
     assert UPSTREAM_KEY not in deltas and UPSTREAM_KEY[:half] not in deltas and UPSTREAM_KEY[half:] not in deltas
 
@@ -587,7 +518,7 @@ def test_the_upstream_key_echoed_in_a_server_event_never_reaches_the_client(ws, 
     marker = f"key-echo {spelling}"
     with open_session(ws) as connection:
         connection.send(ev(type="response.create", input=marker))
-        events = receive(connection, {"response.completed"})
+        events = events_until(connection, {"response.completed"})
     assert UPSTREAM_KEY not in text_of(events)
     flow, session = session_flow(ws.records, marker)
     assert UPSTREAM_KEY not in recorded_text(flow)
@@ -611,7 +542,7 @@ def test_the_upstream_key_in_a_server_ping_never_reaches_the_client_or_the_log(w
     ws.upstream.script = [("ping", f"k={UPSTREAM_KEY}".encode()), completed()]
     with open_session(ws) as connection:
         connection.send(ev(type="response.create", input="server-ping"))
-        receive(connection, {"response.completed"})
+        events_until(connection, {"response.completed"})
     # The client answers a ping with a pong of the same payload: a pong back means the key reached it.
     assert not ws.upstream.pongs
     assert f"k={UPSTREAM_KEY}" not in ws.gateway.log()  # this ping's payload (other tests leave the key too)
@@ -656,7 +587,7 @@ def test_a_rule_added_while_a_session_is_open_governs_its_next_event(ws):
     marker = "redteam-late-marker"
     with open_session(ws) as connection:
         connection.send(ev(type="response.create", input=f"say {marker}"))
-        assert receive(connection, {"response.completed"})[-1]["type"] == "response.completed"
+        assert events_until(connection, {"response.completed"})[-1]["type"] == "response.completed"
         policy = ws.rules / "policy.yaml"
         policy.write_text(policy.read_text().replace("\nrules:\n", "\nrules:\n  - id: redteam-late-rule\n"
                                                      "    match:\n      text:\n        keywords: [" + marker
@@ -664,7 +595,7 @@ def test_a_rule_added_while_a_session_is_open_governs_its_next_event(ws):
         deadline = time.monotonic() + 10
         while True:  # the edit is picked up within a second or so: until then the event still passes
             connection.send(ev(type="response.create", input=f"say {marker} again"))
-            last = receive(connection, {"response.completed", "error"})[-1]
+            last = events_until(connection, {"response.completed", "error"})[-1]
             if last["type"] == "error" or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -761,7 +692,7 @@ def test_the_upstream_key_json_escaped_in_a_server_events_type_never_reaches_the
     ws.upstream.script = ['{"type":"x.' + _escaped(UPSTREAM_KEY) + '","text":"x"}', completed()]
     with open_session(ws) as connection:
         connection.send(ev(type="response.create", input="key-type-carrier"))
-        events = receive(connection, {"response.completed"})
+        events = events_until(connection, {"response.completed"})
     assert UPSTREAM_KEY not in text_of(events) and len(events) == 2
 
 
@@ -777,7 +708,7 @@ def test_a_client_message_over_the_size_limit_is_refused_with_1009_never_relayed
     marker = "oversized-client"
     with open_session(ws) as connection:
         connection.send(ev(type="response.create", input=marker))
-        receive(connection, {"response.completed"})
+        events_until(connection, {"response.completed"})
         connection.send(ev(type="response.create", input=f"{marker}-big " + "a" * MAX_MESSAGE_BYTES))
         events, closed = _too_big(connection.recv)
     assert [e["error"]["code"] for e in events] == ["gateway_message_too_large"]
@@ -815,7 +746,7 @@ def test_zz_a_session_still_open_when_the_gateway_stops_is_recorded_and_audited(
     connection = open_session(ws)
     try:
         connection.send(ev(type="response.create", input=marker))
-        assert receive(connection, {"response.completed"})[-1]["type"] == "response.completed"
+        assert events_until(connection, {"response.completed"})[-1]["type"] == "response.completed"
         ws.gateway.stop()  # SIGINT, as an operator stops it; the session was never closed
     finally:
         connection.close()

@@ -35,7 +35,6 @@ from psycopg.types.json import Jsonb
 from auditgate.approval.rules import DecisionRefused
 from auditgate.approval.store import (
     _COLUMNS,
-    _JSON,
     APPROVED,
     DENIED,
     EXPIRED,
@@ -47,6 +46,9 @@ from auditgate.approval.store import (
     DecisionTooLate,
     StoreUnavailable,
     Viewer,
+    approval_from_row,
+    approval_row,
+    attach_or_reuse,
 )
 
 logger = logging.getLogger("auditgate.approval.postgres")
@@ -160,15 +162,11 @@ class PostgresApprovalStore:
 
     @staticmethod
     def _row(row: tuple) -> Approval:
-        data = dict(zip(_COLUMNS, row))
-        for key in ("tools", "flows", "forwarded", "refusals", "approver_groups"):
-            data[key] = data[key] or []
-        return Approval(**data)
+        return approval_from_row(row)
 
     @staticmethod
     def _values(approval: Approval) -> tuple:
-        data = approval.as_dict()
-        return tuple(Jsonb(data[c]) if c in _JSON else data[c] for c in _COLUMNS)
+        return approval_row(approval, Jsonb)
 
     def _select(self, conn, where: str, args: tuple, lock: bool = False) -> list[Approval]:
         query = _SELECT + sql.SQL(" WHERE " + where + (" FOR UPDATE" if lock else ""))
@@ -192,14 +190,7 @@ class PostgresApprovalStore:
             recent = self._select(conn, "key = %s AND rule = %s ORDER BY created_at DESC LIMIT 5",
                                   (candidate.key, candidate.rule))
             for approval in recent:
-                how = None
-                if approval.status == PENDING and approval.expires_at > now:
-                    how = "attached"
-                elif approval.status == APPROVED and not approval.forwarded and approval.expires_at > now:
-                    how = "attached"  # approved after its original flow gave up: the SDK's retry takes it
-                elif (approval.status == APPROVED and approval.decided_at
-                      and now < approval.decided_at + approval.reuse_seconds):
-                    how = "reused"
+                how = attach_or_reuse(approval, now)
                 if how:
                     row = conn.execute("UPDATE approvals SET flows = flows || %s WHERE id = %s RETURNING flows",
                                        (Jsonb([flow_id]), approval.id)).fetchone()

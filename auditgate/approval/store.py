@@ -185,6 +185,39 @@ _COLUMNS = ("id", "key", "rule", "requester", "approver_groups", "created_at", "
             "model", "method", "host", "path", "body_sha256", "preview", "tools", "instance", "flows", "forwarded",
             "decided_at", "decided_by", "reason", "refusals", "requester_principal", "holder")
 _JSON = {"requester", "approver_groups", "tools", "flows", "forwarded", "decided_by", "refusals"}
+_LISTS = ("tools", "flows", "forwarded", "refusals", "approver_groups")  # a row may hold NULL: an empty list
+
+
+def attach_or_reuse(approval: Approval, now: float) -> str | None:
+    """How an identical request arriving at now goes with an earlier approval: "attached" to it (still pending,
+    or approved after its original flow gave up: the SDK's retry takes it), "reused" (approved, inside its reuse
+    window), or None (it needs an approval of its own)."""
+    if approval.status == PENDING and approval.expires_at > now:
+        return "attached"
+    if approval.status == APPROVED and not approval.forwarded and approval.expires_at > now:
+        return "attached"
+    if approval.status == APPROVED and approval.decided_at and now < approval.decided_at + approval.reuse_seconds:
+        return "reused"
+    return None
+
+
+def approval_from_row(values: tuple, decode_json: Callable[[object], object] | None = None) -> Approval:
+    """The Approval a row of _COLUMNS holds, in any store. decode_json turns a JSON column's stored value back
+    into its Python value (SQLite keeps text; PostgreSQL's jsonb comes back decoded: None)."""
+    data = dict(zip(_COLUMNS, values))
+    if decode_json is not None:
+        for key in _JSON:
+            data[key] = decode_json(data[key]) if data[key] is not None else None
+    for key in _LISTS:
+        data[key] = data[key] or []
+    return Approval(**data)
+
+
+def approval_row(approval: Approval, encode_json: Callable[[object], object]) -> tuple:
+    """The values of _COLUMNS for an approval, its JSON columns as encode_json makes them for the store."""
+    data = approval.as_dict()
+    return tuple(encode_json(data[c]) if c in _JSON else data[c] for c in _COLUMNS)
+
 # Version 0: the table as first shipped. Each later version is one step of _upgrade, in order.
 # 1: requester_principal (the requester's stable subject), backfilled from requester
 # 2: holder (the process holding a pending approval, backfilled from instance) and the instances' leases
@@ -319,17 +352,11 @@ class SqliteApprovalStore:
     # ---- rows ---------------------------------------------------------------------------------------
     @staticmethod
     def _row(values: tuple) -> Approval:
-        data = dict(zip(_COLUMNS, values))
-        for key in _JSON:
-            data[key] = json.loads(data[key]) if data[key] is not None else None
-        for key in ("tools", "flows", "forwarded", "refusals", "approver_groups"):
-            data[key] = data[key] or []
-        return Approval(**data)
+        return approval_from_row(values, json.loads)
 
     @staticmethod
     def _values(approval: Approval) -> tuple:
-        data = approval.as_dict()
-        return tuple(json.dumps(data[c]) if c in _JSON else data[c] for c in _COLUMNS)
+        return approval_row(approval, json.dumps)
 
     def _select(self, where: str, args: tuple) -> list[Approval]:
         cursor = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM approvals WHERE {where}", args)
@@ -367,13 +394,7 @@ class SqliteApprovalStore:
               on_create: BeforeCommit | None) -> tuple[Approval, str]:
         recent = self._select("key = ? AND rule = ? ORDER BY created_at DESC LIMIT 5", (candidate.key, candidate.rule))
         for approval in recent:
-            how = None
-            if approval.status == PENDING and approval.expires_at > now:
-                how = "attached"
-            elif approval.status == APPROVED and not approval.forwarded and approval.expires_at > now:
-                how = "attached"  # approved after its original flow gave up: the SDK's retry takes it
-            elif approval.status == APPROVED and approval.decided_at and now < approval.decided_at + approval.reuse_seconds:
-                how = "reused"
+            how = attach_or_reuse(approval, now)
             if how:
                 approval.flows.append(flow_id)
                 self._update(approval)

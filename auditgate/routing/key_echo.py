@@ -186,6 +186,31 @@ def as_stream_result(chunks: list[bytes]) -> list[bytes]:
     return [joined] if joined else []
 
 
+def text_scrubbers(echoes: KeyEchoes):
+    """A maker of one streaming scrubber per text field (its path) of a streamed reply: the masking layer's
+    TextStreamMasker with the upstream key as its only entity, so a key spread over several deltas is found
+    and each delta still leaves at once, but for a tail that may begin a key."""
+    from auditgate.masking.engine import Span
+    from auditgate.masking.stream import TextStreamMasker
+
+    def find(text: str) -> list[Span]:
+        return [Span(ENTITY, start, end, 1.0) for start, end in echoes.spans(text)]
+
+    def apply(text: str, spans: list[Span]) -> str:
+        out, at = [], 0
+        for span in sorted(spans, key=lambda s: s.start):
+            if span.start < at:
+                continue
+            out += [text[at:span.start], marker(span.end - span.start)]
+            at = span.end
+        return "".join(out) + text[at:]
+
+    def text_scrubber(path: str) -> TextStreamMasker:
+        return TextStreamMasker(find, apply, max(echoes.longest - 1, 1), path)
+
+    return text_scrubber
+
+
 class ReplyStreamScrubber:
     """Everything a streamed reply carries, with the keys taken out, whatever way the stream splits them.
 
@@ -210,32 +235,16 @@ class ReplyStreamScrubber:
         self._sse = self._sse_walker(max_event_bytes) if event_stream else None
 
     def _sse_walker(self, max_event_bytes: int):
-        from auditgate.masking.engine import Span
-        from auditgate.masking.stream import SseStreamMasker, TextStreamMasker
+        from auditgate.masking.stream import SseStreamMasker
 
         echoes = self.echoes
-
-        def find(text: str) -> list[Span]:
-            return [Span(ENTITY, start, end, 1.0) for start, end in echoes.spans(text)]
-
-        def apply(text: str, spans: list[Span]) -> str:
-            out, at = [], 0
-            for span in sorted(spans, key=lambda s: s.start):
-                if span.start < at:
-                    continue
-                out += [text[at:span.start], marker(span.end - span.start)]
-                at = span.end
-            return "".join(out) + text[at:]
-
-        def text_scrubber(path: str) -> TextStreamMasker:
-            return TextStreamMasker(find, apply, max(echoes.longest - 1, 1), path)
 
         def scrub_sync(text: str, path: str) -> str:
             text, found = echoes.scrub_text(text)
             self._text_found += found
             return text
 
-        return SseStreamMasker(text_scrubber, scrub_sync, max_event_bytes, 1 << 62)
+        return SseStreamMasker(text_scrubbers(echoes), scrub_sync, max_event_bytes, 1 << 62)
 
     @property
     def found(self) -> int:

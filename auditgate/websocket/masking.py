@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from auditgate.masking.engine import Span
 from auditgate.masking.payload import mask_leaves
 from auditgate.masking.stream import (
     SseStreamMasker,
@@ -184,25 +183,10 @@ _DELTA_OWN = frozenset({"delta", "sequence_number", "event_id", "logprobs", "obf
 
 def key_scrubbing_masker(echoes) -> EventMasker:
     """An EventMasker whose only entity is the gateway's upstream key (``auditgate.routing.key_echo``)."""
-    from auditgate.routing.key_echo import ENTITY, marker
-
-    def find(text: str) -> list[Span]:
-        return [Span(ENTITY, start, end, 1.0) for start, end in echoes.spans(text)]
-
-    def apply(text: str, spans: list[Span]) -> str:
-        out, at = [], 0
-        for span in sorted(spans, key=lambda s: s.start):
-            if span.start < at:
-                continue
-            out += [text[at:span.start], marker(span.end - span.start)]
-            at = span.end
-        return "".join(out) + text[at:]
-
-    def text_scrubber(path: str) -> TextStreamMasker:
-        return TextStreamMasker(find, apply, max(echoes.longest - 1, 1), path)
+    from auditgate.routing.key_echo import ENTITY, text_scrubbers
 
     def scrub_sync(text: str, path: str) -> tuple[str, list[str]]:
         scrubbed, found = echoes.scrub_text(text)
         return scrubbed, [ENTITY] * found
 
-    return EventMasker(text_scrubber, scrub_sync)
+    return EventMasker(text_scrubbers(echoes), scrub_sync)
