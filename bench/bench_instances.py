@@ -77,7 +77,7 @@ def instances_scenario(args, workdir: Path) -> None:
             best = {}
             for name, url in urls.items():
                 concurrent(url, token, clients, 2)  # warm up: connections, masking workers
-                best[name] = max(concurrent(url, token, clients, per_client) for _ in range(args.rounds))
+                best[name] = max(concurrent(url, token, clients, per_client)[0] for _ in range(args.rounds))
             bare, one, two = best["bare mitmdump"], best["1 instance (HAProxy)"], best["2 instances (HAProxy)"]
             print(f"| {clients} | " + " | ".join(f"{v:.0f}" for v in best.values())
                   + f" | {one / bare:.2f} | {two / bare:.2f} | {two / one:.2f} |")
