@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from mitmproxy import io
 from auditgate.audit.chain import (
     create_private_key_file,
     load_private_key_file,
+    parse_entry_line,
     read_tail,
 )
 from auditgate.audit.verify import verify
@@ -269,17 +271,43 @@ def test_an_edited_flow_record_fails_verify_naming_the_field(log, change, field)
     assert done.returncode == 1 and field in done.stdout
 
 
-def test_a_format_1_log_still_verifies(tmp_path):
-    import shutil
+def _downgrade_to_format_1(log) -> None:
+    """Rewrite a built log as format 1 wrote it: no "v", no instance, no whole-flow claims, no intents; each
+    entry re-chained and re-hashed over format 1's canonical JSON, each checkpoint re-signed. Built here
+    rather than kept as records in the repository."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from tests.gateway_process import ROOT as root
-    fixture = root / "tests" / "data" / "audit-v1"
-    shutil.copytree(fixture, tmp_path / "v1")
-    records, pubkey = tmp_path / "v1" / "records", tmp_path / "v1" / "audit-public.pem"
+    from auditgate.audit.chain import checkpoint_message, seal, sign_b64
+
+    key = load_pem_private_key(log.key.read_bytes(), None)
+    head, seq = "0" * 64, 0
+    for path in log.files():
+        lines = []
+        for line in log.lines(path):
+            entry = parse_entry_line(line)
+            if entry["kind"] == "intent":
+                continue
+            for name in ("v", "hash", "instance", "record", "intent", "intent_seq", "stream_cut"):
+                entry.pop(name, None)
+            if entry["kind"] == "checkpoint":
+                entry["signed_seq"], entry["signed_hash"] = seq, head
+                entry["signature"] = sign_b64(key, checkpoint_message(seq, head))
+            seq += 1
+            entry["seq"], entry["prev"] = seq, head
+            sealed, data = seal(entry)
+            head = sealed["hash"]
+            lines.append(data)
+        first = parse_entry_line(lines[0])["seq"]
+        path.unlink()
+        (path.parent / re.sub(r"audit-\d+-", f"audit-{first:012d}-", path.name)).write_bytes(b"".join(lines))
+
+
+def test_a_format_1_log_still_verifies(log):
+    _downgrade_to_format_1(log)
+    records, pubkey = log.records, log.pubkey
     result = verify(records, [pubkey])
     assert result.status == "verified", result.summary()
-    assert result.format_versions == [1] and result.flows_matched == 6
-    assert any(b"\\u00e9" in line for p in (records / "audit").iterdir() for line in p.read_bytes().splitlines())
+    assert result.format_versions == [1] and result.flows_matched == 12
     # Format 1's checks still bite: a body changed in a format 1 record is found.
     flow_file = records / "flows" / "flows-run1.mitm"
     with open(flow_file, "rb") as f:
