@@ -375,7 +375,9 @@ class PiiMasking:
 
     def _write_metadata(self, flow: http.HTTPFlow, **extra) -> None:
         state = self._flows.pop(flow.id, None) or _FlowMasking()
-        counts = Counter(state.findings)
+        counts: dict[tuple, int] = {}  # a Counter, without its Python-level constructor per reply
+        for finding in state.findings:
+            counts[finding] = counts.get(finding, 0) + 1
         findings = [
             {"entity_type": entity, "count": n, "path": path, "direction": direction}
             for (entity, path, direction), n in counts.items()
@@ -386,9 +388,9 @@ class PiiMasking:
             record["reason"] = state.failed
         MASKING.set(flow, record)
         if findings:
-            types = Counter()
+            types: dict[str, int] = {}
             for f in findings:
-                types[f["entity_type"]] += f["count"]
+                types[f["entity_type"]] = types.get(f["entity_type"], 0) + f["count"]
             total = sum(types.values())
             flow.comment = f"masked {total}: {', '.join(types)}"
             if logger.isEnabledFor(logging.DEBUG):

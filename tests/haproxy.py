@@ -26,19 +26,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def config(port: int, backends: list[tuple[str, int]]) -> str:
+def config(port: int, backends: list[tuple[str, int]], backend_keep_alive: bool = False,
+           threads: int | None = None) -> str:
+    """backend_keep_alive: keep connections to the gateways open and reuse them for any client's requests (each
+    request carries its own credentials), instead of a new connection per request, whose set-up costs a
+    mitmproxy instance more CPU than the request itself (the benchmarks). threads: HAProxy's nbthread (default:
+    one per core; one is plenty for a few thousand requests/s and spins less)."""
     servers = "\n".join(f"    server {name} 127.0.0.1:{backend_port} check inter 500ms fall 2 rise 1"
                         for name, backend_port in backends)
+    nbthread = f"\n    nbthread {threads}" if threads else ""
+    connections = "http-reuse always" if backend_keep_alive else "option http-server-close"
     # Long client/server timeouts: a request held for approval waits inside the gateway.
     return f"""global
-    maxconn 2000
+    maxconn 2000{nbthread}
 
 defaults
     mode http
     timeout connect 2s
     timeout client 120s
     timeout server 120s
-    option http-server-close
+    {connections}
 
 frontend gateways
     bind 127.0.0.1:{port}
@@ -51,8 +58,10 @@ backend instances
 
 
 class HAProxy:
-    def __init__(self, workdir: Path, backends: list[tuple[str, int]]) -> None:
+    def __init__(self, workdir: Path, backends: list[tuple[str, int]], backend_keep_alive: bool = False,
+                 threads: int | None = None) -> None:
         self.workdir, self.backends = workdir, backends
+        self.backend_keep_alive, self.threads = backend_keep_alive, threads
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -61,7 +70,7 @@ class HAProxy:
         for _ in range(5):  # a free port may be taken by someone else before HAProxy binds it
             self.port = _free_port()
             path = self.workdir / "haproxy.cfg"
-            path.write_text(config(self.port, self.backends))
+            path.write_text(config(self.port, self.backends, self.backend_keep_alive, self.threads))
             log = open(self.workdir / "haproxy.log", "wb")
             self.proc = subprocess.Popen([haproxy_binary(), "-db", "-f", str(path)], stdout=log,
                                          stderr=subprocess.STDOUT)

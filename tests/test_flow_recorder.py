@@ -119,10 +119,11 @@ def test_a_write_the_disk_refuses_is_answered_flow_by_flow_and_what_was_written_
         assert writer.flush(10)
     finally:
         writer.close()
-    assert [o.error for o in outcomes] == [None, "OSError: No space left on device", None]
+    # The flow that cannot be encoded is reported at once, before its batch is even handed over.
+    assert [o.error for o in outcomes] == [None, None, "OSError: No space left on device", None]
     assert [[(l.flow_id, l.flow_file) for l in o.lost] for o in outcomes] == [
-        [(unencodable.id, "good.mitm")], [(lost.id, "full")], []]
-    assert "cannot be encoded" in outcomes[0].lost[0].reason
+        [(unencodable.id, "good.mitm")], [], [(lost.id, "full")], []]
+    assert "cannot be encoded" in outcomes[0].lost[0].reason and not outcomes[0].answered
     assert [f.response.content for f in _read(good)] == [b"kept", b"after"]
 
 
@@ -240,3 +241,37 @@ def test_flow_state_equals_mitmproxys_own_and_is_a_copy():
     assert flow.metadata["auditgate.identity"]["groups"] == ["agents"]
     assert flow.metadata["other"][1] == ("tuple", 2)
     assert flow.metadata is not state["metadata"] and flow.get_state()["metadata"] == flow.metadata
+
+
+def test_flow_record_is_byte_for_byte_mitmproxys_flow_writer_and_leaves_the_flow_alone():
+    import io as std_io
+
+    from auditgate.recording.writer import flow_record
+
+    flow = _flow(b"body \xff")
+    flow.metadata["auditgate.identity"] = {"subject": "alice", "groups": ["agents"], "n": 1, "x": None, "b": b"\x00"}
+    flow.metadata["other"] = [{"a": 1.5, "t": True}, ("tuple", 2), "é漢"]
+    before = flow.get_state()
+    buffer = std_io.BytesIO()
+    io.FlowWriter(buffer).add(flow)  # mitmproxy's own writer: get_state, then its tnetstring
+    assert flow_record(flow) == buffer.getvalue()
+    assert flow.get_state() == before and flow.metadata["other"][1] == ("tuple", 2)
+
+
+def test_a_flow_that_cannot_be_encoded_is_lost_alone_and_reported(tmp_path):
+    recorder = FlowRecorder()
+    reported = []
+    with taddons.context(recorder) as tctx:
+        tctx.configure(recorder, gateway_records=str(tmp_path))
+        recorder._take_lost = reported.extend
+        before, odd, after = _flow(b"before"), _flow(b"odd"), _flow(b"after")
+        odd.metadata["odd"] = {1, 2}  # no tnetstring: mitmproxy could not write it either
+        for flow in (before, odd, after):
+            recorder.record(flow)
+        recorder._write_out()
+        assert recorder._writer.flush(10)
+        assert not recorder.failing  # one odd flow is no failing disk
+        recorder.done()
+    assert [(r.flow_id, "cannot be encoded" in r.reason) for r in reported] == [(odd.id, True)]
+    [path] = (tmp_path / "flows").glob("*.mitm")
+    assert [f.response.content for f in _read(path)] == [b"before", b"after"]

@@ -471,7 +471,7 @@ def test_direct_pattern_runs_equal_presidios_recognizers(masker, pieces):
             # As the engine keeps them: at or above the score threshold (patterns that cannot reach it
             # are not run at all).
             threshold = masker.settings.score_threshold
-            ours = {(r.entity_type, r.start, r.end, r.score) for r in direct.analyze(text) if r.score >= threshold}
+            ours = {r for r in direct.analyze(text) if r[3] >= threshold}  # (entity type, start, end, score)
             theirs = {(r.entity_type, r.start, r.end, r.score) for r in recognizer.analyze(
                 text=text, entities=recognizer.supported_entities, nlp_artifacts=masker._no_nlp)
                 if r.score >= threshold}

@@ -82,6 +82,20 @@ def _dumps(value) -> bytes:
 # the parsers make it one); a cycle would end in RecursionError, which jcs() hands to rfc8785 as before.
 _JCS_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
                                 check_circular=False)
+
+
+def _sorted_text_encoder():
+    """The C encoder _JCS_ENCODER.encode() builds afresh on every call (with the same settings), built once:
+    called as encode_sorted(value, 0), it returns the text in chunks (one, in CPython 3.13). JSONEncoder.encode
+    spends about as long making it, through two Python calls, as encoding a small claim takes."""
+    if json.encoder.c_make_encoder is None:  # no C accelerator: the encoder's own (slower) way
+        return lambda value, _level: (_JCS_ENCODER.encode(value),)
+    enc = _JCS_ENCODER
+    return json.encoder.c_make_encoder(None, enc.default, json.encoder.encode_basestring, None, enc.key_separator,
+                                       enc.item_separator, enc.sort_keys, enc.skipkeys, enc.allow_nan)
+
+
+encode_sorted = _sorted_text_encoder()  # raises TypeError, ValueError or RecursionError where encode() does
 _ASTRAL = re.compile(rb"[\xf0-\xf4]")  # the lead byte of a 4-byte UTF-8 sequence: a character above U+FFFF
 _LONG_NUMBER = re.compile(rb"(?:^|[:,\[])-?\d{16,}(?:[,}\]]|$)")  # an integer that may lie beyond 2**53
 
@@ -96,7 +110,7 @@ def jcs(value, ints_checked: bool = False) -> bytes:
     huge integers).
     """
     try:
-        data = _JCS_ENCODER.encode(value).encode("utf-8")
+        data = "".join(encode_sorted(value, 0)).encode("utf-8")
     except (UnicodeEncodeError, TypeError, ValueError, RecursionError):
         data = None
     if (data is None or (not data.isascii() and _ASTRAL.search(data))
@@ -139,7 +153,11 @@ def json_safe(value, depth: int = 0):
     if kind is str or value is None or kind is bool:  # the common cases first: this runs for every entry
         return value
     if kind is dict:
-        return {str(k): json_safe(v, depth + 1) for k, v in value.items() if not _names_credential(k)}
+        return _json_safe_dict(value, depth)
+    if kind is int:
+        return value if -JSON_SAFE_INT <= value <= JSON_SAFE_INT else str(value)
+    if (kind is list or kind is tuple) and depth < 16:  # as for dicts: text, null and booleans without a call
+        return [v if (type(v) is str or v is None or type(v) is bool) else json_safe(v, depth + 1) for v in value]
     if isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -155,6 +173,28 @@ def json_safe(value, depth: int = 0):
     if isinstance(value, (bytes, bytearray)):
         return f"<{len(value)} bytes>"  # never the bytes themselves: they could be anything
     return f"<{type(value).__name__}>"
+
+
+def _json_safe_dict(value: dict, depth: int) -> dict:
+    """json_safe() of a dict: {str(k): json_safe(v)} without credential-named keys; text, null and booleans
+    taken as they are without a call (json_safe returns them unchanged at this depth), text keys' verdicts
+    looked up without one."""
+    safe = {}
+    inner = depth + 1
+    shallow = inner <= 16  # deeper, json_safe() makes even text "<nested too deep>"
+    for k, v in value.items():
+        if type(k) is str:
+            credential = _credential_names.get(k)
+            if credential is None:
+                credential = _names_credential(k)
+        else:
+            credential = _names_credential(k)
+            k = str(k)
+        if credential:
+            continue
+        kind = type(v)
+        safe[k] = v if shallow and (kind is str or v is None or kind is bool) else json_safe(v, inner)
+    return safe
 
 
 _credential_names: dict[str, bool] = {}  # the same few metadata keys come by on every flow
@@ -225,13 +265,18 @@ def seal(body: dict, checked: bool = True) -> tuple[dict, bytes]:
 
     checked=False skips the float check for bodies built from json_safe() values (the writer's own).
     """
+    digest, line = _sealed_line(body, checked)
+    return dict(body, hash=digest), line
+
+
+def _sealed_line(body: dict, checked: bool) -> tuple[str, bytes]:
+    """The body's hash and its line (see seal), leaving the body as it is."""
     if body.get("v") is None:
         data = canonical_json(body) if checked else _dumps(body)
     else:
         data = _jcs_checked(body) if checked else jcs(body, ints_checked=True)
     digest = hashlib.sha256(data).hexdigest()
-    line = data[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
-    return dict(body, hash=digest), line
+    return digest, b"".join((memoryview(data)[:-1], b',"hash":"', digest.encode("ascii"), b'"}\n'))
 
 
 def sha256_hex(data: bytes | None) -> str | None:
@@ -239,9 +284,34 @@ def sha256_hex(data: bytes | None) -> str | None:
 
 
 def utc_timestamp(epoch: float | None = None) -> str:
-    moment = datetime.fromtimestamp(time.time() if epoch is None else epoch, timezone.utc)
+    """strftime("%Y-%m-%dT%H:%M:%S.%fZ") of datetime.fromtimestamp(epoch, timezone.utc), in a fraction of its time:
+    the text up to the second is kept from the call before (entries come many a second), the microseconds
+    rounded as fromtimestamp rounds them (half to even; C's modf, then round, as CPython's _PyTime does)."""
+    global _last_second
+    if epoch is None:
+        epoch = time.time()
+    fraction, whole = math.modf(epoch)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        micros -= 1_000_000
+        whole += 1.0
+    elif micros < 0 or not math.isfinite(epoch):  # before 1970 (or not a time at all): the plain way
+        return _utc_timestamp_text(epoch)
+    second = int(whole)
+    last = _last_second
+    if last[0] != second:
+        last = _last_second = (second, _utc_timestamp_text(second)[:-7])  # "...:SS." of that second; one tuple,
+        # replaced whole: a call from another thread sees an old or a new pair, never half of each
+    return f"{last[1]}{micros:06d}Z"
+
+
+_last_second: tuple[int | None, str] = (None, "")
+
+
+def _utc_timestamp_text(epoch: float) -> str:
+    moment = datetime.fromtimestamp(epoch, timezone.utc)
     return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:{moment.minute:02d}:"
-            f"{moment.second:02d}.{moment.microsecond:06d}Z")  # strftime("%Y-%m-%dT%H:%M:%S.%fZ"), a third of its time
+            f"{moment.second:02d}.{moment.microsecond:06d}Z")
 
 
 # ---- keys and signatures -------------------------------------------------------------------------
@@ -545,11 +615,12 @@ class AuditWriter:
                 "instance": self.instance, **fields}
         if self._recovery is not None:
             body["recovered"] = self._recovery
-        entry, line = seal(body, checked=False)  # every value here came through json_safe() or is our own
+        digest, line = _sealed_line(body, checked=False)  # every value came through json_safe() or is our own
         self._write_line(line)
         self._recovery = None
-        self.seq, self.head = entry["seq"], entry["hash"]
-        return entry
+        self.seq, self.head = body["seq"], digest
+        body["hash"] = digest  # the body is this call's own: it becomes the entry (what seal() returns)
+        return body
 
     def _write_line(self, line: bytes) -> None:
         if self._fd is None:

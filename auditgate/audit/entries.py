@@ -35,13 +35,14 @@ def flow_fields(flow, now: float) -> dict:
     record on the loop's next turn: no addon changes a flow after the audit log's hook."""
     request, response = flow.request, flow.response
     peer = flow.client_conn.peername if flow.client_conn else None
+    claims = claims_of_flow(flow)
     return {
         "flow_id": flow.id,
         "identity": json_safe(IDENTITY.get(flow)),
         "client": peer[0] if peer else None,
         "upstream": json_safe(UPSTREAM.get(flow)),
         "method": request.method,
-        "host": request.pretty_host,
+        "host": pretty_host(request),
         "port": request.port,
         "path": request.path.partition("?")[0],  # a query string may carry a key; the flow file has it all
         "model": facts_of(flow).model,
@@ -56,12 +57,13 @@ def flow_fields(flow, now: float) -> dict:
         "guard": json_safe(GUARD.get(flow)),  # a hook of the bundle that failed on this flow, and what it caused
         "tunnel": json_safe(TUNNEL.get(flow)),  # a CONNECT: who tunnelled where (or why it was refused)
         "body_limits": json_safe(BODY_LIMITS.get(flow)),
-        "request_sha256": sha256_hex(request.raw_content),
-        "response_sha256": sha256_hex(response.raw_content) if response else None,
+        # The bodies' SHA-256, as the record digest's claims have them (of the same raw_content: hashed once).
+        "request_sha256": claims["request.content"],
+        "response_sha256": claims.get("response.content") if response else None,
         "flow_file": FLOW_FILE.get(flow),
         "intent": INTENT_SEQ.get(flow),  # the seq of its intent entry: it went upstream (None: it never did)
         "stream_cut": json_safe(STREAM_CUT.get(flow)),  # a stream that ended in an error: what the client got
-        "record": record_digest(claims_of_flow(flow)),
+        "record": record_digest(claims),
     }
 
 
@@ -72,11 +74,28 @@ def intent_fields(flow) -> dict:
         "flow_id": flow.id,
         "identity": json_safe(IDENTITY.get(flow)),
         "method": request.method,
-        "host": request.pretty_host,
+        "host": pretty_host(request),
         "port": request.port,
         "path": request.path.partition("?")[0],
         "request_sha256": sha256_hex(request.raw_content),
     }
+
+
+_pretty_hosts: dict[str, str] = {}  # host header -> pretty_host: the same few come by on every flow
+
+
+def pretty_host(request) -> str:
+    """request.pretty_host, which parses the Host header (or HTTP/2 authority) anew on every call: remembered
+    per header value (pretty_host is the host part of host_header when there is one, else request.host)."""
+    authority = request.host_header
+    if not authority:
+        return request.pretty_host
+    host = _pretty_hosts.get(authority)
+    if host is None:
+        host = request.pretty_host
+        if len(_pretty_hosts) < 4096:
+            _pretty_hosts[authority] = host
+    return host
 
 
 # Files holding a list of rules with ids: their config entries also carry a digest per rule, so that the

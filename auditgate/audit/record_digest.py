@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 
-from auditgate.audit.chain import JSON_SAFE_INT, CanonicalJsonError, jcs
+from auditgate.audit.chain import JSON_SAFE_INT, CanonicalJsonError, encode_sorted, jcs
 
 METADATA_PREFIX = "auditgate."
 SHORT_DIGEST = 16  # hex digits per field in the entry: enough to name the field; the full digest decides
@@ -53,6 +53,16 @@ def _headers(fields: Iterable | None) -> list | None:
     return [[_text(name), _text(value)] for name, value in fields]
 
 
+def _flow_headers(fields: Iterable | None) -> list | None:
+    """_headers() of a live flow's Headers.fields (pairs of bytes), without a call per name and value."""
+    if fields is None:
+        return None
+    try:
+        return [[name.decode("latin-1"), value.decode("latin-1")] for name, value in fields]
+    except (AttributeError, TypeError, ValueError):  # not pairs of bytes: the general way decides
+        return _headers(fields)
+
+
 def _plain(value, depth: int = 0):
     """Metadata made JSON the same way from the live flow and from the tnetstring record."""
     if depth > 32:
@@ -61,7 +71,15 @@ def _plain(value, depth: int = 0):
     if kind is str or value is None or kind is bool:  # the common cases first: this runs for every entry
         return value
     if kind is dict:
-        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+        if depth >= 32:  # its values would be "<nested too deep>": the general way
+            return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+        # Text, null and booleans, which _plain() returns unchanged, taken without a call.
+        return {k if type(k) is str else str(k): v if (type(v) is str or v is None or type(v) is bool)
+                else _plain(v, depth + 1) for k, v in value.items()}
+    if kind is int:
+        return value if -JSON_SAFE_INT <= value <= JSON_SAFE_INT else str(value)
+    if (kind is list or kind is tuple) and depth < 32:  # as for dicts: text, null and booleans without a call
+        return [v if (type(v) is str or v is None or type(v) is bool) else _plain(v, depth + 1) for v in value]
     if isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -100,8 +118,8 @@ def claims_of_flow(flow) -> dict:
         "request.port": req.port,
         "request.path": _text(req.path),  # the path and the query
         "request.http_version": _text(req.http_version),
-        "request.headers": _headers(req.headers.fields),
-        "request.trailers": _headers(req.trailers.fields) if req.trailers is not None else None,
+        "request.headers": _flow_headers(req.headers.fields),
+        "request.trailers": _flow_headers(req.trailers.fields) if req.trailers is not None else None,
         "request.content": _sha(req.content),
         "request.timestamps": [_micros(req.timestamp_start), _micros(req.timestamp_end)],
     }
@@ -111,8 +129,8 @@ def claims_of_flow(flow) -> dict:
             "response.status_code": res.status_code,
             "response.reason": _text(res.reason),
             "response.http_version": _text(res.http_version),
-            "response.headers": _headers(res.headers.fields),
-            "response.trailers": _headers(res.trailers.fields) if res.trailers is not None else None,
+            "response.headers": _flow_headers(res.headers.fields),
+            "response.trailers": _flow_headers(res.trailers.fields) if res.trailers is not None else None,
             "response.content": _sha(res.content),
             "response.timestamps": [_micros(res.timestamp_start), _micros(res.timestamp_end)],
         })
@@ -233,11 +251,16 @@ def _fast_json_bytes(value) -> bytes | None:
         text = _escape(value)
     elif kind is list or kind is dict:
         try:
-            text = _FAST_ENCODER.encode(value)
+            text = "".join(encode_sorted(value, 0))
         except (TypeError, ValueError, RecursionError):
             return None
     else:
         return None
+    return _utf8_unless_astral(text)
+
+
+def _utf8_unless_astral(text: str) -> bytes | None:
+    """The UTF-8 of text from the C encoder, or None where the careful path must decide (see _fast_json_bytes)."""
     if text.isascii():
         return text.encode("ascii")
     try:
@@ -265,18 +288,76 @@ def _json_text(value) -> str:
 
 
 _escape = json.encoder.encode_basestring  # the C escaper json.dumps(ensure_ascii=False) uses
-# Lists and objects in one call: strings escaped by the same C escaper, integers in decimal, keys sorted by
-# code point (the same as RFC 8785 while no key holds a character above U+FFFF, which _ASTRAL sends back).
-_FAST_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                                 check_circular=False)
+# Lists and objects in one call (chain.encode_sorted: jcs()'s C encoder): strings escaped by the same C escaper,
+# integers in decimal, keys sorted by code point (the same as RFC 8785 while no key holds a character above
+# U+FFFF, which _ASTRAL sends back).
 _ASTRAL = re.compile(rb"[\xf0-\xf4]")  # the lead byte of a 4-byte UTF-8 sequence
 
 
 def record_digest(claims: Mapping) -> dict:
     """{"sha256": the record digest, "fields": {field: short digest}} over the claims that are not null."""
-    full = {name: field_digest(value) for name, value in claims.items() if value is not None}
-    return {"sha256": hashlib.sha256(jcs(full, ints_checked=True)).hexdigest(),
-            "fields": {name: digest[:SHORT_DIGEST] for name, digest in full.items()}}
+    full, short = {}, {}
+    sha256 = hashlib.sha256
+    for name, value in claims.items():  # field_digest(), its common cases written out: 30 claims a flow
+        kind = type(value)
+        if kind is str:
+            text = _escape(value)
+        elif kind is list or kind is dict:
+            try:
+                text = "".join(encode_sorted(value, 0))
+            except (TypeError, ValueError, RecursionError):
+                text = None
+        elif value is None:
+            continue
+        elif kind is int and -JSON_SAFE_INT <= value <= JSON_SAFE_INT:
+            text = str(value)
+        else:
+            text = None
+        if text is None:
+            digest = field_digest(value)
+        else:
+            # Half the claims are the same text flow after flow (method, host, identity, instance...): the
+            # digest of the text the field had last time is taken again rather than hashed again.
+            last = _last_digests.get(name)
+            if last is not None and last[0] == text:
+                digest = last[1]
+            else:
+                data = _utf8_unless_astral(text)
+                if data is None:
+                    digest = field_digest(value)
+                else:
+                    digest = sha256(data).hexdigest()
+                    if len(text) <= _MEMO_TEXT and (last is not None or len(_last_digests) < 4096):
+                        _last_digests[name] = (text, digest)  # one tuple, replaced whole (safe from any thread)
+        full[name] = digest
+        short[name] = digest[:SHORT_DIGEST]
+    return {"sha256": sha256(_digests_jcs(full)).hexdigest(), "fields": short}
+
+
+_last_digests: dict[str, tuple[str, str]] = {}  # field name -> (its value's JSON text, that text's digest), last seen
+_MEMO_TEXT = 2048  # longer texts are not kept: the fields that repeat are short; a hostile flow file's need not be
+
+
+def _digests_jcs(full: dict) -> bytes:
+    """jcs(full) for {field name: hex digest}: the members in code point order, the names escaped by the C
+    escaper, the digests (hex, nothing to escape) as they are; jcs() itself where a name is not ASCII (RFC
+    8785 orders characters above U+FFFF its own way)."""
+    prefixes = _member_prefixes
+    members = []
+    for name in sorted(full):
+        prefix = prefixes.get(name)
+        if prefix is None:
+            prefix = f'{_escape(name)}:"'
+            if len(prefixes) < 4096:
+                prefixes[name] = prefix
+        members.append(prefix + full[name])
+    text = '{' + '",'.join(members) + '"}' if members else "{}"
+    if not text.isascii():
+        return jcs(full, ints_checked=True)
+    return text.encode("ascii")
+
+
+_member_prefixes: dict[str, str] = {}  # field name -> '"name":"' as JSON: the same thirty names on every flow
 
 
 def differing_fields(audited: Mapping, recorded: Mapping) -> list[str]:

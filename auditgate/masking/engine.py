@@ -17,6 +17,12 @@ os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(tempfile.gettempdir(), "a
 
 import logging  # noqa: E402
 
+try:  # the parse tree of a trigger (see _literal_anchors); without it, triggers are scanned the usual way
+    import re._constants as _sre_constants  # noqa: E402
+    import re._parser as _sre_parse  # noqa: E402
+except ImportError:  # pragma: no cover - a Python that moved its regular expression parser
+    _sre_constants = _sre_parse = None
+
 # Presidio logs a debug line for every pattern it tries; under mitmproxy every log record is
 # dispatched to every loaded addon, which would cost more than the analysis itself.
 for _name in ("presidio-analyzer", "presidio-anonymizer"):
@@ -31,6 +37,7 @@ from presidio_analyzer import (  # noqa: E402
 )
 from presidio_analyzer.analyzer_engine import REGEX_TIMEOUT_SECONDS  # noqa: E402
 from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer  # noqa: E402
+from presidio_analyzer.predefined_recognizers import IbanRecognizer  # noqa: E402
 from presidio_analyzer.recognizer_registry import RecognizerRegistryProvider  # noqa: E402
 from presidio_anonymizer import AnonymizerEngine  # noqa: E402
 from presidio_anonymizer.entities import OperatorConfig  # noqa: E402
@@ -41,6 +48,7 @@ from auditgate.masking.normalize import Normalized, normalize  # noqa: E402
 
 # Text around a trigger that a recognizer sees: wide enough for any entity the patterns describe.
 TRIGGER_RADIUS = 96
+_DIGITS_AS_ZERO = bytes(ord("0") if chr(b) in "0123456789" else ord(" ") for b in range(256))
 _DIGIT_RUN_TRIGGER = re.compile(r"\\d\{(\d+)\}")  # a trigger that is a run of n digits, written \d{n}
 
 
@@ -50,6 +58,141 @@ class Span:
     start: int
     end: int
     score: float
+
+
+# A finding inside the engine: (entity type, start, end, score), what a RecognizerResult holds that masking
+# reads. Plain tuples: a RecognizerResult costs a constructor call, a metadata dict and a string-built hash.
+Found = tuple[str, int, int, float]
+_MIN_SCORE, _MAX_SCORE = EntityRecognizer.MIN_SCORE, EntityRecognizer.MAX_SCORE
+
+
+def _by_type_start_longest(found: Found) -> tuple:
+    return found[0], found[1], found[1] - found[2], -found[3]
+
+
+def _by_score_start_longest(found: Found) -> tuple:
+    return -found[3], found[1], found[1] - found[2]
+
+
+def remove_duplicates(results: list[Found]) -> list[Found]:
+    """``EntityRecognizer.remove_duplicates`` on Found tuples: the same findings in the same order.
+
+    Zero scores go; so does a finding inside another of its entity type that scores as high or higher.
+    tests/test_masking_cost_engine.py compares both on random findings."""
+    if len(results) < 2:
+        return [r for r in results if r[3] != 0]
+    ordered = sorted(set(results), key=_by_type_start_longest)
+    kept: list[Found] = []
+    active: list[Found] = []  # kept findings of this entity type that may still contain the next one
+    entity = None
+    for result in ordered:
+        if result[0] != entity:
+            entity, active = result[0], []
+        if result[3] == 0:
+            continue
+        _, start, end, score = result
+        active = [f for f in active if f[2] >= start]
+        for f in active:
+            if start >= f[1] and end <= f[2] and score <= f[3]:
+                break
+        else:
+            kept.append(result)
+            active.append(result)
+    kept.sort(key=_by_score_start_longest)
+    return kept
+
+
+def _literal_anchors(pattern: re.Pattern) -> tuple[tuple[str, int], ...] | None:
+    """(literal, offset) pairs such that every match of pattern, at s, holds one of the literals at s + offset;
+    None when the pattern's structure does not show one for each of its alternatives.
+
+    Read from the pattern's parse tree: for each top-level alternative, the longest run of plain
+    characters whose distance from the start of a match is fixed (only fixed-width items before it).
+    Case-insensitive patterns are not read (a literal would stand for its other cases too).
+    """
+    if _sre_parse is None or not isinstance(pattern.pattern, str) or pattern.flags & (re.IGNORECASE | re.VERBOSE):
+        return None
+    try:
+        parsed = _sre_parse.parse(pattern.pattern, pattern.flags)
+    except Exception:  # a construct this parser reads otherwise: scan the usual way
+        return None
+    items = list(parsed)
+    alternatives = items[0][1][1] if len(items) == 1 and items[0][0] is _sre_constants.BRANCH else [parsed]
+    anchors = []
+    for alternative in alternatives:
+        best, run, run_at, offset = "", "", 0, 0
+        for op, av in alternative:
+            if op is _sre_constants.LITERAL:
+                if not run:
+                    run_at = offset
+                run += chr(av)
+                offset += 1
+                if len(run) > len(best):
+                    best, best_at = run, run_at
+                continue
+            run = ""
+            if op in (_sre_constants.GROUPREF, _sre_constants.GROUPREF_EXISTS):
+                break
+            low, high = _sre_parse.SubPattern(alternative.state, [(op, av)]).getwidth()
+            if low != high:
+                break
+            offset += low
+        if not best:
+            return None
+        anchors.append((best, best_at))
+    return tuple(dict.fromkeys(anchors))
+
+
+class _TriggerScan:
+    """The matches of one trigger, as ``pattern.finditer`` gives them, found faster where the pattern allows.
+
+    A regular expression without a literal start makes Python's re try it at every character (tens of
+    nanoseconds each, on every text leaf). Where every match holds one of a few literals at a fixed
+    distance from its start (``\\d\\.\\d|:...:``: a "." one character in, or a ":" at the start), the
+    literals are found with str.find and the pattern is tried only where a match could start: the
+    leftmost such start at or after the end of the previous match is where finditer's search would
+    stop, so the matches are the same (tests/test_masking_cost_engine.py compares both ways).
+    """
+
+    __slots__ = ("pattern", "anchors")
+
+    def __init__(self, pattern: re.Pattern) -> None:
+        self.pattern = pattern
+        anchors = _literal_anchors(pattern)
+        self.anchors = anchors if anchors and pattern.match("") is None else None  # an empty match: scan
+
+    def _starts(self, text: str) -> list[int] | None:
+        """Every position a match could start at, in order; None when there are so many that scanning
+        is cheaper."""
+        starts: set[int] = set()
+        budget = len(text) // 16 + 8
+        for literal, offset in self.anchors:
+            at = text.find(literal)
+            while at >= 0:
+                if at >= offset:
+                    starts.add(at - offset)
+                if len(starts) > budget:
+                    return None
+                at = text.find(literal, at + 1)
+        return sorted(starts)
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        starts = self._starts(text) if self.anchors else None
+        if starts is None:
+            return [m.span() for m in self.pattern.finditer(text)]
+        spans, after, match = [], 0, self.pattern.match
+        for start in starts:
+            if start >= after and (m := match(text, start)) is not None:
+                spans.append(m.span())
+                after = m.end()
+        return spans
+
+    def search(self, text: str) -> bool:
+        starts = self._starts(text) if self.anchors else None
+        if starts is None:
+            return self.pattern.search(text) is not None
+        match = self.pattern.match
+        return any(match(text, start) is not None for start in starts)
 
 
 class ModelNotInstalled(RuntimeError):
@@ -72,6 +215,47 @@ class _NoContextEnhancer(ContextAwareEnhancer):
         return raw_results
 
 
+# Patterns whose every match holds this character once and no space or line break, and looks at most one
+# character past its ends (\\b, a one-character lookbehind): they need only run over the runs of
+# non-space text around each occurrence of the character (plus one character each side) to find every
+# match they find in the whole text. Keyed by the exact pattern (an edited pattern runs over the whole
+# window again). tests/test_masking_cost_engine.py compares both ways on random texts.
+_CONFINED_AROUND = {
+    # Presidio's EmailRecognizer: local part and domain are \w and punctuation, one [@] between them.
+    r"\b((([!#$%&'*+\-/=?^_`{|}~\w])|([!#$%&'*+\-/=?^_`{|}~\w][!#$%&'*+\-/=?^_`{|}~\.\w]{0,}[!#$%&'*+\-/=?^_`{|}~\w]))"
+    r"[@]\w+(?:-+\w+)*(?:\.\w+(?:-+\w+)*)+)\b": "@",
+    # The shipped recognizers file's email after a URL or form separator.
+    r"""(?<=[/?=&:;,(<\['"])[A-Za-z0-9._%+\-]{1,64}@(?:[A-Za-z0-9\-]{1,63}\.)+[A-Za-z]{2,24}\b""": "@",
+}
+_PRESIDIO_IBAN = (r"(?<![A-Z0-9])([A-Z]{2}[0-9]{2}(?:[ -]?[A-Z0-9]{4}){2,6})"
+                  r"((?:[ -]?[A-Z0-9]{4})?)((?:[ -]?[A-Z0-9]{1,3})?)(?![A-Z0-9])")
+# ASCII text as bytes: each letter "a", each digit "0", anything else " ".
+_LETTERS_AND_DIGITS = bytes(
+    ord("a") if chr(b).isascii() and chr(b).isalpha() else ord("0") if chr(b) in "0123456789" else ord(" ")
+    for b in range(256))
+# Flags that keep the reading above true (no verbose mode, no version 1 set syntax).
+_PLAIN_FLAGS = regex.I | regex.M | regex.S | regex.U
+
+
+def _runs_around(text: str, char: str) -> list[tuple[int, int]]:
+    """(start, end) ranges of text, in order and apart, that hold every run of non-space text containing
+    char, each with the character before and after it (what \\b or a one-character lookbehind reads)."""
+    ranges: list[tuple[int, int]] = []
+    size = len(text)
+    at = text.find(char)
+    while at >= 0:
+        start = max(text.rfind(" ", 0, at), text.rfind("\n", 0, at))  # the character before the run, or -1
+        ends = [i for i in (text.find(" ", at), text.find("\n", at)) if i >= 0]
+        end = min(ends) if ends else size  # the character after the run, or the end
+        low, high = max(0, start), min(size, end + 1)
+        if ranges and low <= ranges[-1][1]:
+            ranges[-1] = (ranges[-1][0], high)
+        else:
+            ranges.append((low, high))
+        at = text.find(char, end)
+    return ranges
+
+
 class _DirectPatterns:
     """What ``PatternRecognizer.analyze`` returns, without its per-call extras.
 
@@ -80,7 +264,9 @@ class _DirectPatterns:
     triggers that costs as much as the matching. Here the patterns are compiled once (the same
     ``regex`` module and flags) and the recognizer's own ``validate_result`` / ``invalidate_result``
     decide the scores, as in Presidio. One difference, on purpose: a pattern that runs into the regex
-    timeout raises (the masking fails closed) where Presidio logs it and skips the pattern.
+    timeout raises (the masking fails closed) where Presidio logs it and skips the pattern. A pattern
+    known to match only non-space text around one character (see _CONFINED_AROUND) runs only over
+    that text; findings are (entity type, start, end, score) tuples, not RecognizerResults.
     """
 
     def __init__(self, recognizer: PatternRecognizer, score_threshold: float = 0.0) -> None:
@@ -88,8 +274,9 @@ class _DirectPatterns:
         # A pattern scoring below the threshold can only matter if validation may raise its score: where
         # the recognizer has no validation, its findings would all be dropped, so it is not run at all.
         validates = type(recognizer).validate_result is not PatternRecognizer.validate_result
-        self.patterns = [(regex.compile(p.regex, flags=flags), p.score) for p in recognizer.patterns
-                         if validates or p.score >= score_threshold]
+        plain = not flags & ~_PLAIN_FLAGS
+        self.patterns = [(regex.compile(p.regex, flags=flags), p.score, _CONFINED_AROUND.get(p.regex) if plain else None)
+                         for p in recognizer.patterns if validates or p.score >= score_threshold]
         self.entity_type = recognizer.supported_entities[0]
         self.validate = recognizer.validate_result
         self.invalidate = recognizer.invalidate_result
@@ -103,22 +290,76 @@ class _DirectPatterns:
                 and cls.analyze is PatternRecognizer.analyze
                 and cls._PatternRecognizer__analyze_patterns is PatternRecognizer._PatternRecognizer__analyze_patterns)
 
-    def analyze(self, text: str) -> list[RecognizerResult]:
+    def analyze(self, text: str) -> list[Found]:
+        results: list[Found] = []
+        whole = ((0, len(text)),)
+        for pattern, score, around in self.patterns:
+            for low, high in (whole if around is None else _runs_around(text, around)):
+                results += self._matches(pattern, score, text, low, high)
+        return remove_duplicates(results)
+
+    def _matches(self, pattern, score: float, text: str, low: int, high: int) -> list[Found]:
         results = []
-        lowest, highest = EntityRecognizer.MIN_SCORE, EntityRecognizer.MAX_SCORE
+        lowest, highest = _MIN_SCORE, _MAX_SCORE
+        validate, invalidate, entity_type = self.validate, self.invalidate, self.entity_type
+        for match in pattern.finditer(text, low, high, timeout=REGEX_TIMEOUT_SECONDS):
+            start, end = match.span()
+            if start == end:
+                continue
+            value = text[start:end]
+            valid = validate(value)
+            found = score if valid is None else (highest if valid else lowest)
+            if invalidate(value):
+                found = lowest
+            if found > lowest:
+                results.append((entity_type, start, end, found))
+        return results
+
+
+class _DirectIban:
+    """What ``IbanRecognizer.analyze`` returns, its pattern compiled once.
+
+    Presidio's IBAN loop passes the pattern's source to ``regex.finditer`` on every call (a cache
+    lookup that costs more than the match on a small window) and builds an explanation per match.
+    The loop is the same: for each match, the longest of its group ends that validates (or scores
+    above the minimum) is the finding, and the recognizer's own ``validate_result`` decides. As
+    with _DirectPatterns, a pattern that runs into the regex timeout raises (fails closed)."""
+
+    def __init__(self, recognizer: IbanRecognizer) -> None:
+        flags = recognizer.global_regex_flags
+        self.patterns = [(regex.compile(p.regex, flags=flags), p.score) for p in recognizer.patterns]
+        self.entity_type = recognizer.supported_entities[0]
+        self.validate = recognizer.validate_result
+        # Every match of Presidio's IBAN pattern starts with two letters and two digits: on ASCII text
+        # without that shape (most windows around a run of digits), there is nothing to run.
+        self.needs_letters_then_digits = not flags & ~_PLAIN_FLAGS and all(
+            p.regex == _PRESIDIO_IBAN for p in recognizer.patterns)
+
+    @staticmethod
+    def serves(recognizer: EntityRecognizer) -> bool:
+        """Presidio's IBAN recognizer itself (a subclass may change its loop)."""
+        return type(recognizer) is IbanRecognizer and bool(recognizer.patterns)
+
+    def analyze(self, text: str) -> list[Found]:
+        if (self.needs_letters_then_digits and text.isascii()
+                and b"aa00" not in text.encode("ascii").translate(_LETTERS_AND_DIGITS)):
+            return []
+        results = []
+        lowest, highest = _MIN_SCORE, _MAX_SCORE
         for pattern, score in self.patterns:
             for match in pattern.finditer(text, timeout=REGEX_TIMEOUT_SECONDS):
-                start, end = match.span()
-                if start == end:
-                    continue
-                value = text[start:end]
-                valid = self.validate(value)
-                found = score if valid is None else (highest if valid else lowest)
-                if self.invalidate(value):
-                    found = lowest
-                if found > lowest:
-                    results.append(RecognizerResult(self.entity_type, start, end, found))
-        return EntityRecognizer.remove_duplicates(results)
+                start, whole_end = match.span()
+                for group in range(len(match.groups()), 0, -1):
+                    end = match.span(group)[1]
+                    end = end if end > 0 else whole_end
+                    if start >= end:
+                        continue
+                    valid = self.validate(text[start:end])
+                    found = score if valid is None else (highest if valid else lowest)
+                    if found > lowest:
+                        results.append((self.entity_type, start, end, found))
+                        break
+        return results
 
 
 def _nlp_engine(settings: MaskingSettings):
@@ -175,6 +416,10 @@ class PiiMasker:
         shortest = min(self._digit_triggers, default=1)
         # \d\d+ rather than \d{2,}: the same matches, found in half the time by Python's re.
         self._digit_runs = re.compile(r"\d" * (shortest - 1) + r"\d+")
+        # On ASCII text \d is [0-9]: the runs are found in the text as bytes with each digit "0" and every
+        # other character " ", where the search starts with a literal (a quarter of the time).
+        self._ascii_digit_runs = re.compile(rb"0" * (shortest - 1) + rb"0+")
+        self._scanners = {pattern: _TriggerScan(pattern) for pattern in self.triggers.values()}
         self.operators = {
             entity: OperatorConfig(spec["type"], {k: v for k, v in spec.items() if k != "type"})
             for entity, spec in settings.operators.items()
@@ -185,13 +430,15 @@ class PiiMasker:
             for entity, config in self.operators.items()
         }
         self.supported = set(self.analyzer.get_supported_entities(settings.language))
+        self._entities: dict[str, tuple[str, ...]] = {}
         self._allowed = frozenset(settings.allow_list)
         # Without an NLP model each recognizer is called directly (see _analyze); the engine's per-call
         # set-up (recognizer lookup, empty NLP artifacts, result bookkeeping) would cost about as
         # much as the recognizers themselves on the small windows around triggers.
         self._direct = not settings.nlp_model
         self._recognizers: dict[str, tuple[EntityRecognizer, ...]] = {}
-        self._direct_patterns: dict[int, _DirectPatterns] = {}
+        self._direct_patterns: dict[int, _DirectPatterns | _DirectIban] = {}
+        self._recognizer_plans: dict[tuple[str, ...], tuple[EntityRecognizer, ...]] = {}
         if self._direct:
             self._no_nlp = self.analyzer.nlp_engine.process_text("", settings.language)
             for entity in self.supported:
@@ -201,14 +448,19 @@ class PiiMasker:
                         recognizer.load()
                         recognizer.is_loaded = True
                 self._recognizers[entity] = tuple(found)
-            self._direct_patterns = {
-                id(recognizer): _DirectPatterns(recognizer, settings.score_threshold)
-                for found in self._recognizers.values() for recognizer in found if _DirectPatterns.serves(recognizer)
-            }
+            for found in self._recognizers.values():
+                for recognizer in found:
+                    if _DirectPatterns.serves(recognizer):
+                        self._direct_patterns[id(recognizer)] = _DirectPatterns(recognizer, settings.score_threshold)
+                    elif _DirectIban.serves(recognizer):
+                        self._direct_patterns[id(recognizer)] = _DirectIban(recognizer)
 
     def entities(self, direction: str) -> tuple[str, ...]:
-        wanted = self.settings.direction(direction).entities
-        return tuple(e for e in wanted if e in self.supported)
+        found = self._entities.get(direction)
+        if found is None:  # settings and supported entities are fixed for this engine's life
+            wanted = self.settings.direction(direction).entities
+            found = self._entities[direction] = tuple(e for e in wanted if e in self.supported)
+        return found
 
     def may_contain(self, text: str, entities: Iterable[str]) -> bool:
         """False only when no entity can be present: every one has a trigger and none occurs (in the
@@ -222,7 +474,7 @@ class PiiMasker:
             if trigger is None:
                 return True
             if trigger not in searched:
-                if trigger.search(text):
+                if self._scanners[trigger].search(text):
                     return True
                 searched.add(trigger)
         return False
@@ -245,13 +497,15 @@ class PiiMasker:
 
     def _find_in(self, text: str, entities: tuple[str, ...]) -> list[Span]:
         untriggered = [e for e in entities if e not in self.triggers]
-        results: list[RecognizerResult] = []
+        results: list[Found] = []
         if untriggered:
             results += self._analyze(text, 0, len(text), untriggered)
         for start, end, wanted in self._trigger_windows(text, [e for e in entities if e in self.triggers]):
             results += self._analyze(text, start, end, sorted(wanted))
-        results = EntityRecognizer.remove_duplicates(results)
-        return sorted((Span(r.entity_type, r.start, r.end, r.score) for r in results), key=lambda s: (s.start, s.end))
+        if not results:
+            return []
+        results = remove_duplicates(results)
+        return sorted((Span(*r) for r in results), key=lambda s: (s.start, s.end))
 
     def _trigger_windows(self, text: str, entities: list[str]) -> list[tuple[int, int, set[str]]]:
         wanted = set(entities)
@@ -259,8 +513,8 @@ class PiiMasker:
         for pattern, sharing in self._trigger_scans.items():
             names = wanted.intersection(sharing)
             if names:
-                spans += [(max(0, m.start() - TRIGGER_RADIUS), min(len(text), m.end() + TRIGGER_RADIUS), names)
-                          for m in pattern.finditer(text)]
+                spans += [(max(0, start - TRIGGER_RADIUS), min(len(text), end + TRIGGER_RADIUS), names)
+                          for start, end in self._scanners[pattern].spans(text)]
         if self._digit_triggers:
             spans += self._digit_trigger_spans(text, wanted)
         spans.sort(key=lambda s: s[0])
@@ -293,50 +547,57 @@ class PiiMasker:
         if not triggers:
             return []
         spans, size = [], len(text)
-        for run in self._digit_runs.finditer(text):
+        if text.isascii():
+            runs = self._ascii_digit_runs.finditer(text.encode("ascii").translate(_DIGITS_AS_ZERO))
+        else:
+            runs = self._digit_runs.finditer(text)
+        for run in runs:
             start, length = run.start(), run.end() - run.start()
             low = max(0, start - TRIGGER_RADIUS)
             spans += [(low, min(size, start + n * (length // n) + TRIGGER_RADIUS), names)
                       for n, names in triggers if length >= n]
         return spans
 
-    def _analyze(self, text: str, start: int, end: int, entities: list[str]) -> list[RecognizerResult]:
+    def _analyze(self, text: str, start: int, end: int, entities: list[str]) -> list[Found]:
         if self._direct:
             found = self._run_recognizers(text[start:end], entities)
         else:
-            found = self.analyzer.analyze(
+            found = [(r.entity_type, r.start, r.end, r.score) for r in self.analyzer.analyze(
                 text[start:end],
                 language=self.settings.language,
                 entities=entities,
                 score_threshold=self.settings.score_threshold,
                 allow_list=list(self.settings.allow_list) or None,
-            )
-        for result in found:
-            result.start += start
-            result.end += start
+            )]
+        if start:
+            found = [(entity, s + start, e + start, score) for entity, s, e, score in found]
         return found
 
-    def _run_recognizers(self, text: str, entities: list[str]) -> list[RecognizerResult]:
+    def _run_recognizers(self, text: str, entities: list[str]) -> list[Found]:
         """What AnalyzerEngine.analyze returns for pattern recognizers without NLP: each recognizer's
         findings of the wanted entities, at or above the score threshold, not on the allow-list
         (exact match), duplicates removed."""
-        results: list[RecognizerResult] = []
-        ran: set[int] = set()
-        for entity in entities:
-            for recognizer in self._recognizers.get(entity, ()):
-                if id(recognizer) not in ran:
-                    ran.add(id(recognizer))
-                    results += self._run_recognizer(recognizer, text, entities)
+        key = tuple(entities)
+        recognizers = self._recognizer_plans.get(key)
+        if recognizers is None:  # each recognizer once, in the order of the entities it serves
+            found = {id(r): r for entity in entities for r in self._recognizers.get(entity, ())}
+            recognizers = self._recognizer_plans[key] = tuple(found.values())
+        results: list[Found] = []
+        for recognizer in recognizers:
+            results += self._run_recognizer(recognizer, text, entities)
+        if not results:
+            return results
         threshold, allowed = self.settings.score_threshold, self._allowed
-        kept = [r for r in results if r.entity_type in entities and r.score >= threshold
-                and text[r.start:r.end] not in allowed]
-        return EntityRecognizer.remove_duplicates(kept)
+        kept = [r for r in results if r[0] in entities and r[3] >= threshold
+                and not (allowed and text[r[1]:r[2]] in allowed)]
+        return remove_duplicates(kept)
 
-    def _run_recognizer(self, recognizer: EntityRecognizer, text: str, entities: list[str]) -> list[RecognizerResult]:
+    def _run_recognizer(self, recognizer: EntityRecognizer, text: str, entities: list[str]) -> list[Found]:
         direct = self._direct_patterns.get(id(recognizer))
         if direct is not None:
             return direct.analyze(text)
-        return recognizer.analyze(text=text, entities=entities, nlp_artifacts=self._no_nlp)
+        return [(r.entity_type, r.start, r.end, r.score)
+                for r in recognizer.analyze(text=text, entities=entities, nlp_artifacts=self._no_nlp)]
 
     def apply(self, text: str, spans: list[Span]) -> str:
         """Rewrite the given spans of text with their entities' operators."""

@@ -111,7 +111,7 @@ class _Walk:
         if isinstance(value, str):
             return self.text(value, path)
         if isinstance(value, list):
-            return [self.value(v, _join(path, i)) for i, v in enumerate(value)]
+            return [self.value(v, f"{path}[{i}]") for i, v in enumerate(value)]
         if isinstance(value, dict):
             return self.object(value, path)
         return value
@@ -120,18 +120,22 @@ class _Walk:
         before = self.changed
         out: dict = {}
         shadows = []
+        reads_keys = self.reads_keys
+        prefix = f"{path}." if path else ""
         for key, item in value.items():
-            if self.reads_keys:
+            if reads_keys:
                 self.key(key)
             if key in SHADOW_KEYS:
                 shadows.append(key)
                 out[key] = item
-            elif key in STRUCTURAL_KEYS and not isinstance(item, (dict, list)):
+            elif not isinstance(item, (str, dict, list)):  # a number, true/false or null: no text in it
+                out[key] = item
+            elif key in STRUCTURAL_KEYS and isinstance(item, str):
                 out[key] = item
             elif key in JSON_STRING_KEYS and isinstance(item, str):
-                out[key] = self.json_text(item, _join(path, key))
+                out[key] = self.json_text(item, prefix + key if type(key) is str else _join(path, key))
             else:
-                out[key] = self.value(item, _join(path, key))
+                out[key] = self.value(item, prefix + key if type(key) is str else _join(path, key))
         if shadows and self.changed != before:
             for key in shadows:
                 out[key] = drop_shadow(value[key])
