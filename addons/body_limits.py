@@ -18,7 +18,7 @@ from mitmproxy.utils import human
 
 from auditgate.core.flow_contract import BODY_LIMITS, REFUSAL, BodyLimitsRecord
 from auditgate.core.refusal import is_answered, refuse
-from auditgate.core.request_facts import facts_of, is_event_stream
+from auditgate.core.request_facts import facts_of, header_value, is_event_stream
 from auditgate.transport import limits
 from auditgate.transport.inflate import (
     BodyTooLarge,
@@ -115,7 +115,7 @@ class BodySizeLimits:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
             return
-        declared = limits.declared_length(flow.request.headers.get("content-length"))
+        declared = limits.declared_length(header_value(flow.request.headers, b"content-length", None))
         if declared is not None and declared > self.limits.request_bytes:
             # Refused at the headers, so nothing of the body is ever inflated or parsed; mitmproxy still
             # reads it (at most its body_size_limit), the request hook drops it, and the answer goes out.
@@ -137,7 +137,7 @@ class BodySizeLimits:
             _drop_body(flow.request)
             self._refuse(flow, "request", self.limits.request_bytes, inflated=False)
             return
-        encoding = flow.request.headers.get("content-encoding", "")
+        encoding = header_value(flow.request.headers, b"content-encoding")
         if not encoding:
             return
         decoded = await self._inflate(flow, flow.request, "request", self.limits.request_bytes)
@@ -153,7 +153,7 @@ class BodySizeLimits:
         response = flow.response
         if not flow.live or response is None or REFUSAL.on(flow):
             return
-        declared = limits.declared_length(response.headers.get("content-length"))
+        declared = limits.declared_length(header_value(response.headers, b"content-length", None))
         if declared is not None:
             self._record(flow, response_bytes=declared)
         if is_event_stream(response) and not response.stream:
@@ -187,7 +187,7 @@ class BodySizeLimits:
         if len(raw) > self.limits.response_bytes:
             self._refuse(flow, "response", self.limits.response_bytes, inflated=False)
             return
-        if not response.headers.get("content-encoding"):
+        if not header_value(response.headers, b"content-encoding"):
             return
         decoded = await self._inflate(flow, response, "response", self.limits.response_bytes)
         if decoded is not None:

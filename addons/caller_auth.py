@@ -26,6 +26,7 @@ from auditgate.core.flow_contract import (
 )
 from auditgate.core.options import add_gateway_options, rules_dir
 from auditgate.core.refusal import is_answered, refuse
+from auditgate.core.request_facts import header_value
 from auditgate.identity.authenticator import AuthFailure, CallerAuthenticator
 from auditgate.identity.identities_file import IdentitiesFile, identities_file
 from auditgate.identity.service_tokens import IDENTITIES_FILE, add_service_token
@@ -117,9 +118,9 @@ class CallerAuth:
     def _credential(self, flow: http.HTTPFlow, authenticator: CallerAuthenticator) -> tuple[str | None, str]:
         """The credential this request authenticates with, and where it came from."""
         headers = flow.request.headers
-        own = bearer_token(headers.get("authorization", "")) or headers.get("api-key", "").strip() or None
+        own = bearer_token(header_value(headers, b"authorization")) or header_value(headers, b"api-key").strip() or None
         # A plain-HTTP request through the proxy carries Proxy-Authorization itself; a tunnel had it on CONNECT.
-        on_request = proxy_credential(headers.get("proxy-authorization", ""))
+        on_request = proxy_credential(header_value(headers, b"proxy-authorization"))
         proxy = on_request or self._connect_credentials.get(flow.client_conn)
         # A per-request credential wins. The SDK always sends OPENAI_API_KEY, though, so with the token
         # in HTTPS_PROXY a placeholder there (neither a JWT nor a service token) leaves the proxy's.

@@ -22,7 +22,7 @@ from auditgate.core.credentials import (
 from auditgate.core.flow_contract import GUARD, KEY_HEADER, REFUSAL
 from auditgate.core.options import add_gateway_options, load_rules
 from auditgate.core.refusal import is_answered, refuse
-from auditgate.core.request_facts import facts_of, is_event_stream
+from auditgate.core.request_facts import facts_of, header_value, is_event_stream
 from auditgate.routing import key_echo, key_on_wire
 from auditgate.routing.key_echo import (
     KeyEchoes,
@@ -170,9 +170,10 @@ class KeyCustody:
         headers = flow.request.headers
         remove_credential_headers(headers)
         remove_identity_headers(headers)
-        dropped = [name for name, _ in headers.fields if not upstream.forwards(name.decode("latin-1").lower())]
-        if dropped:
-            kept = tuple(field for field in headers.fields if upstream.forwards(field[0].decode("latin-1").lower()))
+        forwards = upstream.forwards_field
+        kept = tuple(field for field in headers.fields if forwards(field[0]))
+        if len(kept) != len(headers.fields):
+            dropped = [name for name, _ in headers.fields if not forwards(name)]
             headers.fields = kept
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("not forwarded to %s: %s", upstream.host, ", ".join(sorted({n.decode("latin-1").lower()
@@ -254,7 +255,7 @@ class KeyCustody:
         raw, found = WIRE.echoes.scrub(response.raw_content)
         if found:
             response.raw_content = raw
-        if response.headers.get("content-encoding"):
+        if header_value(response.headers, b"content-encoding"):
             body = response.get_content(strict=False) or b""
             body, in_body = WIRE.echoes.scrub(body)
             if in_body:

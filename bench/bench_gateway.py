@@ -43,6 +43,7 @@ os.environ.setdefault("TLDEXTRACT_CACHE", os.path.join(tempfile.gettempdir(), "a
 
 from auditgate.core.shipped import SHIPPED_RULES  # noqa: E402
 from auditgate.identity.service_tokens import add_service_token  # noqa: E402
+from bench.process_cpu import cpu_seconds  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BODY = {"model": "gpt-test", "input": "Summarise the quarterly report in two paragraphs."}
@@ -211,24 +212,7 @@ def percentile(values: list[float], p: float) -> float:
 
 def _cpu_seconds(pid: int) -> float:
     """CPU time used so far by a process and every process below it (masking workers, the flow writer)."""
-    children: dict[int, list[int]] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-        ticks[int(entry)] = int(fields[11]) + int(fields[12])  # utime, stime
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        total += ticks.get(current, 0)
-        todo += children.get(current, [])
-    return total / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(pid)[pid]
 
 
 def request_scenario(setup: Setup, args, title: str, check=None) -> None:

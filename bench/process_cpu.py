@@ -1,13 +1,13 @@
 """CPU time of a process and everything below it, to the nanosecond where Linux allows (benchmarks).
 
-Like bench_gateway._cpu_seconds (the process, its threads and its child processes: masking workers, the flow
-writer), but sharper: utime+stime come in 10 ms ticks, too coarse for a load generator or an upstream that
+The process, its threads and its child processes (masking workers, the flow writer), sharper than
+utime+stime alone: utime+stime come in 10 ms ticks, too coarse for a load generator or an upstream that
 spends tens of microseconds per request over a few hundred requests. Each process counts as the larger of
   - the sum of its live threads' /proc/<pid>/task/<tid>/schedstat (time on a CPU, in ns): exact, but a thread
     that has ended takes its time with it (a ThreadingHTTPServer's per-connection threads), and
   - its utime+stime, which keeps ended threads' time but is truncated to ticks (at most 2 low).
 So it is exact while the threads live on (asyncio executors, HAProxy's threads) and never more than 2 ticks
-out otherwise. Ended child processes are not counted (as in _cpu_seconds).
+out otherwise. Ended child processes are not counted.
 """
 
 from __future__ import annotations

@@ -21,8 +21,14 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length)
         upstream = self.server
+        if len(body) < length:
+            # The sender died between the request's head and its body (a kill -9 of the gateway): no request
+            # reached this upstream whole, so none is counted as received.
+            self.close_connection = True
+            return
         with upstream.lock:
             upstream.received.append(hashlib.sha256(body).hexdigest())
             upstream.in_flight += 1

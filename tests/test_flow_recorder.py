@@ -258,6 +258,37 @@ def test_flow_record_is_byte_for_byte_mitmproxys_flow_writer_and_leaves_the_flow
     assert flow.get_state() == before and flow.metadata["other"][1] == ("tuple", 2)
 
 
+def test_flows_on_kept_alive_connections_reuse_their_encoding_and_still_write_mitmproxys_bytes():
+    import io as std_io
+
+    from auditgate.recording import writer
+
+    def mitmproxys(flow):
+        buffer = std_io.BytesIO()
+        io.FlowWriter(buffer).add(flow)
+        return buffer.getvalue()
+
+    first, second = _flow(b"one"), _flow(b"two")
+    second.client_conn, second.server_conn = first.client_conn, first.server_conn  # one kept-alive connection pair
+    assert writer.flow_record(first) == mitmproxys(first)
+    client = writer._encoded_connection(first.client_conn)
+    assert writer.flow_record(second) == mitmproxys(second)
+    assert writer._encoded_connection(second.client_conn) is client  # encoded once, reused
+    # A change of the connection, even one == cannot see (a port as a float, a start time that is 1.0 vs 1),
+    # gives its own bytes: mitmproxy's.
+    for change in ({"timestamp_end": 2.0}, {"tls_version": "TLSv1.3"}, {"timestamp_start": 1}, {"timestamp_start": 1.0},
+                   {"alpn": b"h2"}, {"sockname": ("127.0.0.1", 8080.0)}, {"error": "closed"}):
+        for name, value in change.items():
+            setattr(second.client_conn, name, value)
+            setattr(second.server_conn, name, value)
+        assert writer.flow_record(second) == mitmproxys(second), change
+        assert writer.flow_record(first) == mitmproxys(first), change
+    # A flow with a backup (compared with its state): its connections are taken as they are.
+    second.backup()
+    second.comment = "changed after its backup"
+    assert writer.flow_record(second) == mitmproxys(second)
+
+
 def test_a_flow_that_cannot_be_encoded_is_lost_alone_and_reported(tmp_path):
     recorder = FlowRecorder()
     reported = []

@@ -9,6 +9,7 @@ Presidio's AnalyzerEngine over windows found with plain finditer scans.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -17,14 +18,19 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from presidio_analyzer import EntityRecognizer, RecognizerResult
+from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
 
 from auditgate.masking.config import load_masking_settings
 from auditgate.masking.engine import (
+    _BETWEEN_DIGITS,
     PiiMasker,
+    _digits_from_to,
     _DirectIban,
     _DirectPatterns,
     _literal_anchors,
+    _runs_around,
     _TriggerScan,
+    luhn_valid,
     remove_duplicates,
 )
 from tests.masking_fixtures import PII_VALUES, shipped_rules
@@ -135,7 +141,7 @@ def test_a_literal_on_every_character_falls_back_to_finditer():
 # ---- recognizers: confined patterns and the IBAN pre-check ------------------------------------------------
 def test_the_shipped_email_patterns_run_around_their_at_sign_and_the_iban_check_applies(masker):
     confined = [p for d in masker._direct_patterns.values() if isinstance(d, _DirectPatterns)
-                for p in d.patterns if p[2] is not None]
+                for p in d.patterns if isinstance(p[2], str)]
     assert len(confined) == 2  # Presidio's email pattern and the shipped one after a URL or form separator
     ibans = [d for d in masker._direct_patterns.values() if isinstance(d, _DirectIban)]
     assert ibans and all(d.needs_letters_then_digits for d in ibans)
@@ -164,13 +170,81 @@ def test_confined_patterns_find_what_they_find_in_the_whole_window(masker, text)
         if not isinstance(direct, _DirectPatterns):
             continue
         for pattern, score, around in direct.patterns:
-            if around is not None:
+            if isinstance(around, str):
                 whole = direct._matches(pattern, score, text, 0, len(text))
-                from auditgate.masking.engine import _runs_around
-
                 confined = [f for low, high in _runs_around(text, around)
                             for f in direct._matches(pattern, score, text, low, high)]
                 assert confined == whole
+
+
+def test_the_shipped_card_ssn_and_phone_patterns_run_between_their_digits(masker):
+    between = {d.entity_type: [p[2] for p in d.patterns] for d in masker._direct_patterns.values()
+               if isinstance(d, _DirectPatterns) and any(isinstance(p[2], tuple) for p in d.patterns)}
+    assert between == {"CREDIT_CARD": [(0, 0)], "US_SSN": [(0, 0)], "PHONE_NUMBER": [(1, 1), (1, 0)]}
+    assert all(isinstance(d.validate, functools.partial) for d in masker._direct_patterns.values()
+               if isinstance(d, _DirectPatterns) and d.entity_type == "CREDIT_CARD")
+
+
+DIGIT_PIECES = ["0", "1", "4", "9", "٣", "１", "²", " ", "  ", "-", ".", "(", ")", "+", "\n", "\u00a0", "\u2007", "a", "x",
+                "_", "4111 1111 1111 1111", "1234567890123", "1000000000000", "+1 415-555-0100", "(415) 555-0100",
+                "415.555.0100", "536-22-1234", "536 22 1234", "123456789", "12345-6789", "123-456789", "+44 (20) 7946 0958",
+                "+44 (20) 7946 (0958)", ")a", "9)x", "x(", "a+", "-1", "1-", "1."]
+digit_texts = st.one_of(texts, st.lists(st.sampled_from(DIGIT_PIECES), max_size=16).map("".join),
+                        st.text(alphabet=st.sampled_from(list("0123456789 -.()+_a\n٣１")), max_size=50))
+
+
+def _between_digit_patterns(masker) -> list[tuple[_DirectPatterns, object, float, tuple[int, int]]]:
+    """Every pattern of the recognizers that has a (before, after) reading, those scoring below the
+    threshold included (a lower threshold would run them)."""
+    found = []
+    for recognizers in masker._recognizers.values():
+        for recognizer in recognizers:
+            if _DirectPatterns.serves(recognizer):
+                direct = _DirectPatterns(recognizer, 0.0)
+                found += [(direct, *p) for p in direct.patterns if isinstance(p[2], tuple)]
+    return found
+
+
+def test_every_between_digits_pattern_is_one_of_the_shipped_or_presidios(masker):
+    assert {p.pattern for _, p, _, _ in _between_digit_patterns(masker)} == set(_BETWEEN_DIGITS)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(digit_texts)
+def test_between_digits_patterns_find_what_they_find_in_the_whole_window(masker, text):
+    digits = _digits_from_to(text)
+    for direct, pattern, score, (before, after) in _between_digit_patterns(masker):
+        whole = [m.span() for m in pattern.finditer(text)]
+        if digits is None:
+            assert whole == []
+            continue
+        low, high = max(0, digits[0] - before - 1), min(len(text), digits[1] + after + 1)
+        assert [m.span() for m in pattern.finditer(text, low, high)] == whole, pattern.pattern
+        assert direct._matches(pattern, score, text, low, high) == direct._matches(pattern, score, text, 0, len(text))
+
+
+@settings(max_examples=800, deadline=None)
+@given(digit_texts)
+def test_digits_from_to_finds_the_first_and_last_digit(text):
+    import regex
+
+    spans = [m.span() for m in regex.finditer(r"\d", text)]
+    assert _digits_from_to(text) == ((spans[0][0], spans[-1][1]) if spans else None)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(st.text(alphabet=st.sampled_from(list("0123456789 -٣１²x.")), max_size=24),
+                 st.sampled_from(["4111 1111 1111 1111", "4111-1111-1111-1112", "", " ", "79927398713"])))
+def test_luhn_equals_presidios(value):
+    recognizer = CreditCardRecognizer()
+
+    def outcome(check):
+        try:
+            return check(value)
+        except Exception as e:  # the same exception, where Presidio's raises
+            return type(e)
+
+    assert outcome(lambda v: luhn_valid(v, tuple(recognizer.replacement_pairs))) == outcome(recognizer.validate_result)
 
 
 # ---- the whole engine ------------------------------------------------------------------------------------

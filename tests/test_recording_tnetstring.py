@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import io as std_io
 import sys
@@ -89,6 +90,85 @@ def test_mitmproxys_test_flows_encode_as_mitmproxy_does():
     for flow in (tflow.tflow(resp=True), tflow.tflow(err=True), tflow.twebsocketflow(), tflow.tflow(resp=True, ws=True)):
         state = flow.get_state()
         assert tnetstring.dumps(state) == mitmproxy_tnetstring.dumps(state)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data(), st.lists(st.text(max_size=3) | st.integers(0, 300) | st.binary(max_size=3), max_size=30))
+def test_the_encoders_value_caches_change_nothing(data, recurring):
+    # Short strs, small ints and header lines met before come from caches (emptied when full): still mitmproxy's.
+    for _ in range(3):
+        value = data.draw(values)
+        for item in (recurring, {"r": recurring, "v": value}, [tuple(x for x in recurring if type(x) is bytes)[:2]], value):
+            assert tnetstring.dumps(item) == mitmproxy_tnetstring.dumps(item)
+
+
+def _twin(data, value):
+    """A value equal to value (==) that may differ in what tnetstring sees: exact types, float sign, dict order."""
+    kind = type(value)
+    if kind is dict:
+        items = [(key, _twin(data, item)) for key, item in value.items()]
+        if data.draw(st.booleans()):
+            items = data.draw(st.permutations(items))
+        return dict(items)
+    if kind in (list, tuple):
+        return kind(_twin(data, item) for item in value)
+    choices = [value]
+    if kind is int and abs(value) < 2**53:
+        choices.append(float(value))
+    if kind in (int, float) and value in (0, 1):
+        choices.append(bool(value))
+    if kind is bool:
+        choices.append(int(value))
+    if kind is float and value == 0:
+        choices.append(-value)
+    if kind is float and value.is_integer():
+        choices.append(int(value))
+    if kind is str:
+        choices.append(Name(value))
+    return data.draw(st.sampled_from(choices))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.data(), values)
+def test_a_remembered_encoding_is_reused_only_where_dumps_gives_the_same_bytes(data, value):
+    remembered = tnetstring.Remembered(8)
+    twins = [value] + [_twin(data, value) for _ in range(3)]
+    assert all(twin == value or twin != twin for twin in twins)  # equal to Python (nan aside), not to tnetstring
+    for twin in twins + twins:
+        try:
+            expected = mitmproxy_tnetstring.dumps(twin)
+        except Exception as e:
+            with pytest.raises(type(e)):
+                remembered(twin)
+            continue
+        assert remembered(twin).data == expected
+    # and it is reused: a plain value met again is not encoded again
+    if tnetstring.is_plain(value):
+        try:
+            first = remembered(value)
+        except Exception:
+            return
+        assert remembered(copy.deepcopy(value)) is first
+
+
+def test_a_remembered_encoding_is_bounded_and_only_plain_values_are_kept():
+    remembered = tnetstring.Remembered(4)
+    for n in range(10):
+        assert remembered({"n": n}).data == mitmproxy_tnetstring.dumps({"n": n})
+        assert len(remembered) <= 4
+    not_plain = {"k": Name("v"), "level": Level.HIGH}
+    assert remembered(not_plain).data == mitmproxy_tnetstring.dumps(not_plain)
+    assert remembered(not_plain) is not remembered(not_plain)  # encoded each time, never remembered
+    with pytest.raises(ValueError):
+        remembered({"unpicklable and unencodable": object()})
+
+
+@pytest.mark.parametrize(("value", "plain"), [
+    ({"a": [1, (b"x", 2.5)], None: True}, True), ("", True), ({"k": Name("v")}, False),
+    ([Level.HIGH], False), (OrderedDict(a=1), False), ({(1, 2): 3}, True), ([object()], False),
+])
+def test_plain_values_are_exact_tnetstring_types_all_the_way_down(value, plain):
+    assert tnetstring.is_plain(value) is plain
 
 
 def _in_dump_order(value):

@@ -128,11 +128,11 @@ def is_credential_header(name: bytes | str) -> bool:
 def remove_identity_headers(headers) -> list[str]:
     """Drop every identity header (see IDENTITY_HEADERS) from a mitmproxy Headers object; their names, lowercased."""
     fields = headers.fields
-    removed = [
-        name.lower()
-        for name, _ in fields
-        if name.lower() in _IDENTITY_HEADER_BYTES or name.lower().startswith(_IDENTITY_PREFIX_BYTES)
-    ]
+    removed = []
+    for name, _ in fields:
+        lowered = name.lower()
+        if lowered in _IDENTITY_HEADER_BYTES or lowered.startswith(_IDENTITY_PREFIX_BYTES):
+            removed.append(lowered)
     if removed:
         headers.fields = tuple(f for f in fields if f[0].lower() not in removed)
     return sorted({n.decode("latin-1") for n in removed})

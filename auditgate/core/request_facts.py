@@ -72,9 +72,21 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
+def header_value(headers, name: bytes, default: str = "") -> str:
+    """``headers.get(name, default)`` of a mitmproxy Headers object, for a lower-case ``name``, in one
+    pass over its fields (the same value: several fields folded with ", ", decoded as mitmproxy does)."""
+    fields = getattr(headers, "fields", None)
+    if fields is None:  # not mitmproxy's Headers (a test's plain mapping): asked as before
+        return headers.get(name.decode("latin-1"), default)
+    values = [value for key, value in fields if key.lower() == name]
+    if not values:
+        return default
+    return ", ".join(value.decode("utf-8", "surrogateescape") for value in values)
+
+
 def is_event_stream(message) -> bool:
     """A mitmproxy request or response whose body is a server-sent event stream."""
-    return media_type(message.headers.get("content-type", "")) == "text/event-stream"
+    return media_type(header_value(message.headers, b"content-type")) == "text/event-stream"
 
 
 class RequestFacts:

@@ -10,6 +10,9 @@ from auditgate.masking.payload import mask_request_payload, mask_response_payloa
 
 # (entity type, field path) of each value masked; never the value.
 Findings = list[tuple[str, str]]
+# What json.dumps(value, ensure_ascii=False) builds for every call (its arguments are not the defaults),
+# built once: encode() of the same encoder class with the same arguments gives the same text.
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 class BodyNotMaskable(ValueError):
@@ -46,7 +49,7 @@ def mask_body(masker: PiiMasker, body: bytes, content_type: str, kind: str, dire
             new_payload = walk(payload, kind, mask)
             if not findings:
                 return None, []
-            return json.dumps(new_payload, ensure_ascii=False).encode(), findings
+            return _ENCODER.encode(new_payload).encode(), findings
     if direction == "request" and content_type == "application/x-www-form-urlencoded":
         return _mask_form(masker, text)
     if direction == "request" and content_type.startswith("multipart/"):

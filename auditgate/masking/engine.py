@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -37,7 +38,10 @@ from presidio_analyzer import (  # noqa: E402
 )
 from presidio_analyzer.analyzer_engine import REGEX_TIMEOUT_SECONDS  # noqa: E402
 from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer  # noqa: E402
-from presidio_analyzer.predefined_recognizers import IbanRecognizer  # noqa: E402
+from presidio_analyzer.predefined_recognizers import (  # noqa: E402
+    CreditCardRecognizer,
+    IbanRecognizer,
+)
 from presidio_analyzer.recognizer_registry import RecognizerRegistryProvider  # noqa: E402
 from presidio_anonymizer import AnonymizerEngine  # noqa: E402
 from presidio_anonymizer.entities import OperatorConfig  # noqa: E402
@@ -64,6 +68,20 @@ class Span:
 # reads. Plain tuples: a RecognizerResult costs a constructor call, a metadata dict and a string-built hash.
 Found = tuple[str, int, int, float]
 _MIN_SCORE, _MAX_SCORE = EntityRecognizer.MIN_SCORE, EntityRecognizer.MAX_SCORE
+
+
+_DOUBLED_DIGIT_SUM = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # the digits of 2 * d, summed, for d in 0..9
+
+
+def luhn_valid(value: str, replacement_pairs: tuple[tuple[str, str], ...]) -> bool:
+    """``CreditCardRecognizer.validate_result``: the value sanitized with its replacement pairs, then
+    the Luhn checksum, each digit read with int() as Presidio reads it (a non-digit raises as there).
+    tests/test_masking_cost_engine.py compares both on random values."""
+    for search, replacement in replacement_pairs:
+        value = value.replace(search, replacement)
+    digits = [int(c) for c in value]
+    doubled = _DOUBLED_DIGIT_SUM
+    return (sum(digits[-1::-2]) + sum([doubled[d] for d in digits[-2::-2]])) % 10 == 0
 
 
 def _by_type_start_longest(found: Found) -> tuple:
@@ -227,6 +245,28 @@ _CONFINED_AROUND = {
     # The shipped recognizers file's email after a URL or form separator.
     r"""(?<=[/?=&:;,(<\['"])[A-Za-z0-9._%+\-]{1,64}@(?:[A-Za-z0-9\-]{1,63}\.)+[A-Za-z]{2,24}\b""": "@",
 }
+# Patterns whose every match holds a digit (\\d) and starts at most `before` characters before its first
+# digit and ends at most `after` characters after its last one, and that read at most one character past
+# that (\\b, a one-character lookaround; the card pattern's inner lookahead reads digits, then one more):
+# they need only run from `before` + 1 characters before a window's first digit to `after` + 1 after its
+# last one. Keyed by the exact pattern, as above: (before, after).
+# tests/test_masking_cost_engine.py compares both ways on random texts.
+_BETWEEN_DIGITS = {
+    # Presidio's CreditCardRecognizer: digits and separators, from a digit to a digit.
+    r"\b(?!1\d{12}(?!\d))((4\d{3})|(5[0-5]\d{2})|(6\d{3})|(1\d{3})|(3\d{3}))[- ]?(\d{3,4})[- ]?(\d{3,4})[- ]?"
+    r"(\d{3,5})\b": (0, 0),
+    # Presidio's UsSsnRecognizer: from a digit to a digit.
+    r"\b([0-9]{5})-([0-9]{4})\b": (0, 0),
+    r"\b([0-9]{3})-([0-9]{6})\b": (0, 0),
+    r"\b(([0-9]{3})-([0-9]{2})-([0-9]{4}))\b": (0, 0),
+    r"\b[0-9]{9}\b": (0, 0),
+    r"\b([0-9]{3})[- .]([0-9]{2})[- .]([0-9]{4})\b": (0, 0),
+    # The shipped phone patterns: a "+" or "(" before the first digit, a ")" after the last one.
+    r"(?<![\w+])\+\d{1,3}(?:[ .\-]?\(?\d{1,4}\)?){2,5}(?![\w])": (1, 1),
+    r"(?<![\w\-.])(?:\(\d{3}\)\s?|\d{3}[\-.\s])\d{3}[\-.\s]\d{4}(?![\w\-])": (1, 0),
+}
+_FIRST_DIGIT = regex.compile(r"\d")  # the regex module's \d, as the patterns read it (Unicode decimal digits)
+_LAST_DIGIT = regex.compile(r"(?r)\d")
 _PRESIDIO_IBAN = (r"(?<![A-Z0-9])([A-Z]{2}[0-9]{2}(?:[ -]?[A-Z0-9]{4}){2,6})"
                   r"((?:[ -]?[A-Z0-9]{4})?)((?:[ -]?[A-Z0-9]{1,3})?)(?![A-Z0-9])")
 # ASCII text as bytes: each letter "a", each digit "0", anything else " ".
@@ -235,6 +275,16 @@ _LETTERS_AND_DIGITS = bytes(
     for b in range(256))
 # Flags that keep the reading above true (no verbose mode, no version 1 set syntax).
 _PLAIN_FLAGS = regex.I | regex.M | regex.S | regex.U
+
+
+def _digits_from_to(text: str) -> tuple[int, int] | None:
+    """Where the first digit of text stands and where its last digit ends; None without a digit."""
+    if text.isascii():
+        shape = text.encode("ascii").translate(_DIGITS_AS_ZERO)
+        first = shape.find(b"0")
+        return None if first < 0 else (first, shape.rfind(b"0") + 1)
+    first = _FIRST_DIGIT.search(text)
+    return None if first is None else (first.start(), _LAST_DIGIT.search(text).end())
 
 
 def _runs_around(text: str, char: str) -> list[tuple[int, int]]:
@@ -275,10 +325,15 @@ class _DirectPatterns:
         # the recognizer has no validation, its findings would all be dropped, so it is not run at all.
         validates = type(recognizer).validate_result is not PatternRecognizer.validate_result
         plain = not flags & ~_PLAIN_FLAGS
-        self.patterns = [(regex.compile(p.regex, flags=flags), p.score, _CONFINED_AROUND.get(p.regex) if plain else None)
+        # The text a pattern needs: None, the whole window; a character, the runs around it (_CONFINED_AROUND);
+        # (before, after), the stretch from the first digit to the last (_BETWEEN_DIGITS).
+        self.patterns = [(regex.compile(p.regex, flags=flags), p.score,
+                          (_CONFINED_AROUND.get(p.regex) or _BETWEEN_DIGITS.get(p.regex)) if plain else None)
                          for p in recognizer.patterns if validates or p.score >= score_threshold]
         self.entity_type = recognizer.supported_entities[0]
         self.validate = recognizer.validate_result
+        if type(recognizer).validate_result is CreditCardRecognizer.validate_result:
+            self.validate = functools.partial(luhn_valid, replacement_pairs=tuple(recognizer.replacement_pairs))
         self.invalidate = recognizer.invalidate_result
 
     @staticmethod
@@ -292,9 +347,21 @@ class _DirectPatterns:
 
     def analyze(self, text: str) -> list[Found]:
         results: list[Found] = []
-        whole = ((0, len(text)),)
+        size = len(text)
+        whole = ((0, size),)
+        digits = False  # not looked for yet
         for pattern, score, around in self.patterns:
-            for low, high in (whole if around is None else _runs_around(text, around)):
+            if around is None:
+                ranges = whole
+            elif type(around) is str:
+                ranges = _runs_around(text, around)
+            else:
+                if digits is False:
+                    digits = _digits_from_to(text)
+                if digits is None:
+                    continue  # no digit: nothing this pattern could match
+                ranges = ((max(0, digits[0] - around[0] - 1), min(size, digits[1] + around[1] + 1)),)
+            for low, high in ranges:
                 results += self._matches(pattern, score, text, low, high)
         return remove_duplicates(results)
 
@@ -535,27 +602,41 @@ class PiiMasker:
             window[1] = min(ends) if ends else hi
         return [(s, e, w) for s, e, w in windows]
 
-    def _digit_trigger_spans(self, text: str, wanted: set[str]) -> list[tuple[int, int, set[str]]]:
+    def _digit_trigger_spans(self, text: str, wanted: set[str]) -> list[list]:
         """The spans around the matches of the \\d{n} triggers, from one scan for runs of digits.
 
         In a run of L digits starting at s, \\d{n} matches at s, s+n, ... (L // n matches): their spans
         around them overlap one another, so the windows merged from them (see _trigger_windows) are the
         windows merged from the one span [s - radius, s + n * (L // n) + radius] given here, with the same
         entities. The windows, and the text analysed, are the same as with a scan per trigger
-        (tests/test_masking_engine.py compares both ways)."""
+        (tests/test_masking_engine.py compares both ways). Spans that overlap or touch (the next starts at
+        or before the end of the last) are given as one, their entities joined: _trigger_windows would merge
+        them into the same window, and the runs come in order, so the spans stay sorted by start."""
         triggers = [(n, names) for n, sharing in self._digit_triggers.items() if (names := wanted.intersection(sharing))]
         if not triggers:
             return []
-        spans, size = [], len(text)
+        spans: list[list] = []
+        size = len(text)
         if text.isascii():
             runs = self._ascii_digit_runs.finditer(text.encode("ascii").translate(_DIGITS_AS_ZERO))
         else:
             runs = self._digit_runs.finditer(text)
+        last = None
         for run in runs:
-            start, length = run.start(), run.end() - run.start()
+            start, end = run.span()
+            length = end - start
             low = max(0, start - TRIGGER_RADIUS)
-            spans += [(low, min(size, start + n * (length // n) + TRIGGER_RADIUS), names)
-                      for n, names in triggers if length >= n]
+            for n, names in triggers:
+                if length >= n:
+                    high = min(size, start + n * (length // n) + TRIGGER_RADIUS)
+                    if last is not None and low <= last[1]:
+                        if high > last[1]:
+                            last[1] = high
+                        if not names <= last[2]:
+                            last[2] = last[2] | names
+                    else:
+                        last = [low, high, names]
+                        spans.append(last)
         return spans
 
     def _analyze(self, text: str, start: int, end: int, entities: list[str]) -> list[Found]:

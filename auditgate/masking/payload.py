@@ -44,6 +44,8 @@ JSON_STRING_KEYS = frozenset({"arguments"})
 # read_request_texts): a secret needs no word edge before it.
 _BASE64_BLOB = re.compile(r"(?:data:[\w.+-]+/[\w.+-]+(?:;[\w=.-]+)*;base64,)?[A-Za-z0-9+/]+=*")
 _BLOB_MIN = 1024
+# json.dumps(value, ensure_ascii=False) without building its encoder on every call (same class, same arguments).
+_ENCODER = _json.JSONEncoder(ensure_ascii=False)
 # Keys of the API's own request shape (and JSON Schema's): fixed words that carry no caller text.
 # Every other object key (a tool schema's property names, metadata keys, keys of unknown bodies) is
 # caller-chosen text the model reads, and policy reads it (masking does not rewrite keys).
@@ -105,7 +107,7 @@ class _Walk:
         masked = _mask_all(parsed, path, self)  # JSON the model wrote: even its "id" or "name" is data
         if self.changed == before:
             return value
-        return _json.dumps(masked, ensure_ascii=False)
+        return _ENCODER.encode(masked)
 
     def value(self, value: Any, path: str) -> Any:
         if isinstance(value, str):

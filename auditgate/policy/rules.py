@@ -116,6 +116,15 @@ class MatchInput:
             return self.folded_text if normalized is self.text else normalized.lower()
         return self._get("folded_normalized_text", fold)
 
+    def text_forms(self, folded: bool) -> tuple[str, str]:
+        """(text, normalized text), lower-cased when ``folded``: what a text condition searches, worked
+        out once per request (every text condition of every rule asks)."""
+        forms = self._cache.get(("forms", folded))
+        if forms is None:
+            forms = self._cache[("forms", folded)] = (
+                (self.folded_text, self.folded_normalized_text) if folded else (self.text, self.normalized_text))
+        return forms
+
     @property
     def unreadable(self) -> tuple[str, ...]:
         """What inline content the request carries that policy cannot read (media types, never content)."""
@@ -150,22 +159,38 @@ class TextCondition:
     # rules most patterns out far faster than the regex engine can.
     required: tuple[tuple[str, ...] | None, ...] = ()
 
+    def __post_init__(self) -> None:
+        plan = tuple(zip(self.patterns, self.labels, self.keyword_starts, self.required))
+        # The distinct literals of every pattern that has some, searched once: when none occurs (the
+        # common case), only the patterns without literals can match, and they are tried in order.
+        needles = tuple(dict.fromkeys(n for *_, required in plan if required is not None for n in required))
+        unneedled = tuple(step for step in plan if step[3] is None)
+        object.__setattr__(self, "_plan", plan)
+        object.__setattr__(self, "_needles", needles)
+        object.__setattr__(self, "_unneedled", unneedled)
+
     def first_match(self, facts: MatchInput) -> str | None:
         """The first pattern found in the text as sent, or else in its normalized form (zero-width
         characters, look-alike letters and escapes folded), which is usually the same string: one pass."""
-        if self.ignore_case:
-            text, normalized = facts.folded_text, facts.folded_normalized_text
-        else:
-            text, normalized = facts.text, facts.normalized_text
+        text, normalized = facts.text_forms(self.ignore_case)
         found = self._first_in(text)
         if found is None and normalized is not text:
             found = self._first_in(normalized)
         return found
 
     def _first_in(self, text: str) -> str | None:
-        for pattern, label, bounded, needles in zip(self.patterns, self.labels, self.keyword_starts, self.required):
-            if needles is not None and not any(needle in text for needle in needles):
-                continue
+        plan = self._unneedled
+        for needle in self._needles:
+            if needle in text:
+                plan = self._plan
+                break
+        for pattern, label, bounded, needles in plan:
+            if needles is not None:
+                for needle in needles:
+                    if needle in text:
+                        break
+                else:
+                    continue
             if bounded:
                 if any(m.start() == 0 or not _is_word(text[m.start() - 1]) for m in pattern.finditer(text)):
                     return label
@@ -193,8 +218,17 @@ class Match:
     body_min: int | None = None
     body_max: int | None = None
 
+    def __post_init__(self) -> None:
+        # A rule with a text condition alone (most rules): evaluate goes straight to it.
+        others = (self.callers, self.groups, self.hosts, self.methods, self.paths, self.endpoints, self.models,
+                  self.tools, self.pii, self.body_min, self.body_max)
+        object.__setattr__(self, "_text_only", self.text is not None and all(o is None for o in others))
+
     def evaluate(self, facts: MatchInput) -> dict | None:
         """None when the request does not match; else what matched (safe to record). Cheap checks first."""
+        if self._text_only:
+            label = self.text.first_match(facts)
+            return None if label is None else {"text": label}
         matched: dict[str, Any] = {}
         if self.callers is not None:
             if not _globs(self.callers, facts.caller):
@@ -302,15 +336,16 @@ class Policy:
     unreadable_content: str = "refuse"
 
     def decide(self, facts: MatchInput) -> Decision:
-        if self.unreadable_content == "refuse" and facts.unreadable:
+        unreadable = facts.unreadable
+        if self.unreadable_content == "refuse" and unreadable:
             # No rule can have read it: refused before any rule, whatever the rules would allow.
-            kinds = sorted(set(facts.unreadable))
+            kinds = sorted(set(unreadable))
             return Decision("block", UNREADABLE_RULE, {"unreadable": kinds},
                             f"the request carries content the gateway cannot read ({', '.join(kinds)}), so no "
                             "policy rule could inspect it; send it as text, or ask the operator to allow it "
                             "(policy.yaml: unreadable_content: allow)", policy=self.digest,
                             refusal=UNREADABLE_REFUSAL)
-        unread = tuple(sorted(set(facts.unreadable)))
+        unread = tuple(sorted(set(unreadable))) if unreadable else ()
         for rule in self.rules:
             matched = rule.match.evaluate(facts)
             if matched is not None:

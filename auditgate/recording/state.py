@@ -34,8 +34,13 @@ _to_state = serializable._to_state
 _ADDRESS_TYPES = (str, int, int, int)  # mitmproxy's own reading of peername/sockname tuples
 
 
-def http_flow_state(flow: http.HTTPFlow) -> dict[str, Any]:
-    """``flow.get_state()``, but with ``flow.metadata`` itself (not a copy) as its metadata."""
+def http_flow_state(flow: http.HTTPFlow, connection: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """``flow.get_state()``, but with ``flow.metadata`` itself (not a copy) as its metadata.
+
+    connection, if given, stands in for ``connection_state`` for the two connections (flow_record hands
+    their already encoded states); it is not used for a flow with a backup, whose state is compared
+    with the backup, nor where this module falls back to ``get_state``.
+    """
     if type(flow) is not http.HTTPFlow or not (_FAST if _FAST is not None else _check()):
         metadata = flow.metadata
         flow.metadata = {}
@@ -45,14 +50,17 @@ def http_flow_state(flow: http.HTTPFlow) -> dict[str, Any]:
             flow.metadata = metadata
         state["metadata"] = metadata
         return state
+    backup = flow._backup
+    if connection is None or backup is not None:
+        connection = connection_state
     # Flow.get_state, field for field
     state = {
         "version": version.FLOW_FORMAT_VERSION,
         "type": flow.type,
         "id": flow.id,
         "error": flow.error.get_state() if flow.error else None,
-        "client_conn": connection_state(flow.client_conn),
-        "server_conn": connection_state(flow.server_conn),
+        "client_conn": connection(flow.client_conn),
+        "server_conn": connection(flow.server_conn),
         "intercepted": flow.intercepted,
         "is_replay": flow.is_replay,
         "marked": flow.marked,
@@ -60,7 +68,6 @@ def http_flow_state(flow: http.HTTPFlow) -> dict[str, Any]:
         "comment": flow.comment,
         "timestamp_created": flow.timestamp_created,
     }
-    backup = flow._backup
     state["backup"] = copy.deepcopy(backup) if backup != state else None
     # HTTPFlow.get_state
     state["request"] = flow.request.get_state()

@@ -38,7 +38,7 @@ from auditgate.audit.errors import describe
 from auditgate.core.child_process import child_ends, start_child, stop_child
 from auditgate.core.private_files import open_private
 from auditgate.recording import tnetstring
-from auditgate.recording.state import http_flow_state
+from auditgate.recording.state import connection_state, http_flow_state
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,18 @@ def flow_record(flow) -> bytes:
     the metadata so the state outlives later changes; encoded at once, the flow's own metadata gives the
     same bytes without the copy.
     """
-    return tnetstring.dumps(http_flow_state(flow))  # nothing else runs meanwhile: the metadata cannot change
+    # nothing else runs meanwhile: the metadata cannot change
+    return tnetstring.dumps(http_flow_state(flow, _encoded_connection))
+
+
+# A kept-alive connection's state is the same flow after flow (its timestamps are set once, its end
+# only at its close): its encoding, ~40 % of a flow's record for the two connections, is made once.
+# Bounded: 512 states of ~0.5 KB, pickle and encoding, whatever connections come and go.
+_connections = tnetstring.Remembered(512)
+
+
+def _encoded_connection(conn) -> tnetstring.Encoded:
+    return _connections(connection_state(conn))
 
 
 def flow_state(flow) -> dict[str, Any]:

@@ -59,6 +59,13 @@ class KeyEchoes:
         return bool(self.raw)
 
     # ---- bytes -----------------------------------------------------------------------------------
+    def occurs_in(self, data: bytes) -> bool:
+        """Whether any spelling of any key is in ``data`` (what scrub would find at least once)."""
+        for raw in self.raw:
+            if raw in data:
+                return True
+        return False
+
     def scrub(self, data: bytes) -> tuple[bytes, int]:
         """``data`` with every spelling of every key replaced, and how many were."""
         found = 0

@@ -96,9 +96,13 @@ class WireKeys:
             return request
         # Shallow: the same body and fields, a headers object of its own (request.copy() would copy the
         # whole body, and check every field's type, for each request).
-        wired = copy.copy(request)
-        wired.data = copy.copy(request.data)
-        wired.data.headers = http.Headers(self.on_wire_fields(request, list(request.headers.fields)))
+        wired = _shallow_copy(request)
+        wired.data = _shallow_copy(request.data)
+        # The fields are the request's own (already checked to be bytes) with the key's value in bytes:
+        # Headers() would only check each of them again.
+        headers = http.Headers.__new__(http.Headers)
+        headers.fields = tuple(self.on_wire_fields(request, request.headers.fields))
+        wired.data.headers = headers
         return wired
 
     @property
@@ -111,6 +115,9 @@ class WireKeys:
         echoes = self.echoes
         if not echoes:
             return 0
+        fields = headers.fields
+        if not echoes.occurs_in(b"\n".join(part for field in fields for part in field)):
+            return 0  # no key in any name or value (each is in the joined head): nothing to rewrite
         found, fields = 0, []
         for name, value in headers.fields:
             value, in_value = echoes.scrub(value)
@@ -132,6 +139,27 @@ class WireKeys:
 
 
 WIRE = WireKeys()
+
+
+_plain_types: dict[type, bool] = {}
+
+
+def _shallow_copy(obj):
+    """copy.copy() of a plain object (a mitmproxy Request or its data: a __dict__, no __copy__, no
+    __setstate__ or __reduce__ of its own), without copy's general protocol (__reduce_ex__), which
+    costs a few microseconds each; any other object goes through copy.copy()."""
+    cls = type(obj)
+    plain = _plain_types.get(cls)
+    if plain is None:
+        plain = _plain_types[cls] = (
+            not hasattr(cls, "__copy__") and not hasattr(cls, "__setstate__") and not hasattr(cls, "__slots__")
+            and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and cls.__getstate__ is object.__getstate__)
+    if not plain:
+        return copy.copy(obj)
+    new = object.__new__(cls)
+    new.__dict__.update(obj.__dict__)
+    return new
 
 
 # ---- the swapped functions ------------------------------------------------------------------------------

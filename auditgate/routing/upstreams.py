@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ FRAMING_HEADERS = frozenset({
 # Set from the upstream's entry (``organization``, ``project``), never from the caller: the gateway's
 # key decides which organization and project pay and see the request.
 GATEWAY_SET_HEADERS = ("openai-organization", "openai-project")
+_FIELD_MEMORY = 512
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 
 
@@ -52,6 +54,13 @@ class Upstream:
     forward_headers: tuple[str, ...] = DEFAULT_FORWARD_HEADERS
     organization: str | None = None  # sent as OpenAI-Organization
     project: str | None = None  # sent as OpenAI-Project
+
+    def __post_init__(self) -> None:
+        # forwards() runs for every header of every request: the names and prefixes are split once per list.
+        names, prefixes, memory = _forward_rule(self.forward_headers)
+        object.__setattr__(self, "_forward_names", names)
+        object.__setattr__(self, "_forward_prefixes", prefixes)
+        object.__setattr__(self, "_forwarded_fields", memory)
 
     @property
     def key_source(self) -> str:
@@ -77,9 +86,16 @@ class Upstream:
 
     def forwards(self, name: str) -> bool:
         """Whether a caller's header of this (lowercase) name goes on to this upstream."""
-        if name in FRAMING_HEADERS:
-            return True
-        return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in self.forward_headers)
+        return name in self._forward_names or name.startswith(self._forward_prefixes)
+
+    def forwards_field(self, name: bytes) -> bool:
+        """forwards() for a header field's raw name, remembered per name (a request has the same few)."""
+        known = self._forwarded_fields.get(name)
+        if known is None:
+            if len(self._forwarded_fields) >= _FIELD_MEMORY:
+                self._forwarded_fields.clear()  # names are the caller's to choose: the memory stays small
+            known = self._forwarded_fields[name] = self.forwards(name.decode("latin-1").lower())
+        return known
 
     def gateway_headers(self) -> dict[str, str]:
         """The headers the gateway sets itself from this entry (OpenAI-Organization, OpenAI-Project)."""
@@ -89,6 +105,13 @@ class Upstream:
         if self.project:
             headers["openai-project"] = self.project
         return headers
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_rule(forward_headers: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...], dict[bytes, bool]]:
+    """A forward_headers list as (exact names, framing ones included; prefixes; a memory of raw field names)."""
+    return (FRAMING_HEADERS | {p for p in forward_headers if not p.endswith("*")},
+            tuple(p[:-1] for p in forward_headers if p.endswith("*")), {})
 
 
 @dataclass(frozen=True)
@@ -108,9 +131,20 @@ class UpstreamTable:
     def upstream_for(self, host: str, port: int) -> Upstream | None:
         return next((u for u in self.upstreams if u.matches(host, port)), None)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_reverse_targets", {})
+
     def reverse_target(self, host: str, port: int) -> Upstream:
         """In reverse mode the operator chose the target: use its configured entry or the default key."""
-        return self.upstream_for(host, port) or Upstream(host=host.lower(), port=port)
+        # The target is the operator's (a few host:port pairs): worked out once for each.
+        targets = self._reverse_targets
+        upstream = targets.get((host, port))
+        if upstream is None:
+            upstream = self.upstream_for(host, port) or Upstream(host=host.lower(), port=port)
+            if len(targets) >= _FIELD_MEMORY:
+                targets.clear()
+            targets[(host, port)] = upstream
+        return upstream
 
     def is_passthrough(self, host: str, port: int) -> bool:
         return any(p.matches(host, port) for p in self.passthrough)
