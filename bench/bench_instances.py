@@ -9,8 +9,10 @@ Run with the project's venv: .venv/bin/python bench/bench_instances.py [--scenar
   The docs' recipe, one mitmdump per core: each instance pinned to a core of its own (gw-1 and bare mitmdump on
   the first, gw-2 on the second; the processes they start inherit it, and the masking addon then masks small
   bodies inline, as a one-core process does), in the 1- and the 2-instance runs alike. The load generator, the
-  upstream and HAProxy are not pinned: they share the cores with the instances, so whatever CPU they spend per
-  request a second instance does not get. They are made lean for that: bench/load_client.py (asyncio keep-alive
+  upstream and HAProxy run on the second core (--no-load-core: anywhere), in both runs: the first instance has
+  its core to itself, the second shares its core with them, and whatever CPU they spend per request the second
+  instance does not get; HAProxy balances by least connections (the docs' recipe), so the instance with a core
+  of its own takes the larger share. They are made lean for that: bench/load_client.py (asyncio keep-alive
   connections in a process of its own, each reply checked masked), bench/lean_upstream.py (an asyncio server
   sending fake_openai's reply, built once), HAProxy with keep-alive to the gateways, connections reused across
   clients and one thread (a new backend connection per request costs a gateway ~2-3 ms more).
@@ -109,9 +111,11 @@ def instance_cores(pin: bool) -> list[set[int] | None]:
     return [{available[0]}, {available[1]}]
 
 
-def start_instances(procs: Processes, workdir: Path, reply_bytes: int, cores: list[set[int] | None]) -> tuple:
-    port = int(procs.start("upstream", [sys.executable, "-m", "bench.lean_upstream", "--reply-bytes", str(reply_bytes)],
-                           r"PORT (\d+)").group(1))
+def start_instances(procs: Processes, workdir: Path, reply_bytes: int, cores: list[set[int] | None],
+                    load_cores: set[int] | None, balance: str) -> tuple:
+    with pinned(load_cores):
+        port = int(procs.start("upstream", [sys.executable, "-m", "bench.lean_upstream", "--reply-bytes",
+                                            str(reply_bytes)], r"PORT (\d+)").group(1))
     upstream = procs.procs[-1].pid
     confdir = workdir / "confdir"
     common = ["--mode", f"reverse:http://127.0.0.1:{port}", "-p", "0", "--set", "listen_host=127.0.0.1",
@@ -136,10 +140,11 @@ def start_instances(procs: Processes, workdir: Path, reply_bytes: int, cores: li
 
     # Keep-alive to the gateways with connections reused across clients, and one thread: the cheapest HAProxy
     # per request (a new backend connection per request costs a mitmproxy instance more than the request).
-    one = HAProxy(workdir / "haproxy-1", [(name, p) for name, p, _ in gateways[:1]], backend_keep_alive=True,
-                  threads=1).start()
-    two = HAProxy(workdir / "haproxy-2", [(name, p) for name, p, _ in gateways], backend_keep_alive=True,
-                  threads=1).start()
+    with pinned(load_cores):
+        one = HAProxy(workdir / "haproxy-1", [(name, p) for name, p, _ in gateways[:1]], backend_keep_alive=True,
+                      threads=1, balance=balance).start()
+        two = HAProxy(workdir / "haproxy-2", [(name, p) for name, p, _ in gateways], backend_keep_alive=True,
+                      threads=1, balance=balance).start()
     pids = {name: pid for name, _, pid in gateways}
     targets = {
         "bare mitmdump": Target(f"http://127.0.0.1:{bare}/v1/responses",
@@ -152,9 +157,11 @@ def start_instances(procs: Processes, workdir: Path, reply_bytes: int, cores: li
     return targets, token, [one, two]
 
 
-def measure(target: Target, token: str, clients: int, requests: int, tally: Tally | None) -> float:
+def measure(target: Target, token: str, clients: int, requests: int, tally: Tally | None,
+            load_cores: set[int] | None = None) -> float:
     """One run of the load generator against target; its rate, and its CPU per part added to tally."""
-    run = LoadRun(target.url, token, clients, requests, json.dumps(BODY).encode(), target.masked)
+    with pinned(load_cores):
+        run = LoadRun(target.url, token, clients, requests, json.dumps(BODY).encode(), target.masked)
     try:
         parts = {**target.parts, CLIENT: run.pid}
         before, machine = cpu_seconds(*parts.values()), _machine_cpu_seconds()
@@ -182,16 +189,18 @@ def instances_scenario(args, workdir: Path) -> None:
     procs = Processes(workdir)
     balancers = []
     cores = instance_cores(not args.no_pin)
+    load_cores = cores[1] if args.load_core and cores[1] else None
     try:
-        targets, token, balancers = start_instances(procs, workdir, args.reply_text_bytes, cores)
+        targets, token, balancers = start_instances(procs, workdir, args.reply_text_bytes, cores, load_cores,
+                                                    args.balance)
         tallies: dict[int, dict[str, Tally]] = {}
         for clients in args.clients:
             tallies[clients] = {name: Tally() for name in targets}
             for target in targets.values():
-                measure(target, token, clients, max(4 * clients, 40), None)  # warm up: masking, connections
+                measure(target, token, clients, max(4 * clients, 40), None, load_cores)  # warm up: masking, connections
             for _ in range(args.rounds):  # targets take turns, so a slow spell of the machine weighs on each
                 for name, target in targets.items():
-                    measure(target, token, clients, args.requests, tallies[clients][name])
+                    measure(target, token, clients, args.requests, tallies[clients][name], load_cores)
         names = list(targets)
         print(f"\n## instances: masked ~2 KB replies, requests/s (best of {args.rounds} rounds of {args.requests} "
               "requests)")
@@ -314,12 +323,19 @@ def main() -> None:
     parser.add_argument("--reply-text-bytes", type=int, default=1400, help="1400 gives a ~2 KB JSON reply")
     parser.add_argument("--approvals", type=int, default=200)
     parser.add_argument("--no-pin", action="store_true", help="let the OS place the gateway instances")
+    parser.add_argument("--load-core", action=argparse.BooleanOptionalAction, default=True,
+                        help="the load generator, upstream and HAProxy on the second instance's core (default), "
+                             "so the first instance's core is its own in both runs; --no-load-core: not pinned")
+    parser.add_argument("--balance", default="leastconn", choices=["leastconn", "roundrobin"],
+                        help="HAProxy's balance: leastconn (default; the docs' recipe: a request held for "
+                             "approval keeps its connection) or roundrobin")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     cores = instance_cores(not args.no_pin)
+    load = (f"on core {min(cores[1])} with gw-2" if args.load_core and cores[1] else "not pinned")
     placement = ("not pinned" if cores[0] is None else
                  f"gw-1 and bare mitmdump on core {min(cores[0])}, gw-2 on core {min(cores[1])} (each with its "
-                 "child processes); load generator, upstream and HAProxy not pinned")
+                 f"child processes); load generator, upstream and HAProxy {load}; HAProxy balance {args.balance}")
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; commit {commit.strip() or '?'}; "
           f"{time.strftime('%Y-%m-%d')}; {placement}")
     workdir = Path(tempfile.mkdtemp(prefix="auditgate-bench-instances-"))

@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 def config(port: int, backends: list[tuple[str, int]], backend_keep_alive: bool = False,
-           threads: int | None = None) -> str:
+           threads: int | None = None, balance: str = "roundrobin") -> str:
     """backend_keep_alive: keep connections to the gateways open and reuse them for any client's requests (each
     request carries its own credentials), instead of a new connection per request, whose set-up costs a
     mitmproxy instance more CPU than the request itself (the benchmarks). threads: HAProxy's nbthread (default:
@@ -52,16 +52,16 @@ frontend gateways
     default_backend instances
 
 backend instances
-    balance roundrobin
+    balance {balance}
 {servers}
 """
 
 
 class HAProxy:
     def __init__(self, workdir: Path, backends: list[tuple[str, int]], backend_keep_alive: bool = False,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, balance: str = "roundrobin") -> None:
         self.workdir, self.backends = workdir, backends
-        self.backend_keep_alive, self.threads = backend_keep_alive, threads
+        self.backend_keep_alive, self.threads, self.balance = backend_keep_alive, threads, balance
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -70,7 +70,7 @@ class HAProxy:
         for _ in range(5):  # a free port may be taken by someone else before HAProxy binds it
             self.port = _free_port()
             path = self.workdir / "haproxy.cfg"
-            path.write_text(config(self.port, self.backends, self.backend_keep_alive, self.threads))
+            path.write_text(config(self.port, self.backends, self.backend_keep_alive, self.threads, self.balance))
             log = open(self.workdir / "haproxy.log", "wb")
             self.proc = subprocess.Popen([haproxy_binary(), "-db", "-f", str(path)], stdout=log,
                                          stderr=subprocess.STDOUT)
