@@ -18,7 +18,7 @@ from auditgate.audit.record_digest import (
     record_digest,
 )
 from auditgate.core.flow_contract import STREAM_CUT
-from auditgate.recording.writer import flow_state
+from auditgate.recording.state import http_flow_state
 
 
 def _rich_flow():
@@ -53,7 +53,7 @@ FLOWS = {"rich": _rich_flow, "websocket": _websocket_flow, "error": _error_flow,
 
 def _written_and_read_back(flow):
     buffer = pyio.BytesIO()
-    io.FlowWriter(buffer).add(flow)  # what the flow recorder's writer does with flow_state(flow)
+    io.FlowWriter(buffer).add(flow)  # what the flow recorder's writer writes (flow_record)
     [(_, state)] = list(iter_records(buffer.getvalue()))
     return state
 
@@ -64,7 +64,7 @@ def test_the_claims_of_a_live_flow_equal_those_of_its_record(make):
     state = _written_and_read_back(flow)
     assert claims_of_flow(flow) == claims_of_state(state)
     assert record_digest(claims_of_flow(flow)) == record_digest(claims_of_state(state))
-    assert record_digest(claims_of_state(flow_state(flow))) == record_digest(claims_of_flow(flow))
+    assert record_digest(claims_of_state(http_flow_state(flow))) == record_digest(claims_of_flow(flow))
 
 
 def test_the_websocket_digest_covers_every_message():

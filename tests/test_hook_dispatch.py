@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import pytest
 from mitmproxy import exceptions, hooks
@@ -164,6 +165,23 @@ def test_a_handler_patched_at_run_time_is_the_one_called():
         finally:
             Recorder.response = original
     assert log == ["patched.requestheaders", "patched.response", "patched.requestheaders", "replacement.response"]
+
+
+class NotAHandler(Recorder):
+    response = "a string where a hook would be"  # mitmproxy: "Addon handler response (...) not callable"
+
+
+def test_an_attribute_named_like_a_hook_that_is_no_handler_fails_as_it_does_in_mitmproxy(caplog):
+    def lines():  # the addon's address differs from one run to the other
+        return [re.sub(r" at 0x[0-9a-f]+", "", r.getMessage()) for r in caplog.records if r.name == "mitmproxy.addonmanager"]
+
+    caplog.set_level(logging.ERROR)
+    expected = _run(False, {}, extra=[NotAHandler])
+    logged = lines()
+    caplog.clear()
+    assert _run(True, {}, extra=[NotAHandler]) == expected
+    assert lines() == logged
+    assert "NotAHandler.requestheaders" in expected and any("not callable" in line for line in logged)
 
 
 def test_installed_once_and_only_on_a_manager_of_the_known_shape():

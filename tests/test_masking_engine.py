@@ -501,8 +501,9 @@ def test_applying_spans_equals_presidios_anonymizer(operator_masker, pieces, dat
 
 # ---- the \d{n} triggers share one scan for runs of digits: the windows are those of a scan per trigger -----
 def _windows_scanning_each_trigger(masker, text, entities):
-    """_trigger_windows as it was with one finditer per distinct trigger pattern (the reference)."""
-    from auditgate.masking.engine import TRIGGER_RADIUS
+    """_trigger_windows as it was with one finditer per distinct trigger pattern (the reference): the spans
+    found the plain way, merged and widened by the engine's own merged_windows (not what is tested here)."""
+    from auditgate.masking.engine import TRIGGER_RADIUS, merged_windows
 
     wanted, spans = set(entities), []
     scans: dict = {}
@@ -513,22 +514,7 @@ def _windows_scanning_each_trigger(masker, text, entities):
         if names:
             spans += [(max(0, m.start() - TRIGGER_RADIUS), min(len(text), m.end() + TRIGGER_RADIUS), names)
                       for m in pattern.finditer(text)]
-    spans.sort(key=lambda s: s[0])
-    windows: list[list] = []
-    for start, end, names in spans:
-        if windows and start <= windows[-1][1]:
-            windows[-1][1] = max(windows[-1][1], end)
-            windows[-1][2] |= names
-        else:
-            windows.append([start, end, set(names)])
-    limit = 2 * TRIGGER_RADIUS
-    for window in windows:
-        lo = max(0, window[0] - limit)
-        window[0] = max(text.rfind(" ", lo, window[0]), text.rfind("\n", lo, window[0]), lo - 1) + 1 if window[0] else 0
-        hi = min(len(text), window[1] + limit)
-        ends = [i for i in (text.find(" ", window[1], hi), text.find("\n", window[1], hi)) if i >= 0]
-        window[1] = min(ends) if ends else hi
-    return [(s, e, w) for s, e, w in windows]
+    return merged_windows(text, spans)
 
 
 def _spelling_texts() -> list[str]:

@@ -27,7 +27,7 @@ from auditgate.core.private_files import (
 )
 from auditgate.core.shipped import SHIPPED_RULES, copy_shipped_rules
 from auditgate.identity.service_tokens import IDENTITIES_FILE, add_service_token
-from auditgate.recording.writer import FlowFileWriter, flow_state
+from auditgate.recording.writer import FlowFileWriter, flow_record
 
 
 def mode(path: Path) -> int:
@@ -171,7 +171,7 @@ def test_the_flow_file_writer_process_writes_0600_files(tmp_path):
     writer = FlowFileWriter()
     writer.start()  # a real child process: it inherits the umask of 022
     try:
-        writer.submit([(str(directory / "flows-1.mitm"), flow.id, flow_state(flow))])
+        writer.submit([(str(directory / "flows-1.mitm"), flow.id, flow_record(flow))])
         writer.probe(str(directory))
         assert writer.flush(30)
     finally:

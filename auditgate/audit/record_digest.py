@@ -246,17 +246,22 @@ def _fast_json_bytes(value) -> bytes | None:
     """The bytes _json_text() gives, from one call of the C encoder, for the common claims (text, and lists
     and objects of text and safe integers); None where the careful path must decide (characters above
     U+FFFF, which RFC 8785 orders its own way in keys, lone surrogates, anything the encoder refuses)."""
+    text = _fast_text(value)
+    return None if text is None else _utf8_unless_astral(text)
+
+
+def _fast_text(value) -> str | None:
+    """The JSON text of text, lists and objects from the C escaper and encoder (see _fast_json_bytes); None
+    for any other value, or one the encoder refuses."""
     kind = type(value)
     if kind is str:
-        text = _escape(value)
-    elif kind is list or kind is dict:
+        return _escape(value)
+    if kind is list or kind is dict:
         try:
-            text = "".join(encode_sorted(value, 0))
+            return "".join(encode_sorted(value, 0))
         except (TypeError, ValueError, RecursionError):
             return None
-    else:
-        return None
-    return _utf8_unless_astral(text)
+    return None
 
 
 def _utf8_unless_astral(text: str) -> bytes | None:
@@ -299,20 +304,11 @@ def record_digest(claims: Mapping) -> dict:
     full, short = {}, {}
     sha256 = hashlib.sha256
     for name, value in claims.items():  # field_digest(), its common cases written out: 30 claims a flow
-        kind = type(value)
-        if kind is str:
-            text = _escape(value)
-        elif kind is list or kind is dict:
-            try:
-                text = "".join(encode_sorted(value, 0))
-            except (TypeError, ValueError, RecursionError):
-                text = None
-        elif value is None:
+        if value is None:
             continue
-        elif kind is int and -JSON_SAFE_INT <= value <= JSON_SAFE_INT:
+        text = _fast_text(value)
+        if text is None and type(value) is int and -JSON_SAFE_INT <= value <= JSON_SAFE_INT:
             text = str(value)
-        else:
-            text = None
         if text is None:
             digest = field_digest(value)
         else:

@@ -16,6 +16,8 @@ would call, in the same order, with the same exception handling:
 - ``handle_lifecycle`` sends ``update`` after a flow's event only where some addon handles ``update``
   (mitmweb's view does; no addon of mitmdump does, so there the event is not made);
 - the handler is looked up on its addon at each call (a method patched at run time runs);
+- where mitmproxy's own walk fails for an event (an attribute of a hook's name that is no handler), that
+  event goes to mitmproxy's own dispatch, which fails at the very place it would;
 - the index is forgotten whenever the addon set can change: an addon registered, added or removed,
   the chain cleared, or any option changed (the script loader reorders scripts on ``scripts``).
 
@@ -41,28 +43,41 @@ class ChainIndex:
 
     def __init__(self, manager: addonmanager.AddonManager) -> None:
         self.manager = manager
-        self._by_event: dict[str, tuple[tuple[tuple[Any, ...], ...], ...]] = {}
+        self._walk_each_time = manager.trigger_event  # mitmproxy's own, for an event the index cannot hold
+        self._by_event: dict[str, tuple[tuple[tuple[Any, ...], ...], ...] | None] = {}
 
     def forget(self, *_: Any, **__: Any) -> None:
         self._by_event = {}
 
-    def handlers(self, event: hooks.Hook) -> tuple[tuple[tuple[Any, ...], ...], ...]:
-        """((addon, ...) for each top-level addon with handlers), found with mitmproxy's own walk."""
-        found = self._by_event.get(event.name)
-        if found is None:
-            groups = []
+    def handlers(self, event: hooks.Hook) -> tuple[tuple[tuple[Any, ...], ...], ...] | None:
+        """((addon, ...) for each top-level addon with handlers), found with mitmproxy's own walk; None where
+        that walk fails (an attribute of the event's name that is no handler): mitmproxy's own dispatch
+        then handles the event, with its error at the very place it would have it."""
+        name = event.name
+        if name in self._by_event:
+            return self._by_event[name]
+        groups = []
+        try:
             for top in list(self.manager.chain):
                 addons = tuple(addon for addon, _ in self.manager._iter_hooks(top, event))
                 if addons:
                     groups.append(addons)
-            found = self._by_event[event.name] = tuple(groups)
+        except Exception:
+            found = None
+        else:
+            found = tuple(groups)
+        self._by_event[name] = found
         return found
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         """What ``AddonManager.trigger_event`` does, without walking the addons again."""
+        groups = self.handlers(event)
+        if groups is None:
+            await self._walk_each_time(event)
+            return
         name = event.name
         args = None
-        for group in self.handlers(event):
+        for group in groups:
             # mitmproxy's safecall, without a context manager per addon: the same exceptions pass, the same
             # log line for the others (safecall itself writes it, from the exception re-raised inside it).
             try:
@@ -87,7 +102,7 @@ class ChainIndex:
         is not even made where no addon handles it (none of mitmdump's does)."""
         message = event.args()[0]
         await self.trigger_event(event)
-        if isinstance(message, flow.Flow) and self.handlers(_UPDATE):
+        if isinstance(message, flow.Flow) and self.handlers(_UPDATE) != ():  # None: mitmproxy's dispatch decides
             await self.trigger_event(hooks.UpdateHook([message]))
 
 

@@ -451,6 +451,28 @@ def _nlp_engine(settings: MaskingSettings):
     return engine
 
 
+def merged_windows(text: str, spans: list) -> list[tuple[int, int, set[str]]]:
+    """(start, end, entity names) spans around trigger matches → the windows to analyse: overlapping spans
+    merged (their names joined), each widened to whitespace so no candidate is cut in half at its edge
+    (by at most 2 * TRIGGER_RADIUS)."""
+    spans.sort(key=lambda s: s[0])
+    windows: list[list] = []
+    for start, end, names in spans:
+        if windows and start <= windows[-1][1]:
+            windows[-1][1] = max(windows[-1][1], end)
+            windows[-1][2] |= names
+        else:
+            windows.append([start, end, set(names)])
+    limit = 2 * TRIGGER_RADIUS
+    for window in windows:
+        lo = max(0, window[0] - limit)
+        window[0] = max(text.rfind(" ", lo, window[0]), text.rfind("\n", lo, window[0]), lo - 1) + 1 if window[0] else 0
+        hi = min(len(text), window[1] + limit)
+        ends = [i for i in (text.find(" ", window[1], hi), text.find("\n", window[1], hi)) if i >= 0]
+        window[1] = min(ends) if ends else hi
+    return [(s, e, w) for s, e, w in windows]
+
+
 class PiiMasker:
     """Masks PII in text: Presidio's analyzer, run only around trigger matches, then its anonymizer."""
 
@@ -584,23 +606,7 @@ class PiiMasker:
                           for start, end in self._scanners[pattern].spans(text)]
         if self._digit_triggers:
             spans += self._digit_trigger_spans(text, wanted)
-        spans.sort(key=lambda s: s[0])
-        windows: list[list] = []
-        for start, end, names in spans:
-            if windows and start <= windows[-1][1]:
-                windows[-1][1] = max(windows[-1][1], end)
-                windows[-1][2] |= names
-            else:
-                windows.append([start, end, set(names)])
-        # Widen each window to whitespace so no candidate is cut in half at its edge (bounded).
-        limit = 2 * TRIGGER_RADIUS
-        for window in windows:
-            lo = max(0, window[0] - limit)
-            window[0] = max(text.rfind(" ", lo, window[0]), text.rfind("\n", lo, window[0]), lo - 1) + 1 if window[0] else 0
-            hi = min(len(text), window[1] + limit)
-            ends = [i for i in (text.find(" ", window[1], hi), text.find("\n", window[1], hi)) if i >= 0]
-            window[1] = min(ends) if ends else hi
-        return [(s, e, w) for s, e, w in windows]
+        return merged_windows(text, spans)
 
     def _digit_trigger_spans(self, text: str, wanted: set[str]) -> list[list]:
         """The spans around the matches of the \\d{n} triggers, from one scan for runs of digits.

@@ -19,7 +19,6 @@ answered yet.
 from __future__ import annotations
 
 import asyncio
-import copy
 import errno
 import json
 import logging
@@ -69,31 +68,6 @@ _connections = tnetstring.Remembered(512)
 
 def _encoded_connection(conn) -> tnetstring.Encoded:
     return _connections(connection_state(conn))
-
-
-def flow_state(flow) -> dict[str, Any]:
-    """``flow.get_state()`` (by auditgate.recording.state), with the metadata copied by a plain walk, not ``deepcopy``.
-
-    For a state kept beyond the moment (flow_record encodes at once and needs no copy). The metadata is
-    the gateway's record of a flow (identity, decisions, findings): dicts and lists of scalars, as
-    mitmproxy requires for flow files. ``deepcopy``'s memo and dispatch made up a third of taking a
-    flow's state; the copy here gives the same result for those types, and falls back to ``deepcopy``
-    for anything else.
-    """
-    state = http_flow_state(flow)
-    state["metadata"] = _plain_copy(state["metadata"])
-    return state
-
-
-def _plain_copy(value: Any) -> Any:
-    kind = type(value)
-    if kind is dict:
-        return {key: _plain_copy(item) for key, item in value.items()}
-    if kind is list:
-        return [_plain_copy(item) for item in value]
-    if kind in (str, bytes, int, float, bool) or value is None:
-        return value
-    return copy.deepcopy(value)
 
 
 # ---- the child --------------------------------------------------------------------------------------
@@ -285,28 +259,17 @@ class FlowFileWriter:
         loop.add_reader(self._answers.fileno(), self.read_answers)
 
     # -- handing over
-    def submit(self, flows: list[tuple[str, str, bytes | dict[str, Any]]]) -> int:
-        """Queue (path, flow id, record) triples for the child; returns the bytes they add to the files.
-
-        A record is a flow's encoded bytes (flow_record), or its state, encoded here; one that cannot be
-        encoded is lost alone, reported through `on_outcome` at once. Each file's records go over as one job.
+    def submit(self, flows: list[tuple[str, str, bytes]]) -> int:
+        """Queue (path, flow id, record) triples for the child, a record being a flow's encoded bytes
+        (flow_record); returns the bytes they add to the files. Each file's records go over as one job.
         Never blocks and never raises for the pipe: what cannot be handed over is reported as lost through
         `on_outcome`.
         """
         by_path: dict[str, tuple[list[bytes], list[tuple[str, str]]]] = {}
-        lost: list[LostRecord] = []
         for path, flow_id, record in flows:
-            if type(record) is not bytes:
-                try:
-                    record = tnetstring.dumps(record)
-                except Exception as e:  # the flow is lost, not the batch
-                    lost.append(LostRecord(flow_id, os.path.basename(path), f"it cannot be encoded ({describe(e)})"))
-                    continue
             records, names = by_path.setdefault(path, ([], []))
             records.append(record)
             names.append((flow_id, os.path.basename(path)))
-        if lost:
-            self._report(Outcome(lost=lost))
         size = 0
         for path, (records, names) in by_path.items():
             data = b"".join([path.encode(), b"\0", *records])
