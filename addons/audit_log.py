@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
@@ -98,6 +99,10 @@ class AuditLog:
         self._key_files_stale = False  # a rotated key is in the log and in use, not yet in its file
         self._rejected_pending: tuple | None = None  # (mtime, size) of a pending key already refused
         self.instance = ""  # this gateway's gateway_instance: on every entry and every flow
+        # (seq, flow id) of flow entries written while their record was still on its way to its flow file (the
+        # flow recorder writes it a moment later, in another process): checkpoints name the first one still so.
+        self._records_on_their_way: deque[tuple[int, str]] = deque()
+        self._appending_unsettled = False  # the flow entry being appended now has its record on its way
 
     # ---- options and lifecycle ----------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -158,7 +163,8 @@ class AuditLog:
                 logger.warning("made audit files private (files 0600, directories 0700) that other users could "
                                "read: %s", describe_tightened(tightened, records_dir()))
             self._shutdown_writer()
-            writer = AuditWriter(audit_dir, key, settings, instance=self.instance)
+            writer = AuditWriter(audit_dir, key, settings, instance=self.instance,
+                                 pending_records_from=self._pending_records_from)
             write_atomically(audit_dir / PUBLIC_KEY_FILE, public_key_pem(key.public_key()))
         except BrokenLogError as e:
             raise exceptions.OptionsError(f"auditgate: the audit log cannot be continued: {e}") from None
@@ -324,11 +330,17 @@ class AuditLog:
             return None
         self._ensure_started()
         if not self.unavailable:
+            records = services.flow_records
+            self._appending_unsettled = records is not None and records.unsettled(flow.id)
             try:
                 entry = self.writer.append("flow", flow_fields(flow, time.time()), sanitized=True)
             except Exception as e:  # any error at all: this reply is not sent without its entry
+                self._appending_unsettled = False
                 self._fail(e)
             else:
+                if self._appending_unsettled:
+                    self._appending_unsettled = False
+                    self._records_on_their_way.append((entry["seq"], flow.id))
                 self._flows_this_run += 1
                 self._after_write()
                 if self.writer.settings.fsync == "entry":
@@ -341,6 +353,22 @@ class AuditLog:
             self._refused_while_unavailable += 1
             refuse(flow, 503, UNAVAILABLE_CODE, "the gateway could not write its audit log for this request")
         self._note_unaudited(flow)
+        return None
+
+    def _pending_records_from(self) -> int | None:
+        """The seq of the first flow entry whose record is still on its way to its file, or None (the writer asks
+        at each checkpoint): a crash loses such records, and the verifier then says so, rather than "removed"."""
+        waiting = self._records_on_their_way
+        records = services.flow_records
+        if records is None:  # the recorder is not loaded, or closed (having written or reported every record)
+            waiting.clear()
+            return None
+        while waiting and not records.unsettled(waiting[0][1]):
+            waiting.popleft()
+        if waiting:
+            return waiting[0][0]
+        if self._appending_unsettled and self.writer is not None:
+            return self.writer.seq  # the flow entry whose append brings this checkpoint
         return None
 
     @staticmethod

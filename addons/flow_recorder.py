@@ -81,6 +81,9 @@ class FlowRecorder:
         self._lost_uncounted = 0  # lost beyond MAX_LOST_IDS: only counted
         self._task: asyncio.Task | None = None
         self._sessions: dict[str, http.HTTPFlow] = {}  # WebSocket sessions open now: recorded at shutdown too
+        # Flows whose record is not settled yet: taken, but neither written (the writer's answer) nor lost (and
+        # reported). The audit log names the first such flow's entry in each checkpoint (see `unsettled`).
+        self._unsettled: set[str] = set()
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
@@ -137,7 +140,15 @@ class FlowRecorder:
                 "(files 0600, credentials removed, each digested in the audit log); mitmproxy's own flow writers "
                 "would keep a second copy outside those records. Read the records with mitmproxy -r instead")
 
+    def unsettled(self, flow_id: str) -> bool:
+        """True while the flow's record is on its way to its file (not written yet, nor reported lost).
+
+        A crash now loses it: the audit log's checkpoints say from which flow entry on records may still be
+        on their way (``records_pending_from``), so that the verifier tells such a loss from tampering."""
+        return flow_id in self._unsettled
+
     def running(self) -> None:
+        services.flow_records = self
         # Without this mitmproxy keeps no copy of a streamed body, and the record would lose it.
         ctx.options.update(store_streamed_bodies=True)
         self._writer.start()  # now rather than on the first flow, which would wait for the spawn
@@ -230,6 +241,8 @@ class FlowRecorder:
         self._write_out()
         self._writer.close()  # every answer is in: the losses among them are reported below
         self._report_lost()
+        if services.flow_records is self:
+            services.flow_records = None
         if self._lost or self._lost_uncounted:
             logger.error("%d lost flow record(s) could not be reported in the audit log",
                          len(self._lost) + self._lost_uncounted)
@@ -251,6 +264,7 @@ class FlowRecorder:
         path = self._current_path()
         FLOW_FILE.set(flow, path.name)
         self._pending.append((path, flow))
+        self._unsettled.add(flow.id)
         # Encoding a flow's record costs ~0.15 ms. Done inside the hook it would delay this response;
         # scheduled for the loop's next turn it runs once the response is on the wire (mitmproxy
         # sends it in the same step that finishes the hook).
@@ -336,6 +350,7 @@ class FlowRecorder:
 
     # ---- health: what the writer answers, and getting back to recording ------------------------------------
     def _on_outcome(self, outcome: Outcome) -> None:
+        self._unsettled.difference_update(outcome.written)
         if outcome.probe or outcome.ended:
             self._probe_outstanding = False
         if outcome.lost:
@@ -396,6 +411,7 @@ class FlowRecorder:
 
     # ---- losses, into the audit log --------------------------------------------------------------------------
     def _take_lost(self, records: list[LostRecord]) -> None:
+        self._unsettled.difference_update(r.flow_id for r in records)  # settled: lost, and reported below
         reasons = sorted({r.reason for r in records})
         logger.error("the records of %d flow(s) were lost (%s): %s", len(records),
                      ", ".join(r.flow_id for r in records[:5]) + (" ..." if len(records) > 5 else ""), "; ".join(reasons))

@@ -550,3 +550,36 @@ def test_a_request_whose_intent_cannot_be_written_is_refused_not_forwarded(setup
             recorder.done()
 
     asyncio.run(scenario())
+
+
+def test_a_checkpoint_names_the_first_flow_entry_whose_record_is_still_on_its_way(setup):
+    # The flow recorder writes a flow's record a moment after its entry (batched, by another process): a crash
+    # just after a checkpoint loses such records, and the checkpoint says from which entry on that may be.
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    tmp_path, rules = setup
+
+    async def scenario():
+        recorder, log = FlowRecorder(), AuditLog()
+        with taddons.context(Proxyserver(), recorder, log) as tctx:
+            _configure(tctx, recorder, log, tmp_path, rules, gateway_audit_checkpoint_entries=1)
+            recorder.running()
+            log.running()
+            flows = [_flow() for _ in range(3)]
+            for flow in flows:  # no loop turn in between: every record still waits to be written
+                recorder.response(flow)
+                log.response(flow)
+            entries = _entries(tmp_path / "records")
+            seq_of = {e["flow_id"]: e["seq"] for e in entries if e["kind"] == "flow"}
+            # With a checkpoint after each entry: the first names the flow entry that brought it; the later ones
+            # still the first flow's, whose record is on its way as much as the others'.
+            after_flows = [e for e in entries if e["kind"] == "checkpoint" and e["seq"] > seq_of[flows[0].id]]
+            assert [c.get("records_pending_from") for c in after_flows] == [seq_of[flows[0].id]] * 3
+            recorder._write_out()
+            assert recorder._writer.flush(10)  # every record in its file now
+            assert "records_pending_from" not in log.writer.checkpoint("interval")
+            log.done()
+            recorder.done()
+
+    asyncio.run(scenario())
+    assert verify(tmp_path / "records").status == "verified"

@@ -158,3 +158,68 @@ def test_an_audit_line_nested_too_deep_is_unreadable_not_a_crash(tmp_path):
     assert result.status == "failed"
     assert "unreadable" in {f.kind for f in result.findings}
     assert any("nested deeper" in f.message for f in result.findings)
+
+
+def _crashed_run(tmp_path, recorded: int, pending_from_index: int | None, removed: int | None = None):
+    """A run that stops without shutting down (kill -9) right after a checkpoint: six flow entries, of which only
+    the first `recorded` flow records reached their file; the checkpoint after the sixth names the entry of flow
+    `pending_from_index` as the first whose record was still on its way (None: it names none)."""
+    records = tmp_path / "records"
+    key = create_private_key_file(tmp_path / "key.pem")
+    entries: dict[int, int] = {}  # flow index -> its entry's seq
+
+    def pending_from():
+        return entries.get(pending_from_index) if pending_from_index is not None else None
+
+    writer = AuditWriter(records / "audit", key, pending_records_from=pending_from)
+    writer.append("gateway_start", {"pid": 1, "signing_key": public_key_record(key.public_key())})
+    (records / "flows").mkdir(parents=True)
+    flows = []
+    for i in range(6):
+        flow = tflow.tflow(resp=True)
+        flow.request.content = f"request {i}".encode()
+        FLOW_FILE.set(flow, "flows-crashed.mitm")
+        entries[i] = writer.append("flow", flow_fields(flow, time.time()))["seq"]
+        flows.append(flow)
+    checkpoint = writer.checkpoint("entries")
+    writer.append("flow", flow_fields(flows[0], time.time()))  # one more after it, never recorded either
+    _write(records / "flows" / "flows-crashed.mitm", [f for i, f in enumerate(flows[:recorded]) if i != removed])
+    return records, checkpoint, entries  # the writer is never closed: the process was killed
+
+
+def test_records_a_crash_took_on_their_way_to_the_file_are_lost_in_the_crash_not_removed(tmp_path):
+    records, checkpoint, entries = _crashed_run(tmp_path, recorded=3, pending_from_index=3)
+    assert checkpoint["records_pending_from"] == entries[3]
+    result = verify(records)
+    assert not [f for f in result.findings if f.severity == "failed"], result.summary()
+    lost = [f for f in result.findings if f.kind == "flow lost in crash"]
+    assert sorted(f.seq for f in lost) == [entries[3], entries[4], entries[5], entries[5] + 2]
+    assert result.flows_matched == 3
+
+
+def test_without_that_note_the_same_loss_is_taken_for_removed_records(tmp_path):
+    # What the gateway wrote before it said which records were still on their way: the verifier cannot tell.
+    records, checkpoint, entries = _crashed_run(tmp_path, recorded=3, pending_from_index=None)
+    assert "records_pending_from" not in checkpoint
+    result = verify(records)
+    missing = [f for f in result.findings if f.kind == "flow missing" and f.severity == "failed"]
+    assert sorted(f.seq for f in missing) == [entries[3], entries[4], entries[5]]
+
+
+def test_a_record_removed_before_the_first_one_on_its_way_is_still_tampering(tmp_path):
+    records, _, entries = _crashed_run(tmp_path, recorded=3, pending_from_index=3, removed=1)
+    result = verify(records)
+    [missing] = [f for f in result.findings if f.severity == "failed"]
+    assert missing.kind == "flow missing" and missing.seq == entries[1]
+
+
+def test_a_checkpoint_names_the_first_record_on_its_way_only_within_the_chain(tmp_path):
+    key = create_private_key_file(tmp_path / "key.pem")
+    answers = iter([None, 0, 99, "2", 2])
+    writer = AuditWriter(tmp_path / "audit", key, pending_records_from=lambda: next(answers))
+    for _ in range(3):
+        writer.append("config", {"n": 1})
+    checkpoints = [writer.checkpoint("interval") for _ in range(5)]
+    # Nothing, zero, past the head, or not an integer: not said. Only a seq of the chain is.
+    assert ["records_pending_from" in c for c in checkpoints] == [False, False, False, False, True]
+    assert checkpoints[-1]["records_pending_from"] == 2

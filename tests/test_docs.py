@@ -10,6 +10,7 @@ import pytest
 
 from auditgate.core.addon_files import load_addon_module
 from auditgate.core.flow_contract import ALL_KEYS
+from auditgate.core.heap_freeze import HeapFreeze
 from auditgate.core.options import add_gateway_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,7 @@ def declared_options() -> dict[str, tuple[type, object]]:
                 addon.load(loader)
             if hasattr(addon, "done"):
                 addon.done()  # transport_errors patches mitmproxy in load() and restores it here
+    HeapFreeze().load(loader)  # the bundle's own last addon (core/heap_freeze.py), in no module of addons/
     return loader.options
 
 

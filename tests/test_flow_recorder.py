@@ -288,3 +288,34 @@ def test_a_flow_that_cannot_be_encoded_is_lost_alone_and_reported(tmp_path):
     assert [(r.flow_id, "cannot be encoded" in r.reason) for r in reported] == [(odd.id, True)]
     [path] = (tmp_path / "flows").glob("*.mitm")
     assert [f.response.content for f in _read(path)] == [b"before", b"after"]
+
+
+def test_a_record_is_on_its_way_until_its_file_has_it_or_its_loss_is_reported(tmp_path):
+    # The audit log's checkpoints name the first flow entry whose record is still on its way (a crash would
+    # lose it): this is what they ask.
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    from auditgate.core.flow_contract import services
+
+    async def scenario():
+        recorder = FlowRecorder()
+        with taddons.context(Proxyserver(), recorder) as tctx:  # the proxy server declares store_streamed_bodies
+            tctx.configure(recorder, gateway_records=str(tmp_path))
+            recorder.running()
+            assert services.flow_records is recorder
+            kept, odd = _flow(b"kept"), _flow(b"odd")
+            odd.metadata["odd"] = {1, 2}  # cannot be encoded: lost (and reported) when its turn comes
+            assert not recorder.unsettled(kept.id)
+            recorder.record(kept)
+            recorder.record(odd)
+            assert recorder.unsettled(kept.id) and recorder.unsettled(odd.id)
+            recorder._write_out()
+            assert recorder.unsettled(kept.id) and not recorder.unsettled(odd.id)  # handed over; lost and reported
+            assert recorder._writer.flush(10)  # the writer's answer: in its file now
+            assert not recorder.unsettled(kept.id)
+            recorder.done()
+            assert services.flow_records is None
+
+    asyncio.run(scenario())
+    [path] = (tmp_path / "flows").glob("*.mitm")
+    assert [f.response.content for f in _read(path)] == [b"kept"]

@@ -12,6 +12,7 @@ import re
 
 import pytest
 from mitmproxy import exceptions, hooks
+from mitmproxy import log as log_module
 from mitmproxy.test import taddons, tflow
 
 from auditgate.core import hook_dispatch
@@ -113,6 +114,57 @@ def test_the_index_calls_what_mitmproxy_calls_in_the_same_order(fail, caplog):
                             "inner3.response", "top2.response"]
 
 
+class LogRecorder(Recorder):
+    def add_log(self, entry) -> None:
+        self._seen("add_log")
+
+
+class AsyncLogRecorder(Recorder):
+    async def add_log(self, entry) -> None:  # mitmproxy: "cannot be called from sync context", logged
+        self._seen("add_log")
+
+
+def _run_sync(indexed: bool, fail: dict, extra=()) -> list[str]:
+    """The synchronous dispatch (mitmproxy's trigger: each log record as an add_log event)."""
+    log: list[str] = []
+    with taddons.context(loadcore=False) as tctx:
+        manager = tctx.master.addons
+        if indexed:
+            assert hook_dispatch.install(manager) is not None
+        addons = [LogRecorder("first", log, **fail.get("first", {})),
+                  Container("box", [LogRecorder("inner", log, **fail.get("inner", {})),
+                                    *(cls(cls.__name__, log) for cls in extra)]),
+                  LogRecorder("last", log)]
+        for addon in addons:
+            manager.add(addon)
+        for text in ("one", "two"):
+            manager.trigger(log_module.AddLogHook(log_module.LogEntry(text, "info")))
+    return log
+
+
+@pytest.mark.parametrize("fail, extra", [({}, ()), ({"first": {"fail_on": "add_log"}}, ()),
+                                         ({"inner": {"halt_on": "add_log"}}, ()), ({}, (AsyncLogRecorder,))],
+                         ids=["none", "raises", "halts", "async-handler"])
+def test_the_sync_dispatch_calls_what_mitmproxy_calls_in_the_same_order(fail, extra, caplog):
+    def lines():
+        return [re.sub(r" at 0x[0-9a-f]+", "", r.getMessage()) for r in caplog.records if r.name == "mitmproxy.addonmanager"]
+
+    caplog.set_level(logging.ERROR)
+    expected = _run_sync(False, fail, extra)
+    logged = lines()
+    caplog.clear()
+    assert _run_sync(True, fail, extra) == expected
+    assert lines() == logged
+    if not fail:
+        assert expected == ["first.add_log", "inner.add_log", "last.add_log"] * 2
+    if "fail_on" in str(fail):
+        assert logged and all(line.startswith("Addon error: ") for line in logged)
+    if "halt_on" in str(fail):
+        assert "last.add_log" not in expected
+    if extra:  # an async add_log handler: refused (logged) both ways, the next top-level addon still called
+        assert logged and all("cannot be called from sync context" in line for line in logged)
+
+
 def test_update_follows_each_flow_event_where_an_addon_handles_it():
     expected = _run(False, {}, extra=[UpdateRecorder])
     assert _run(True, {}, extra=[UpdateRecorder]) == expected
@@ -188,6 +240,9 @@ def test_installed_once_and_only_on_a_manager_of_the_known_shape():
     with taddons.context(loadcore=False) as tctx:
         first = hook_dispatch.install(tctx.master.addons)
         assert first is not None and hook_dispatch.install(tctx.master.addons) is first
+        manager = tctx.master.addons
+        assert (manager.trigger_event, manager.trigger, manager.handle_lifecycle) == (
+            first.trigger_event, first.trigger, first.handle_lifecycle)
 
     class Unknown:
         chain: list = []

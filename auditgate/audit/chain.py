@@ -17,6 +17,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -519,6 +520,10 @@ class AuditWriter:
     settings: WriterSettings = field(default_factory=WriterSettings)
     clock: callable = time.time
     instance: str = ""  # the gateway_instance that writes: in every entry, so merged logs tell their writers apart
+    # The seq of the first flow entry whose flow record may still be on its way to its file (written after the
+    # entry, by another process), or None: each checkpoint says it (records_pending_from), so that a crash right
+    # after a checkpoint, which loses those records, is not taken for their removal (see verify).
+    pending_records_from: Callable[[], int | None] | None = None
 
     def __post_init__(self) -> None:
         private_dir(self.directory)
@@ -576,6 +581,9 @@ class AuditWriter:
             "key_id": key_id(key.public_key()),
             "signature": sign_b64(key, checkpoint_message(self.seq, self.head)),
         }
+        pending = self.pending_records_from() if self.pending_records_from is not None else None
+        if type(pending) is int and 0 < pending <= self.seq:
+            fields["records_pending_from"] = pending
         entry = self._write("checkpoint", fields, may_rotate=False)
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock()

@@ -368,13 +368,20 @@ def _check_signatures(result: VerifyResult, anchors: list[Ed25519PublicKey]) -> 
 
 
 def _crash_window(result: VerifyResult) -> set[int]:
-    """Seqs written after the last checkpoint of a run that did not shut down cleanly."""
+    """Seqs of a run that did not shut down cleanly whose flow records a crash may have lost: those written after
+    its last checkpoint, and those from the flow entry that checkpoint names as the first whose record was still
+    on its way to its file (``records_pending_from``: flow records are written a moment after their entries)."""
     window: set[int] = set()
     run: list[Located] = []
 
     def close_run(clean: bool) -> None:
         if not clean:
-            last_cp = max((l.seq for l in run if l.entry.get("kind") == "checkpoint"), default=0)
+            checkpoints = [l for l in run if l.entry.get("kind") == "checkpoint" and isinstance(l.seq, int)]
+            last = max(checkpoints, key=lambda l: l.seq, default=None)
+            last_cp = last.seq if last is not None else 0
+            pending = last.entry.get("records_pending_from") if last is not None else None
+            if type(pending) is int and 0 < pending < last_cp:
+                last_cp = pending - 1
             window.update(l.seq for l in run if isinstance(l.seq, int) and l.seq > last_cp)
 
     for located in result.log:

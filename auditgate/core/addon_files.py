@@ -36,9 +36,12 @@ def load_addon_module(directory: Path, name: str) -> ModuleType:
 def bundle(script: str, names: list[str]) -> list:
     """The addons of each named module beside `script` (each module's own ``addons`` list), in order,
     each flow hook under the bundle's guard (``auditgate.core.guard``: an exception refuses the flow);
-    first, the addon that installs the dispatch index (``auditgate.core.hook_dispatch``)."""
+    first, the addon that installs the dispatch index (``auditgate.core.hook_dispatch``); last, the one
+    that freezes the start-up heap once the gateway runs (``auditgate.core.heap_freeze``)."""
     from auditgate.core.guard import guard_addon
+    from auditgate.core.heap_freeze import HeapFreeze
     from auditgate.core.hook_dispatch import DispatchIndex
 
     directory = Path(script).resolve().parent
-    return [DispatchIndex(), *(guard_addon(addon) for name in names for addon in load_addon_module(directory, name).addons)]
+    return [DispatchIndex(), *(guard_addon(addon) for name in names for addon in load_addon_module(directory, name).addons),
+            HeapFreeze()]

@@ -235,6 +235,12 @@ class AuditEvents(Protocol):
     def append_event(self, kind: str, fields: dict) -> dict: ...
 
 
+class FlowRecords(Protocol):
+    """Which flows' records are still on their way to their files (the flow_recorder addon)."""
+
+    def unsettled(self, flow_id: str) -> bool: ...
+
+
 class AuditUnavailable(RuntimeError):
     """The audit log cannot take an entry; whoever asked must refuse what it was about to allow."""
 
@@ -244,6 +250,7 @@ class BundleServices:
     """Set by the addon that offers a service while it is loaded, cleared when it is unloaded."""
 
     audit_events: AuditEvents | None = None  # the audit_log addon
+    flow_records: FlowRecords | None = None  # the flow_recorder addon: the audit log's checkpoints ask it
     approval_gate: object | None = None  # the approval addon: policy refuses require_approval without it
     minted_identity: str | None = None  # caller_auth made this identity at first start (its token is on the console)
 

@@ -172,6 +172,7 @@ class Outcome:
     probe: bool = False
     ended: bool = False  # the child ended; its unanswered batches are in `lost`
     answered: bool = False  # a child answered: it is alive and reading
+    written: list[str] = field(default_factory=list)  # ids of the flows the answered batch put in their files
 
 
 @dataclass
@@ -359,7 +360,8 @@ class FlowFileWriter:
         error = answer.get("error")
         # A job is written whole or not at all: on an error every flow in it is lost.
         lost = [LostRecord(flow_id, name, str(error)) for flow_id, name in job.flows] if error and job else []
-        self._report(Outcome(lost=lost, error=error, probe=bool(job and job.probe), answered=True))
+        written = [flow_id for flow_id, _ in job.flows] if job and not error else []
+        self._report(Outcome(lost=lost, error=error, probe=bool(job and job.probe), answered=True, written=written))
 
     def _ended(self, reason: str) -> None:
         """The child is gone: what it had not answered is lost; what it never got waits for the next one."""
