@@ -7,7 +7,8 @@ path must have left on the flow (``auditgate.core.flow_contract``): the upstream
 authenticated identity, a policy decision that is not a block, and — when the policy asked for
 approval — an approval granted for it. A WebSocket upgrade goes on only to the endpoints whose messages the bundle
 governs (the Responses API's WebSocket mode, the Realtime API: ``auditgate.websocket.events.endpoint_of``);
-any other is refused with 501, never relayed ungoverned.
+any other is refused with 501, never relayed ungoverned, and so is every upgrade when the mitmproxy it runs
+on lacks the internals through which the gateway governs a session (checked at start).
 """
 
 from __future__ import annotations
@@ -49,8 +50,24 @@ def missing_check(flow: http.HTTPFlow) -> str | None:
 class RequestGate:
     """Refuses (500 gateway_internal_error) a request the earlier addons should have refused and did not."""
 
+    def __init__(self) -> None:
+        # The mitmproxy internals through which the gateway governs a WebSocket relay (close codes, pings,
+        # message sizes, injected events) that this mitmproxy lacks: checked once, at start.
+        self.websocket_internals_missing: list[str] | None = None
+
+    def running(self) -> None:
+        self.websocket_internals_missing = session_control.missing_internals()
+        if self.websocket_internals_missing:  # a warning: an error logged at start stops mitmdump (errorcheck)
+            logger.warning("WebSocket upgrades will be refused (501): this mitmproxy lacks internals the gateway "
+                         "governs WebSocket sessions through: %s", ", ".join(self.websocket_internals_missing))
+
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or is_answered(flow):
+            return
+        if is_websocket_upgrade(flow.request) and self._websocket_ungovernable():
+            refuse(flow, 501, "gateway_websocket_unsupported",
+                   "this gateway cannot govern WebSocket sessions with the mitmproxy it runs on; "
+                   "use the HTTP transport")
             return
         if is_websocket_upgrade(flow.request) and endpoint_of(flow.request.path) is None:
             # Policy, masking and the records read the events of the Responses API's WebSocket mode and
@@ -71,6 +88,11 @@ class RequestGate:
             refuse(flow, 500, "gateway_internal_error",
                    f"the gateway could not complete its checks on this request ({missing}), so it was not sent")
 
+
+    def _websocket_ungovernable(self) -> bool:
+        if self.websocket_internals_missing is None:  # loaded without `running` (a test harness): checked now
+            self.websocket_internals_missing = session_control.missing_internals()
+        return bool(self.websocket_internals_missing)
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         # A session whose upgrade did not pass every check (a hook that silently did nothing; an upgrade

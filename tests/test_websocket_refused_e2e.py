@@ -27,3 +27,34 @@ def test_an_upgrade_to_another_path_is_refused_openai_shaped_and_recorded(revers
     assert not _upgrades_seen(upstream)
     wait_for_flows(records_root / "reverse", lambda f: f.request.path == path and (
         REFUSAL.read(f.metadata) or {}).get("code") == "gateway_websocket_unsupported")
+
+
+def test_without_the_mitmproxy_internals_sessions_are_governed_through_every_upgrade_is_refused(
+        tmp_path, confdir, upstream_server, upstream):
+    # A mitmproxy whose WebSocket relay is not the one the gateway knows (close codes, pings, sizes and injected
+    # events are governed through it): found at start, and every upgrade refused rather than relayed ungoverned.
+    from auditgate.identity.service_tokens import add_service_token
+    from tests.conftest import gateway_env, make_rules
+    from tests.gateway_process import ROOT, GatewayProcess
+
+    rules = make_rules(tmp_path / "rules", upstreams=[])
+    token = add_service_token(rules, "alice", ["agents"])
+    gateway = GatewayProcess(tmp_path / "gw", rules=rules, records=tmp_path / "records", confdir=confdir,
+                             env=gateway_env(), args=[
+                                 "--mode", f"reverse:http://127.0.0.1:{upstream_server.port}",
+                                 "--set", "approval_admin_listen=127.0.0.1:0",
+                                 "-s", str(ROOT / "tests" / "websocket_internals_missing_addon.py")]).start()
+    try:
+        upgrade = httpx.get(f"{gateway.url}/v1/responses", headers={
+            "authorization": f"Bearer {token}", "connection": "Upgrade", "upgrade": "websocket",
+            "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        plain = httpx.post(f"{gateway.url}/v1/responses", json={"model": "gpt-test", "input": "hi"},
+                           headers={"authorization": f"Bearer {token}"})
+    finally:
+        gateway.stop()
+    assert upgrade.status_code == 501
+    assert upgrade.json()["error"]["code"] == "gateway_websocket_unsupported"
+    assert not _upgrades_seen(upstream)
+    assert plain.status_code == 200  # HTTP is governed as always
+    assert "WebSocket upgrades will be refused (501)" in gateway.log()
+    assert "WebsocketLayer.relay_messages (gone in this test)" in gateway.log()
