@@ -76,11 +76,15 @@ class ChainIndex:
         """What ``AddonManager.trigger_event`` does, without walking the addons again."""
         await self._trigger_event(event, None)
 
-    async def _trigger_event(self, event: hooks.Hook, args: list | None) -> None:
-        """trigger_event, with the event's arguments where the caller has them already."""
+    async def _trigger_event(self, event: hooks.Hook, args: list | None, sync: bool = False) -> None:
+        """trigger_event, with the event's arguments where the caller has them already; with ``sync``, what
+        mitmproxy's synchronous ``trigger`` does instead (an async handler refused, nothing awaited)."""
         groups = self.handlers(event)
         if groups is None:
-            await self._walk_each_time(event)
+            if sync:
+                self._walk_each_time_sync(event)
+            else:
+                await self._walk_each_time(event)
             return
         name = event.name
         for group in groups:
@@ -93,8 +97,11 @@ class ChainIndex:
                     handler = getattr(addon, name, None)
                     if not callable(handler):  # gone since the index was made: mitmproxy would skip it too
                         continue
+                    if sync and inspect.iscoroutinefunction(handler):  # as mitmproxy's invoke_addon_sync
+                        raise exceptions.AddonManagerError(
+                            f"Async handler {name} ({addon}) cannot be called from sync context")
                     result = handler(*args)
-                    if result is not None and inspect.isawaitable(result):
+                    if not sync and result is not None and inspect.isawaitable(result):
                         await result
             except exceptions.AddonHalt:
                 return
@@ -108,30 +115,13 @@ class ChainIndex:
 
         mitmproxy sends each log record through it as an ``add_log`` event (from the event loop, a call per
         record: four per connection at the default verbosity), which no addon of mitmdump handles."""
-        groups = self.handlers(event)
-        if groups is None:
-            self._walk_each_time_sync(event)
+        dispatch = self._trigger_event(event, None, sync=True)
+        try:
+            dispatch.send(None)  # nothing in it awaits when sync: it runs to its end in this call
+        except StopIteration:
             return
-        name = event.name
-        args = None
-        for group in groups:
-            try:  # as in trigger_event: mitmproxy's safecall without a context manager per addon
-                if args is None:
-                    args = event.args()
-                for addon in group:
-                    handler = getattr(addon, name, None)
-                    if not callable(handler):
-                        continue
-                    if inspect.iscoroutinefunction(handler):  # mitmproxy's invoke_addon_sync refuses it so
-                        raise exceptions.AddonManagerError(
-                            f"Async handler {name} ({addon}) cannot be called from sync context")
-                    handler(*args)
-            except exceptions.AddonHalt:
-                return
-            except exceptions.OptionsError:
-                raise
-            except Exception as error:
-                _log_as_mitmproxy_does(error)
+        dispatch.close()
+        raise RuntimeError("the synchronous dispatch was suspended")  # unreachable: nothing is awaited
 
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         """What ``AddonManager.handle_lifecycle`` does: the event, then ``update`` for a flow's event, which
