@@ -42,6 +42,9 @@ _BYPASSING_OPTIONS: dict[str, str] = {
                   "(with the upstream key on); add the upstream to upstreams.yaml instead",
     "modify_body": "it changes request bodies after the gateway's policy and masking checked them",
     "modify_headers": "it changes headers after the gateway's checks (and could set or strip credentials)",
+    # On by default in mitmproxy: turned off at load (below), refused if turned on again.
+    "onboarding": "mitmproxy's onboarding app answers http://mitm.it/ (its page and CA) to any caller, "
+                  "unauthenticated, before the gateway's checks run; callers get the CA from certs/",
 }
 
 
@@ -67,6 +70,12 @@ class BodySizeLimits:
         self._inflating = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auditgate-inflate")
 
     def load(self, loader) -> None:
+        # Before any server listens (and before configure, which would refuse it as set).
+        options = getattr(getattr(loader, "master", None), "options", None)
+        if options is not None and getattr(options, "onboarding", False):
+            options.update(onboarding=False)
+            logger.info("mitmproxy's onboarding app (mitm.it) is off: it would answer callers before the "
+                        "gateway's checks; the CA is in certs/")
         loader.add_option(
             "gateway_request_max_mb", int, 32,
             "Largest request body in MB, as received and once inflated (413 gateway_request_too_large).")

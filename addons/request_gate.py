@@ -88,7 +88,6 @@ class RequestGate:
             refuse(flow, 500, "gateway_internal_error",
                    f"the gateway could not complete its checks on this request ({missing}), so it was not sent")
 
-
     def _websocket_ungovernable(self) -> bool:
         if self.websocket_internals_missing is None:  # loaded without `running` (a test harness): checked now
             self.websocket_internals_missing = session_control.missing_internals()

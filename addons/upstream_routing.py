@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from auditgate.core.flow_contract import PASSTHROUGH, UPSTREAM
@@ -13,12 +13,6 @@ from auditgate.core.refusal import is_answered, refuse
 from auditgate.routing.upstreams import UpstreamTable, shared_upstreams
 
 logger = logging.getLogger("auditgate.addons.upstream_routing")
-
-# mitmproxy's onboarding app answers http://mitm.it/ (its page and the CA certificate) from a request hook
-# that runs before every hook of the gateway: an answer to any caller, unauthenticated, from a host that
-# is no upstream. The gateway's CA is handed out with the gateway (certs/), not by the proxy.
-ONBOARDING_REFUSED = ("auditgate refuses onboarding=true: mitmproxy's onboarding app (mitm.it) answers "
-                      "unauthenticated callers before the gateway's checks run; callers get the CA from certs/")
 
 
 class UpstreamRouting:
@@ -29,17 +23,8 @@ class UpstreamRouting:
 
     def load(self, loader) -> None:
         add_gateway_options(loader)
-        # On by default in mitmproxy, so turned off here, before any server listens, rather than refused;
-        # turned on afterwards (by --set or at run time), it is refused in configure.
-        options = getattr(getattr(loader, "master", None), "options", None)
-        if options is not None and getattr(options, "onboarding", False):
-            options.update(onboarding=False)
-            logger.info("mitmproxy's onboarding app (mitm.it) is off: it would answer callers before the "
-                        "gateway's checks; the CA is in certs/")
 
     def configure(self, updated: set[str]) -> None:
-        if "onboarding" in updated and getattr(ctx.options, "onboarding", False):
-            raise exceptions.OptionsError(ONBOARDING_REFUSED)
         if "gateway_rules" not in updated:
             return
         self.table = load_rules(shared_upstreams)

@@ -11,7 +11,6 @@ then their cost. Its records do not verify (their entries lack the record digest
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -19,20 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from auditgate.audit import entries  # noqa: E402
+from auditgate.audit.chain import sha256_hex  # noqa: E402
 from auditgate.core.addon_files import load_addon_module  # noqa: E402
 
 _gateway = load_addon_module(ROOT / "addons", "gateway")
 
 
-def _sha(content: bytes | None) -> str | None:
-    return None if content is None else hashlib.sha256(content).hexdigest()
-
-
 def _body_digests_only(flow) -> dict:
     """What flow_fields reads from the claims besides the record digest: the two bodies' SHA-256."""
-    claims = {"request.content": _sha(flow.request.raw_content)}
+    claims = {"request.content": sha256_hex(flow.request.raw_content)}
     if flow.response is not None:
-        claims["response.content"] = _sha(flow.response.raw_content)
+        claims["response.content"] = sha256_hex(flow.response.raw_content)
     return claims
 
 

@@ -12,7 +12,13 @@ import zlib
 import brotli
 import pytest
 from mitmproxy import exceptions, http
-from mitmproxy.addons import mapremote, modifybody, modifyheaders, proxyserver
+from mitmproxy.addons import (
+    mapremote,
+    modifybody,
+    modifyheaders,
+    onboarding,
+    proxyserver,
+)
 from mitmproxy.test import taddons, tflow
 
 from addons.body_limits import BodySizeLimits
@@ -190,24 +196,35 @@ def test_mitmproxys_error_page_says_what_the_gateway_means():
 
 # ---- the body_limits addon ------------------------------------------------------------------------------
 def _mitmproxys_own() -> list:
-    """The mitmproxy addons that declare the options body_limits checks (the harness loads none by itself)."""
-    return [proxyserver.Proxyserver(), mapremote.MapRemote(), modifybody.ModifyBody(), modifyheaders.ModifyHeaders()]
+    """The mitmproxy addons that declare the options body_limits checks (the harness loads none by itself); ahead
+    of the gateway's addon, as mitmdump loads its own before any script."""
+    return [proxyserver.Proxyserver(), mapremote.MapRemote(), modifybody.ModifyBody(), modifyheaders.ModifyHeaders(),
+            onboarding.Onboarding()]
 
 
 @pytest.mark.parametrize("option, value", [
     ("stream_large_bodies", "1"), ("map_remote", ["|example.com|other.example"]), ("modify_body", ["/~q/a/b"]),
-    ("modify_headers", ["/~q/x-extra/1"]), ("validate_inbound_headers", False),
+    ("modify_headers", ["/~q/x-extra/1"]), ("validate_inbound_headers", False), ("onboarding", True),
 ])
 def test_options_that_would_let_bytes_past_the_hooks_are_refused(option, value):
     addon = BodySizeLimits()
-    with taddons.context(addon, *_mitmproxys_own()) as tctx:
+    with taddons.context(*_mitmproxys_own(), addon) as tctx:
         with pytest.raises(exceptions.OptionsError, match=option):
             tctx.configure(addon, **{option: value})
 
 
+def test_mitmproxys_onboarding_app_is_off_from_the_addons_load_on():
+    # On by default in mitmproxy (it answers http://mitm.it/ before any hook of the gateway): turned off when
+    # the addon loads, before any server listens; turning it on again is refused (above).
+    with taddons.context(onboarding.Onboarding()) as tctx:
+        assert tctx.options.onboarding is True
+        tctx.master.addons.add(BodySizeLimits())
+        assert tctx.options.onboarding is False
+
+
 def test_mitmproxys_own_body_limit_is_brought_down_to_the_largest_of_the_gateways():
     addon = BodySizeLimits()
-    with taddons.context(addon, *_mitmproxys_own()) as tctx:
+    with taddons.context(*_mitmproxys_own(), addon) as tctx:
         tctx.configure(addon, gateway_request_max_mb=2, gateway_response_max_mb=3)
         addon.running()  # set once the proxy runs (not in configure, where a rollback could loop)
         assert tctx.options.body_size_limit == str(3 * MB)

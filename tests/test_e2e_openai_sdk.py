@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -97,20 +96,6 @@ def test_forward_mitmproxys_onboarding_app_answers_nobody(forward_env, confdir):
         assert response.json()["error"]["code"] == "gateway_forbidden"
         assert ca_pem not in response.content and b"mitmproxy" not in response.content
     assert "onboarding app (mitm.it) is off" in forward_env.log()
-
-
-def test_onboarding_turned_on_at_run_time_is_refused():
-    from mitmproxy import exceptions
-    from mitmproxy.addons.onboarding import Onboarding
-    from mitmproxy.test import taddons
-
-    from auditgate.core.addon_files import load_addon_module
-
-    routing = load_addon_module(Path(__file__).parent.parent / "addons", "upstream_routing").UpstreamRouting()
-    with taddons.context(Onboarding(), routing) as tctx:
-        assert tctx.options.onboarding is False  # off from the routing addon's load on
-        with pytest.raises(exceptions.OptionsError, match="refuses onboarding=true"):
-            tctx.configure(routing, onboarding=True)
 
 
 def test_forward_passthrough_host_is_tunnelled_untouched(forward_env, callers, tls_upstream, tls_upstream_server,

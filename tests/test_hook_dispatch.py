@@ -7,6 +7,7 @@ installed and one without, triggers the same events on both, and compares what t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 
@@ -82,14 +83,21 @@ def _trigger(manager, flow) -> None:
     asyncio.run(run())
 
 
-def _run(indexed: bool, fail: dict, extra=()) -> list[str]:
-    log: list[str] = []
+@contextlib.contextmanager
+def _manager(indexed: bool, addons: list):
+    """mitmproxy's addon manager holding `addons`, with the gateway's index installed or not."""
     with taddons.context(loadcore=False) as tctx:
         manager = tctx.master.addons
         if indexed:
             assert hook_dispatch.install(manager) is not None
-        for addon in [*_addons(log, fail), *(cls(cls.__name__, log) for cls in extra)]:
+        for addon in addons:
             manager.add(addon)
+        yield manager
+
+
+def _run(indexed: bool, fail: dict, extra=()) -> list[str]:
+    log: list[str] = []
+    with _manager(indexed, [*_addons(log, fail), *(cls(cls.__name__, log) for cls in extra)]) as manager:
         _trigger(manager, tflow.tflow(resp=True))
     return log
 
@@ -127,16 +135,11 @@ class AsyncLogRecorder(Recorder):
 def _run_sync(indexed: bool, fail: dict, extra=()) -> list[str]:
     """The synchronous dispatch (mitmproxy's trigger: each log record as an add_log event)."""
     log: list[str] = []
-    with taddons.context(loadcore=False) as tctx:
-        manager = tctx.master.addons
-        if indexed:
-            assert hook_dispatch.install(manager) is not None
-        addons = [LogRecorder("first", log, **fail.get("first", {})),
-                  Container("box", [LogRecorder("inner", log, **fail.get("inner", {})),
-                                    *(cls(cls.__name__, log) for cls in extra)]),
-                  LogRecorder("last", log)]
-        for addon in addons:
-            manager.add(addon)
+    addons = [LogRecorder("first", log, **fail.get("first", {})),
+              Container("box", [LogRecorder("inner", log, **fail.get("inner", {})),
+                                *(cls(cls.__name__, log) for cls in extra)]),
+              LogRecorder("last", log)]
+    with _manager(indexed, addons) as manager:
         for text in ("one", "two"):
             manager.trigger(log_module.AddLogHook(log_module.LogEntry(text, "info")))
     return log

@@ -57,16 +57,16 @@ def _same(conn):
 @settings(max_examples=400, deadline=None)
 @given(_changes(CLIENT_FIELDS))
 def test_client_connection_state_equals_mitmproxys_for_any_field_values(changes):
-    conn = tflow.tclient_conn()
-    for name, value in changes:
-        setattr(conn, name, value)
-    _same(conn)
+    _same_after(tflow.tclient_conn(), changes)
 
 
 @settings(max_examples=400, deadline=None)
 @given(_changes(SERVER_FIELDS))
 def test_server_connection_state_equals_mitmproxys_for_any_field_values(changes):
-    conn = tflow.tserver_conn()
+    _same_after(tflow.tserver_conn(), changes)
+
+
+def _same_after(conn, changes) -> None:
     for name, value in changes:
         setattr(conn, name, value)
     _same(conn)
