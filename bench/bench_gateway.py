@@ -175,6 +175,32 @@ def sequential(url: str, token: str, n: int) -> list[float]:
     return latencies
 
 
+def interleaved(urls: list[str], token: str, n: int) -> list[list[float]]:
+    """Sequential requests to several targets in turn, one request each: latencies per target.
+
+    This shared machine's slow spells last from milliseconds to seconds, which shifts a whole run of 100
+    requests to one target against the next run's; taken request by request the targets share them, so a
+    few per cent between two bundles stay visible (the bench's "gateway/before, interleaved" line)."""
+    headers = {"authorization": f"Bearer {token}"}
+    clients = [httpx.Client(timeout=30) for _ in urls]
+    try:
+        for _ in range(20):
+            for client, url in zip(clients, urls):
+                client.post(url, json=BODY, headers=headers).raise_for_status()
+        latencies: list[list[float]] = [[] for _ in urls]
+        turns = list(zip(clients, urls, latencies))
+        for i in range(n):
+            for client, url, samples in (turns if i % 2 == 0 else turns[::-1]):  # who goes first, in turn
+                start = time.perf_counter()
+                response = client.post(url, json=BODY, headers=headers)
+                samples.append(time.perf_counter() - start)
+                response.raise_for_status()
+        return latencies
+    finally:
+        for client in clients:
+            client.close()
+
+
 def concurrent(url: str, token: str, clients: int, per_client: int, pid: int | None = None) -> tuple[float, float | None]:
     """(requests/s, how busy the target `pid` and its children kept their core meanwhile, or None)."""
     headers = {"authorization": f"Bearer {token}"}
@@ -230,7 +256,11 @@ def request_scenario(setup: Setup, args, title: str, check=None) -> None:
     pinned = bool(CORES and CORES.target)
     # Rounds take turns, so a slow spell of this shared machine weighs on every target alike; the p50
     # and throughput ratios are the medians of the rounds' own ratios (p99 needs all samples).
+    paired: list[tuple[list[float], list[float]]] = []  # (gateway, gateway before) by round, interleaved
     for _ in range(args.rounds):
+        if "gateway before" in setup.urls:
+            paired.append(tuple(interleaved([setup.urls["gateway"], setup.urls["gateway before"]], setup.token,
+                                             args.requests)))
         for name, url in setup.urls.items():
             latencies[name].append(sequential(url, setup.token, args.requests))
             rate, busy_share = concurrent(url, setup.token, args.concurrency, args.per_client, setup.pids.get(name))
@@ -257,8 +287,15 @@ def request_scenario(setup: Setup, args, title: str, check=None) -> None:
         p50s = [statistics.median(n) / statistics.median(b)
                 for n, b in zip(latencies["gateway"], latencies["gateway before"])]
         rounds = [n / b for n, b in zip(rates["gateway"], rates["gateway before"])]
-        print(f"{'gateway/before:':21s} p50 {statistics.median(p50s):.2f}x   req/s {statistics.median(rounds):.2f}x   "
-              "(below 1 for p50, above 1 for req/s: faster than before)")
+        pooled_p50 = statistics.median(pooled["gateway"]) / statistics.median(pooled["gateway before"])
+        print(f"{'gateway/before:':21s} p50 {statistics.median(p50s):.2f}x (all samples: {pooled_p50:.2f}x)   "
+              f"req/s {statistics.median(rounds):.2f}x   (below 1 for p50, above 1 for req/s: faster than before; "
+              f"rounds: p50 {' '.join(f'{r:.2f}' for r in p50s)}; req/s {' '.join(f'{r:.2f}' for r in rounds)})")
+        p50s = [statistics.median(g) / statistics.median(b) for g, b in paired]
+        pooled_p50 = (statistics.median([x for g, _ in paired for x in g])
+                      / statistics.median([x for _, b in paired for x in b]))
+        print(f"{'gateway/before, interleaved request by request:':21s} p50 {statistics.median(p50s):.3f}x "
+              f"(all samples: {pooled_p50:.3f}x; rounds: {' '.join(f'{r:.2f}' for r in p50s)})")
 
 
 def _stream_once(url: str, token: str) -> tuple[float, float]:

@@ -24,16 +24,13 @@ from auditgate.core.addon_files import load_addon_module  # noqa: E402
 _gateway = load_addon_module(ROOT / "addons", "gateway")
 
 
-def _body_digests_only(flow) -> dict:
-    """What flow_fields reads from the claims besides the record digest: the two bodies' SHA-256."""
-    claims = {"request.content": sha256_hex(flow.request.raw_content)}
-    if flow.response is not None:
-        claims["response.content"] = sha256_hex(flow.response.raw_content)
-    return claims
+def _body_digests_only(flow, claimed=None) -> tuple:
+    """What flow_fields takes from record_of_flow besides the record digest: the two bodies' SHA-256."""
+    response = flow.response
+    return None, sha256_hex(flow.request.raw_content), sha256_hex(response.raw_content) if response else None
 
 
-entries.claims_of_flow = _body_digests_only  # flow_fields looks both up in its module when it runs
-entries.record_digest = lambda claims: None
+entries.record_of_flow = _body_digests_only  # flow_fields looks it up in its module when it runs
 sys.modules["auditgate_addons.audit_log"].AuditLog._intent = lambda self, flow: None  # nothing before forwarding
 
 addons = _gateway.addons

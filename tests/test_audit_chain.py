@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -277,6 +279,7 @@ import rfc8785  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from auditgate.audit import chain  # noqa: E402
 from auditgate.audit.chain import jcs  # noqa: E402
 
 _json_values = st.recursive(
@@ -298,15 +301,59 @@ def test_jcs_is_rfc8785_byte_for_byte(value):
     assert jcs(value) == expected
 
 
+def _nested_lists(depth: int) -> list:
+    value: list = ["leaf"]
+    for _ in range(depth):
+        value = [value, 1]
+    return value
+
+
+_EDGE_CASES = [{"\U0001f600": 1, "\ue000": 2, "z": 3}, {"a": "\u2028\x7f\x00\x1f\"\\/"}, [2**53 - 1, -(2**53 - 1)],
+               {"k": [1, {"b": 1, "a": "é"}]}, "", {}, [],
+               _nested_lists(300),  # deeper than orjson writes (254): the slower ways
+               {"é": 1, "e": 2, "\x7f": 3, "\u00ff": 4, "\uffff": 5}]  # keys ordered by code point, not by UTF-8 length
+
+
 def test_jcs_edge_cases_agree_with_rfc8785():
-    for value in [{"\U0001f600": 1, "\ue000": 2, "z": 3}, {"a": "\u2028\x7f\x00\x1f\"\\/"}, [2**53 - 1, -(2**53 - 1)],
-                  {"k": [1, {"b": 1, "a": "é"}]}, "", {}, []]:
+    for value in _EDGE_CASES:
         assert jcs(value) == rfc8785.dumps(value)
-    for bad in [2**53, {"x": "\ud800"}]:
+    for bad in [2**53, {"x": "\ud800"}, [2**64 + 1], {"n": -(2**63) - 1}]:  # beyond 64 bits orjson refuses too
         with pytest.raises(CanonicalJsonError):
             jcs(bad)
     with pytest.raises(CanonicalJsonError):  # entries stay integer-only in format 2 too
         seal({"v": 2, "seq": 1, "latency": 1.5})
+
+
+@settings(max_examples=200, deadline=None)
+@given(_json_values)
+def test_jcs_without_orjson_is_rfc8785_byte_for_byte(value):
+    """orjson is the gateway's, for speed; the verifier, installed with cryptography and rfc8785 alone, hashes the
+    same bytes without it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chain, "orjson", None)
+        assert chain.sorted_json({"a": 1}) is None
+        try:
+            expected = rfc8785.dumps(value)
+        except rfc8785.CanonicalizationError:
+            with pytest.raises(CanonicalJsonError):
+                jcs(value)
+            return
+        assert jcs(value) == expected
+
+
+def test_what_orjson_would_write_unlike_json_goes_the_slower_ways():
+    @dataclasses.dataclass
+    class Point:
+        x: int
+
+    moment = datetime.datetime(2026, 12, 2, tzinfo=datetime.timezone.utc)
+    for value in [moment, {"when": moment.date()}, [Point(1)], {1: "int key"}, b"bytes", {"s": {1, 2}}]:
+        assert chain.sorted_json(value) is None, value
+    assert chain.sorted_json({"b": [1, True, None], "a": "é"}) == '{"a":"é","b":[1,true,null]}'.encode()
+    for value in _EDGE_CASES[:-2] + [{"é": 1, "e": 2}]:
+        data = chain.sorted_json(value)
+        assert data is None or data == json.dumps(value, sort_keys=True, separators=(",", ":"),
+                                                   ensure_ascii=False).encode()
 
 
 def test_every_entry_the_writer_makes_is_hashed_over_rfc8785(tmp_path):

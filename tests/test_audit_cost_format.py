@@ -262,6 +262,21 @@ def test_flow_and_intent_fields_equal_the_committed_ones(make, before_speedup):
     assert record_digest.record_digest(claims) == before_speedup["record_digest"].record_digest(claims)
 
 
+@pytest.mark.parametrize("make", FLOWS.values(), ids=FLOWS.keys())
+def test_record_of_flow_is_the_record_digest_of_the_flows_claims(make, monkeypatch):
+    """The flow entry digests each claim as it makes it (record_of_flow); the verifier gathers the claims of
+    the record first (record_digest(claims_of_state)), as claims_of_flow does: the same digest, with orjson and
+    without it (the verifier's dependencies)."""
+    flow = make("flows-x.mitm")
+    INTENT_SEQ.set(flow, 7)
+    claims = record_digest.claims_of_flow(flow)
+    expected = (_rfc8785_record_digest(claims), claims["request.content"], claims.get("response.content"))
+    assert record_digest.record_of_flow(flow) == expected
+    monkeypatch.setattr(chain, "orjson", None)
+    assert record_digest.record_of_flow(flow) == expected
+    assert record_digest.record_digest(claims) == expected[0]
+
+
 # ---- the helpers, on generated values ------------------------------------------------------------------
 
 _keys = st.one_of(st.text(max_size=8), st.sampled_from(["token", "api_key", "X-Api-Key", "my_secret", "Cookie",
@@ -282,6 +297,34 @@ _metadata = st.recursive(
 def test_json_safe_and_plain_equal_the_committed_ones(before_speedup, value):
     assert chain.json_safe(value) == before_speedup["chain"].json_safe(value)
     assert record_digest._plain(value) == before_speedup["record_digest"]._plain(value)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_metadata)
+def test_a_value_json_safe_keeps_whole_is_its_record_claim_as_well(value):
+    """The flow entry takes a metadata value's record claim from its own json_safe() copy where json_safe kept
+    the value whole (chain.json_safe_whole): that copy must then be exactly what _plain() makes of it."""
+    safe, whole = chain.json_safe_whole(value)
+    assert safe == chain.json_safe(value)
+    if whole:
+        plain = record_digest._plain(value)
+        assert safe == plain
+        assert json.dumps(safe, sort_keys=True) == json.dumps(plain, sort_keys=True)  # True and 1 told apart
+
+
+def _deep_list(depth: int) -> list:
+    value: list = ["deep"]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("value", [1.5, 2.0, b"x", {"api_key": "k"}, {1, 2}, object(), _deep_list(20)],
+                         ids=["float", "whole float", "bytes", "credential key", "set", "object", "deep"])
+def test_json_safe_whole_says_so_where_json_safe_changed_the_value(value):
+    safe, whole = chain.json_safe_whole({"outer": value})
+    assert not whole and safe == chain.json_safe({"outer": value})
+    assert chain.json_safe_whole({"outer": ["text", 1, None, True, {"k": 2**60}]})[1]
 
 
 def _nested(depth: int, leaf):

@@ -35,6 +35,11 @@ from auditgate.core.private_files import (
     write_private_atomically,
 )
 
+try:  # the gateway's dependency, for speed; the verifier needs only cryptography and rfc8785 (see sorted_json)
+    import orjson
+except ImportError:  # pragma: no cover - exercised by tests/test_audit_chain.py with orjson hidden
+    orjson = None
+
 AUDIT_SUBDIR = "audit"
 PUBLIC_KEY_FILE = "public-key.pem"
 GENESIS_HASH = "0" * 64
@@ -105,15 +110,17 @@ def jcs(value, ints_checked: bool = False) -> bytes:
     """RFC 8785 (JSON Canonicalization Scheme) bytes of a float-free value: what a version 2 entry hashes to.
 
     The same bytes as `rfc8785.dumps(value)` (tests/test_audit_chain.py checks it on every kind of entry
-    and on generated values); rfc8785 itself does what the fast path cannot vouch for. ints_checked: the
+    and on generated values); rfc8785 itself does what the fast paths cannot vouch for. ints_checked: the
     caller knows every integer lies within 2**53 (json_safe() made the value), so that scan is skipped.
     Raises CanonicalJsonError (a ValueError) for what JCS cannot represent (floats, NaN, lone surrogates,
     huge integers).
     """
-    try:
-        data = "".join(encode_sorted(value, 0)).encode("utf-8")
-    except (UnicodeEncodeError, TypeError, ValueError, RecursionError):
-        data = None
+    data = sorted_json(value)
+    if data is None:
+        try:
+            data = "".join(encode_sorted(value, 0)).encode("utf-8")
+        except (UnicodeEncodeError, TypeError, ValueError, RecursionError):
+            data = None
     if (data is None or (not data.isascii() and _ASTRAL.search(data))
             or (not ints_checked and _LONG_NUMBER.search(data))):
         try:
@@ -121,6 +128,28 @@ def jcs(value, ints_checked: bool = False) -> bytes:
         except rfc8785.CanonicalizationError as e:
             raise CanonicalJsonError(f"not representable in RFC 8785 JSON: {e}") from None
     return data
+
+
+# orjson writes what the gateway hashes (text, integers, booleans, null, lists, objects with text keys) as
+# Python's json writes it with the settings of _JCS_ENCODER (the same escapes, raw UTF-8, members sorted by code
+# point), in a tenth of its time; it refuses what it cannot write that way (lone surrogates, integers beyond 64
+# bits, keys that are not exact str, nesting deeper than 254), which then goes the slower ways. Floats, which
+# it writes otherwise, never reach it: jcs() is for float-free values, and json_safe() and the record digest's
+# claims make every float text (as they make enums and other objects text). Dates and dataclasses, which it
+# would write, it is told to refuse, as json refuses them.
+_ORJSON_OPTIONS = 0 if orjson is None else (
+    orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS)
+
+
+def sorted_json(value) -> bytes | None:
+    """The UTF-8 JSON of value with members sorted by code point, as _JCS_ENCODER writes it, or None where
+    orjson cannot vouch for that (see _ORJSON_OPTIONS) or is not installed. Not yet RFC 8785: see jcs()."""
+    if orjson is None:
+        return None
+    try:
+        return orjson.dumps(value, option=_ORJSON_OPTIONS)
+    except (orjson.JSONEncodeError, TypeError, ValueError, RecursionError):
+        return None
 
 
 def entry_bytes(body: dict) -> bytes:
@@ -149,6 +178,7 @@ def _check_no_floats(value) -> None:
 def json_safe(value, depth: int = 0):
     """Metadata from other addons made fit for an entry: no floats, no bytes, no credential-named keys."""
     if depth > 16:
+        _changes[0] += 1
         return "<nested too deep>"
     kind = type(value)
     if kind is str or value is None or kind is bool:  # the common cases first: this runs for every entry
@@ -163,6 +193,7 @@ def json_safe(value, depth: int = 0):
         return value
     if isinstance(value, int):
         return value if -JSON_SAFE_INT <= value <= JSON_SAFE_INT else str(value)  # beyond JSON's exact integers
+    _changes[0] += 1  # below, a value the record digest's claims (record_digest._plain) write otherwise
     if isinstance(value, float):
         # Integers only in canonical JSON: a fractional value is kept as its shortest decimal string.
         return int(value) if value.is_integer() and math.isfinite(value) else repr(value)
@@ -174,6 +205,20 @@ def json_safe(value, depth: int = 0):
     if isinstance(value, (bytes, bytearray)):
         return f"<{len(value)} bytes>"  # never the bytes themselves: they could be anything
     return f"<{type(value).__name__}>"
+
+
+# How many times json_safe() changed a value beyond what record_digest._plain() does alike (a float, bytes, a set,
+# another object, a credential-named key left out, nesting cut): only ever counted up, from any thread.
+_changes = [0]
+
+
+def json_safe_whole(value) -> tuple:
+    """(json_safe(value), whether it kept the value whole): where it did, the record digest's claim of the value
+    (record_digest._plain) is the same, and the flow entry takes it from here rather than walking the value
+    again. Another thread's json_safe() meanwhile can only make this say "not whole" (then walked again)."""
+    before = _changes[0]
+    safe = json_safe(value)
+    return safe, _changes[0] == before
 
 
 def _json_safe_dict(value: dict, depth: int) -> dict:
@@ -192,6 +237,7 @@ def _json_safe_dict(value: dict, depth: int) -> dict:
             credential = _names_credential(k)
             k = str(k)
         if credential:
+            _changes[0] += 1
             continue
         kind = type(v)
         safe[k] = v if shallow and (kind is str or v is None or kind is bool) else json_safe(v, inner)

@@ -6,9 +6,15 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from auditgate.audit.chain import JSON_SAFE_INT, jcs, json_safe, sha256_hex
+from auditgate.audit.chain import (
+    JSON_SAFE_INT,
+    jcs,
+    json_safe,
+    json_safe_whole,
+    sha256_hex,
+)
 from auditgate.audit.errors import describe
-from auditgate.audit.record_digest import claims_of_flow, record_digest
+from auditgate.audit.record_digest import record_of_flow
 from auditgate.core.config import ConfigError, RulesFile
 from auditgate.core.flow_contract import (
     APPROVAL,
@@ -26,6 +32,11 @@ from auditgate.core.flow_contract import (
 )
 from auditgate.core.request_facts import facts_of
 
+# The gateway's metadata an entry carries (made fit for it by json_safe), by entry field.
+_METADATA_FIELDS = (("identity", IDENTITY), ("upstream", UPSTREAM), ("policy", POLICY), ("approval", APPROVAL),
+                    ("masking", MASKING), ("refusal", REFUSAL), ("guard", GUARD), ("tunnel", TUNNEL),
+                    ("body_limits", BODY_LIMITS), ("stream_cut", STREAM_CUT))
+
 
 def flow_fields(flow, now: float) -> dict:
     """The fields of a flow's audit entry: who, where, what was decided, the digests of both bodies, and
@@ -35,12 +46,17 @@ def flow_fields(flow, now: float) -> dict:
     record on the loop's next turn: no addon changes a flow after the audit log's hook."""
     request, response = flow.request, flow.response
     peer = flow.client_conn.peername if flow.client_conn else None
-    claims = claims_of_flow(flow)
+    carried, claimed = {}, {}  # entry field -> its value; metadata key -> its record claim where that is the same
+    for name, key in _METADATA_FIELDS:
+        carried[name], whole = json_safe_whole(key.get(flow))
+        if whole:
+            claimed[key.name] = carried[name]
+    record, request_sha256, response_sha256 = record_of_flow(flow, claimed)
     return {
         "flow_id": flow.id,
-        "identity": json_safe(IDENTITY.get(flow)),
+        "identity": carried["identity"],
         "client": peer[0] if peer else None,
-        "upstream": json_safe(UPSTREAM.get(flow)),
+        "upstream": carried["upstream"],
         "method": request.method,
         "host": pretty_host(request),
         "port": request.port,
@@ -50,20 +66,20 @@ def flow_fields(flow, now: float) -> dict:
         "error": flow.error.msg if flow.error else None,
         "streamed": bool(response and response.stream),
         "latency_us": max(0, int((now - request.timestamp_start) * 1_000_000)),
-        "policy": json_safe(POLICY.get(flow)),
-        "approval": json_safe(APPROVAL.get(flow)),
-        "masking": json_safe(MASKING.get(flow)),
-        "refusal": json_safe(REFUSAL.get(flow)),
-        "guard": json_safe(GUARD.get(flow)),  # a hook of the bundle that failed on this flow, and what it caused
-        "tunnel": json_safe(TUNNEL.get(flow)),  # a CONNECT: who tunnelled where (or why it was refused)
-        "body_limits": json_safe(BODY_LIMITS.get(flow)),
+        "policy": carried["policy"],
+        "approval": carried["approval"],
+        "masking": carried["masking"],
+        "refusal": carried["refusal"],
+        "guard": carried["guard"],  # a hook of the bundle that failed on this flow, and what it caused
+        "tunnel": carried["tunnel"],  # a CONNECT: who tunnelled where (or why it was refused)
+        "body_limits": carried["body_limits"],
         # The bodies' SHA-256, as the record digest's claims have them (of the same raw_content: hashed once).
-        "request_sha256": claims["request.content"],
-        "response_sha256": claims.get("response.content") if response else None,
+        "request_sha256": request_sha256,
+        "response_sha256": response_sha256,
         "flow_file": FLOW_FILE.get(flow),
         "intent": INTENT_SEQ.get(flow),  # the seq of its intent entry: it went upstream (None: it never did)
-        "stream_cut": json_safe(STREAM_CUT.get(flow)),  # a stream that ended in an error: what the client got
-        "record": record_digest(claims),
+        "stream_cut": carried["stream_cut"],  # a stream that ended in an error: what the client got
+        "record": record,
     }
 
 

@@ -22,7 +22,13 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 
-from auditgate.audit.chain import JSON_SAFE_INT, CanonicalJsonError, encode_sorted, jcs
+from auditgate.audit.chain import (
+    JSON_SAFE_INT,
+    CanonicalJsonError,
+    encode_sorted,
+    jcs,
+    sorted_json,
+)
 
 METADATA_PREFIX = "auditgate."
 SHORT_DIGEST = 16  # hex digits per field in the entry: enough to name the field; the full digest decides
@@ -99,18 +105,24 @@ def _address(value) -> list | None:
     return None if value is None else [_plain(v) for v in value]
 
 
-def _metadata_claims(claims: dict, metadata: Mapping) -> None:
-    keys = sorted(k for k in metadata if isinstance(k, str) and k.startswith(METADATA_PREFIX))
+def _metadata_claims(claims: dict, metadata: Mapping, claimed: Mapping | None = None) -> None:
+    keys = _metadata_keys(metadata)
     claims["metadata.keys"] = keys
+    if not claimed:
+        for key in keys:
+            claims[f"metadata.{key}"] = _plain(metadata[key])
+        return
     for key in keys:
-        claims[f"metadata.{key}"] = _plain(metadata[key])
+        value = claimed.get(key, _NOT_CLAIMED)
+        claims[f"metadata.{key}"] = _plain(metadata[key]) if value is _NOT_CLAIMED else value
 
 
-def claims_of_flow(flow) -> dict:
-    """The claims of a live mitmproxy HTTPFlow (the audit log, at the hook that writes the entry)."""
-    request, response, error, websocket = flow.request, flow.response, flow.error, getattr(flow, "websocket", None)
-    req = request.data
-    claims = {
+_NOT_CLAIMED = object()
+
+
+def _request_line_claims(req) -> dict:
+    """The request's claims but its headers and content, from mitmproxy's RequestData."""
+    return {
         "request.method": _text(req.method),
         "request.scheme": _text(req.scheme),
         "request.authority": _text(req.authority),
@@ -118,37 +130,66 @@ def claims_of_flow(flow) -> dict:
         "request.port": req.port,
         "request.path": _text(req.path),  # the path and the query
         "request.http_version": _text(req.http_version),
-        "request.headers": _flow_headers(req.headers.fields),
         "request.trailers": _flow_headers(req.trailers.fields) if req.trailers is not None else None,
-        "request.content": _sha(req.content),
         "request.timestamps": [_micros(req.timestamp_start), _micros(req.timestamp_end)],
     }
+
+
+def _response_claims(res, headers: bool = True) -> dict:
+    claims = {
+        "response.status_code": res.status_code,
+        "response.reason": _text(res.reason),
+        "response.http_version": _text(res.http_version),
+        "response.trailers": _flow_headers(res.trailers.fields) if res.trailers is not None else None,
+        "response.content": _sha(res.content),
+        "response.timestamps": [_micros(res.timestamp_start), _micros(res.timestamp_end)],
+    }
+    if headers:
+        claims["response.headers"] = _flow_headers(res.headers.fields)
+    return claims
+
+
+def _websocket_claims(websocket) -> dict:
+    return {
+        "websocket.messages": [
+            [int(m.type), bool(m.from_client), _sha(m.content), _micros(m.timestamp), bool(m.dropped), bool(m.injected)]
+            for m in websocket.messages
+        ],
+        "websocket.close": [websocket.closed_by_client, websocket.close_code, _text(websocket.close_reason),
+                            _micros(websocket.timestamp_end)],
+    }
+
+
+def _connection_claims(flow) -> dict:
+    client, server = flow.client_conn, flow.server_conn
+    return {
+        "client.peername": _address(client.peername) if client is not None else None,
+        "server.address": _address(server.address) if server is not None else None,
+    }
+
+
+def _metadata_keys(metadata: Mapping) -> list:
+    return sorted(k for k in metadata if isinstance(k, str) and k.startswith(METADATA_PREFIX))
+
+
+def claims_of_flow(flow, claimed: Mapping | None = None, headers: bool = True) -> dict:
+    """The claims of a live mitmproxy HTTPFlow (the audit log, at the hook that writes the entry). claimed:
+    {metadata key: its claim} made already (by chain.json_safe_whole, for the flow entry's own fields)."""
+    request, response, error, websocket = flow.request, flow.response, flow.error, getattr(flow, "websocket", None)
+    req = request.data
+    claims = _request_line_claims(req)
+    if headers:
+        claims["request.headers"] = _flow_headers(req.headers.fields)
+    claims["request.content"] = _sha(req.content)  # the content as sent (mitmproxy's raw_content)
     if response is not None:
-        res = response.data
-        claims.update({
-            "response.status_code": res.status_code,
-            "response.reason": _text(res.reason),
-            "response.http_version": _text(res.http_version),
-            "response.headers": _flow_headers(res.headers.fields),
-            "response.trailers": _flow_headers(res.trailers.fields) if res.trailers is not None else None,
-            "response.content": _sha(res.content),
-            "response.timestamps": [_micros(res.timestamp_start), _micros(res.timestamp_end)],
-        })
+        claims.update(_response_claims(response.data, headers))
     if error is not None:
         claims[ERROR_FIELD] = [error.msg, _micros(error.timestamp)]
     if websocket is not None:
-        claims["websocket.messages"] = [
-            [int(m.type), bool(m.from_client), _sha(m.content), _micros(m.timestamp), bool(m.dropped), bool(m.injected)]
-            for m in websocket.messages
-        ]
-        claims["websocket.close"] = [websocket.closed_by_client, websocket.close_code, _text(websocket.close_reason),
-                                     _micros(websocket.timestamp_end)]
-    client = flow.client_conn
-    claims["client.peername"] = _address(client.peername) if client is not None else None
-    server = flow.server_conn
-    claims["server.address"] = _address(server.address) if server is not None else None
+        claims.update(_websocket_claims(websocket))
+    claims.update(_connection_claims(flow))
     claims["flow.comment"] = flow.comment or None
-    _metadata_claims(claims, flow.metadata)
+    _metadata_claims(claims, flow.metadata, claimed)
     return claims
 
 
@@ -243,9 +284,12 @@ def field_digest(value) -> str:
 
 
 def _fast_json_bytes(value) -> bytes | None:
-    """The bytes _json_text() gives, from one call of the C encoder, for the common claims (text, and lists
-    and objects of text and safe integers); None where the careful path must decide (characters above
-    U+FFFF, which RFC 8785 orders its own way in keys, lone surrogates, anything the encoder refuses)."""
+    """The bytes _json_text() gives, from orjson or one call of the C encoder, for the common claims (text,
+    and lists and objects of text and integers); None where the careful path must decide (characters above
+    U+FFFF, which RFC 8785 orders its own way in keys, lone surrogates, anything the encoders refuse)."""
+    data = sorted_json(value)
+    if data is not None:
+        return None if not data.isascii() and _ASTRAL.search(data) else data
     text = _fast_text(value)
     return None if text is None else _utf8_unless_astral(text)
 
@@ -301,59 +345,83 @@ _ASTRAL = re.compile(rb"[\xf0-\xf4]")  # the lead byte of a 4-byte UTF-8 sequenc
 
 def record_digest(claims: Mapping) -> dict:
     """{"sha256": the record digest, "fields": {field: short digest}} over the claims that are not null."""
-    full, short = {}, {}
-    sha256 = hashlib.sha256
-    for name, value in claims.items():  # field_digest(), its common cases written out: 30 claims a flow
+    return _record_of(field_digests(claims))
+
+
+def field_digests(claims: Mapping, full: dict | None = None) -> dict:
+    """{field: field_digest(value)} for the claims that are not null (added to `full`, if given)."""
+    full = {} if full is None else full
+    remembered, scalars, sha256 = _last_digests, _last_scalars, hashlib.sha256
+    for name, value in claims.items():  # field_digest(), its common case written out: 30 claims a flow
         if value is None:
             continue
-        text = _fast_text(value)
-        if text is None and type(value) is int and -JSON_SAFE_INT <= value <= JSON_SAFE_INT:
-            text = str(value)
-        if text is None:
-            digest = field_digest(value)
-        else:
-            # Half the claims are the same text flow after flow (method, host, identity, instance...): the
-            # digest of the text the field had last time is taken again rather than hashed again.
-            last = _last_digests.get(name)
-            if last is not None and last[0] == text:
-                digest = last[1]
-            else:
-                data = _utf8_unless_astral(text)
-                if data is None:
-                    digest = field_digest(value)
-                else:
-                    digest = sha256(data).hexdigest()
-                    if len(text) <= _MEMO_TEXT and (last is not None or len(_last_digests) < 4096):
-                        _last_digests[name] = (text, digest)  # one tuple, replaced whole (safe from any thread)
-        full[name] = digest
-        short[name] = digest[:SHORT_DIGEST]
-    return {"sha256": sha256(_digests_jcs(full)).hexdigest(), "fields": short}
+        # Most claims are the same flow after flow (method, host, status, identity, instance...): the digest the
+        # field had last time is taken again where its value (text or integer, of the very type) or JSON is.
+        kind = type(value)
+        scalar = kind is str or kind is int
+        if scalar:
+            last = scalars.get(name)
+            if last is not None and last[0] == value and type(last[0]) is kind:
+                full[name] = last[1]
+                continue
+        data = sorted_json(value)
+        if data is None or (not data.isascii() and _ASTRAL.search(data)):
+            full[name] = field_digest(value)
+            continue
+        last = None if scalar else remembered.get(name)
+        if last is not None and last[0] == data:
+            full[name] = last[1]
+            continue
+        digest = full[name] = sha256(data).hexdigest()
+        if len(data) <= _MEMO_TEXT:
+            memo = scalars if scalar else remembered
+            if name in memo or len(memo) < 4096:
+                memo[name] = (value if scalar else data, digest)  # one tuple, replaced whole (safe from any thread)
+    return full
 
 
-_last_digests: dict[str, tuple[str, str]] = {}  # field name -> (its value's JSON text, that text's digest), last seen
-_MEMO_TEXT = 2048  # longer texts are not kept: the fields that repeat are short; a hostile flow file's need not be
+def _record_of(full: dict) -> dict:
+    """The record digest and the short digests of {field: full digest}."""
+    return {"sha256": hashlib.sha256(_digests_jcs(full)).hexdigest(),
+            "fields": {name: digest[:SHORT_DIGEST] for name, digest in full.items()}}
+
+
+def record_of_flow(flow, claimed: Mapping | None = None) -> tuple[dict, str | None, str | None]:
+    """(record_digest(claims_of_flow(flow)), the request's content SHA-256, the response's); claimed: see
+    claims_of_flow. The headers' digests are taken again where the headers are the same as last time."""
+    claims = claims_of_flow(flow, claimed, headers=False)
+    full = field_digests(claims)
+    full["request.headers"] = _headers_digest("request.headers", flow.request.data.headers.fields)
+    if flow.response is not None:
+        full["response.headers"] = _headers_digest("response.headers", flow.response.data.headers.fields)
+    return _record_of(full), claims["request.content"], claims.get("response.content")
+
+
+def _headers_digest(name: str, fields: tuple) -> str:
+    """The digest of a headers claim from mitmproxy's fields (pairs of bytes): equal fields make equal claims."""
+    last = _last_headers.get(name)
+    if last is not None and last[0] == fields:
+        return last[1]
+    digest = field_digests({name: _flow_headers(fields)})[name]
+    _last_headers[name] = (fields, digest)  # one tuple, replaced whole (safe from any thread)
+    return digest
+
+
+_last_digests: dict[str, tuple[bytes, str]] = {}  # field name -> (its value's JSON, that JSON's digest), last seen
+_last_scalars: dict[str, tuple[str | int, str]] = {}  # field name -> (its text or integer, its digest), last seen
+_last_headers: dict[str, tuple[tuple, str]] = {}  # "request.headers" ... -> (mitmproxy's fields, their digest)
+_MEMO_TEXT = 2048  # longer JSON is not kept: the fields that repeat are short; a hostile flow file's need not be
 
 
 def _digests_jcs(full: dict) -> bytes:
-    """jcs(full) for {field name: hex digest}: the members in code point order, the names escaped by the C
-    escaper, the digests (hex, nothing to escape) as they are; jcs() itself where a name is not ASCII (RFC
-    8785 orders characters above U+FFFF its own way)."""
-    prefixes = _member_prefixes
-    members = []
-    for name in sorted(full):
-        prefix = prefixes.get(name)
-        if prefix is None:
-            prefix = f'{_escape(name)}:"'
-            if len(prefixes) < 4096:
-                prefixes[name] = prefix
-        members.append(prefix + full[name])
-    text = '{' + '",'.join(members) + '"}' if members else "{}"
-    if not text.isascii():
+    """jcs(full) for {field name: hex digest}: orjson's sorted JSON where every name is ASCII (RFC 8785 orders
+    characters above U+FFFF its own way), jcs() itself else."""
+    data = sorted_json(full)
+    if data is None or not data.isascii():
         return jcs(full, ints_checked=True)
-    return text.encode("ascii")
+    return data
 
 
-_member_prefixes: dict[str, str] = {}  # field name -> '"name":"' as JSON: the same thirty names on every flow
 
 
 def differing_fields(audited: Mapping, recorded: Mapping) -> list[str]:
