@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 
@@ -103,6 +104,9 @@ class AuditLog:
         # flow recorder writes it a moment later, in another process): checkpoints name the first one still so.
         self._records_on_their_way: deque[tuple[int, str]] = deque()
         self._appending_unsettled = False  # the flow entry being appended now has its record on its way
+        # A forwarded request's content and the SHA-256 its intent entry gave it: its flow entry takes the digest
+        # from here while the request still has that very content (a large prompt is hashed once, not twice).
+        self._intent_content: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ---- options and lifecycle ----------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -288,6 +292,7 @@ class AuditLog:
                 self._fail(e)
             else:
                 INTENT_SEQ.set(flow, entry["seq"])
+                self._intent_content[flow] = (flow.request.raw_content, entry["request_sha256"])
                 self._after_write()
                 if self.writer.settings.fsync == "entry":
                     return self._durable_intent(flow, entry["seq"])
@@ -333,7 +338,8 @@ class AuditLog:
             records = services.flow_records
             self._appending_unsettled = records is not None and records.unsettled(flow.id)
             try:
-                entry = self.writer.append("flow", flow_fields(flow, time.time()), sanitized=True)
+                fields = flow_fields(flow, time.time(), self._intent_content.pop(flow, None))
+                entry = self.writer.append("flow", fields, sanitized=True)
             except Exception as e:  # any error at all: this reply is not sent without its entry
                 self._appending_unsettled = False
                 self._fail(e)

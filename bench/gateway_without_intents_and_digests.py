@@ -24,7 +24,7 @@ from auditgate.core.addon_files import load_addon_module  # noqa: E402
 _gateway = load_addon_module(ROOT / "addons", "gateway")
 
 
-def _body_digests_only(flow, claimed=None) -> tuple:
+def _body_digests_only(flow, claimed=None, request_content=None) -> tuple:
     """What flow_fields takes from record_of_flow besides the record digest: the two bodies' SHA-256."""
     response = flow.response
     return None, sha256_hex(flow.request.raw_content), sha256_hex(response.raw_content) if response else None

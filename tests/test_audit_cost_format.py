@@ -277,6 +277,20 @@ def test_record_of_flow_is_the_record_digest_of_the_flows_claims(make, monkeypat
     assert record_digest.record_digest(claims) == expected[0]
 
 
+@pytest.mark.parametrize("make", FLOWS.values(), ids=FLOWS.keys())
+def test_the_intents_request_digest_is_taken_only_for_the_very_same_content(make):
+    """The flow entry takes the request's SHA-256 from its intent entry (the audit log keeps the content with it)
+    where the request still has that very content; a content replaced since is hashed anew."""
+    flow = make("flows-x.mitm")
+    INTENT_SEQ.set(flow, 7)
+    expected = entries.flow_fields(flow, NOW)
+    content = flow.request.raw_content
+    assert entries.flow_fields(flow, NOW, (content, expected["request_sha256"])) == expected
+    assert entries.flow_fields(flow, NOW, (bytes(b"other"), "0" * 64)) == expected  # not that content: ignored
+    if content is not None:
+        assert entries.flow_fields(flow, NOW, (content, "f" * 64))["request_sha256"] == "f" * 64  # taken as given
+
+
 # ---- the helpers, on generated values ------------------------------------------------------------------
 
 _keys = st.one_of(st.text(max_size=8), st.sampled_from(["token", "api_key", "X-Api-Key", "my_secret", "Cookie",

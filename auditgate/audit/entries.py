@@ -38,9 +38,10 @@ _METADATA_FIELDS = (("identity", IDENTITY), ("upstream", UPSTREAM), ("policy", P
                     ("body_limits", BODY_LIMITS), ("stream_cut", STREAM_CUT))
 
 
-def flow_fields(flow, now: float) -> dict:
+def flow_fields(flow, now: float, request_content: tuple | None = None) -> dict:
     """The fields of a flow's audit entry: who, where, what was decided, the digests of both bodies, and
     (`record`) the digest of everything the flow's record will hold, field by field (audit/record_digest.py).
+    request_content: (the request's content, its SHA-256) from the flow's intent entry, if it had one.
 
     Taken at the hook that writes the entry, from the flow as the flow recorder takes its state for the
     record on the loop's next turn: no addon changes a flow after the audit log's hook."""
@@ -51,7 +52,7 @@ def flow_fields(flow, now: float) -> dict:
         carried[name], whole = json_safe_whole(key.get(flow))
         if whole:
             claimed[key.name] = carried[name]
-    record, request_sha256, response_sha256 = record_of_flow(flow, claimed)
+    record, request_sha256, response_sha256 = record_of_flow(flow, claimed, request_content)
     return {
         "flow_id": flow.id,
         "identity": carried["identity"],

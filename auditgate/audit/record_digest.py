@@ -172,15 +172,22 @@ def _metadata_keys(metadata: Mapping) -> list:
     return sorted(k for k in metadata if isinstance(k, str) and k.startswith(METADATA_PREFIX))
 
 
-def claims_of_flow(flow, claimed: Mapping | None = None, headers: bool = True) -> dict:
+def claims_of_flow(flow, claimed: Mapping | None = None, headers: bool = True,
+                   request_content: tuple | None = None) -> dict:
     """The claims of a live mitmproxy HTTPFlow (the audit log, at the hook that writes the entry). claimed:
-    {metadata key: its claim} made already (by chain.json_safe_whole, for the flow entry's own fields)."""
+    {metadata key: its claim} made already (by chain.json_safe_whole, for the flow entry's own fields);
+    request_content: (the request's content, its SHA-256) as the intent entry hashed it, taken if the request
+    still has that very content."""
     request, response, error, websocket = flow.request, flow.response, flow.error, getattr(flow, "websocket", None)
     req = request.data
     claims = _request_line_claims(req)
     if headers:
         claims["request.headers"] = _flow_headers(req.headers.fields)
-    claims["request.content"] = _sha(req.content)  # the content as sent (mitmproxy's raw_content)
+    content = req.content  # the content as sent (mitmproxy's raw_content)
+    if request_content is not None and request_content[0] is content:
+        claims["request.content"] = request_content[1]
+    else:
+        claims["request.content"] = _sha(content)
     if response is not None:
         claims.update(_response_claims(response.data, headers))
     if error is not None:
@@ -386,10 +393,12 @@ def _record_of(full: dict) -> dict:
             "fields": {name: digest[:SHORT_DIGEST] for name, digest in full.items()}}
 
 
-def record_of_flow(flow, claimed: Mapping | None = None) -> tuple[dict, str | None, str | None]:
-    """(record_digest(claims_of_flow(flow)), the request's content SHA-256, the response's); claimed: see
-    claims_of_flow. The headers' digests are taken again where the headers are the same as last time."""
-    claims = claims_of_flow(flow, claimed, headers=False)
+def record_of_flow(flow, claimed: Mapping | None = None,
+                   request_content: tuple | None = None) -> tuple[dict, str | None, str | None]:
+    """(record_digest(claims_of_flow(flow)), the request's content SHA-256, the response's); claimed and
+    request_content: see claims_of_flow. The headers' digests are taken again where the headers are the same
+    as last time."""
+    claims = claims_of_flow(flow, claimed, headers=False, request_content=request_content)
     full = field_digests(claims)
     full["request.headers"] = _headers_digest("request.headers", flow.request.data.headers.fields)
     if flow.response is not None:
