@@ -370,6 +370,31 @@ def test_record_digest_is_rfc8785_of_rfc8785_digests(claims):
     assert record_digest.record_digest(claims) == _rfc8785_record_digest(claims)
 
 
+def test_a_fields_digest_is_taken_again_only_for_the_very_same_value():
+    """record_digest() remembers each field's last text, integer, JSON and headers: one after another, values
+    that Python deems equal but JSON writes apart (1, True, 1.0's text) get their own digests."""
+    for value in [1, True, 1, "1", [1], [True], {"a": 1}, {"a": True}, "1", 1, 2**53 - 1, str(2**53 - 1), False, 0, "x"]:
+        assert record_digest.record_digest({"f": value}) == _rfc8785_record_digest({"f": value}), value
+    headers = ((b"host", b"a"), (b"x-n", b"1"))
+    for fields in [headers, headers, ((b"host", b"a"),), headers, ((b"host", b"\xe9"),)]:
+        claim = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in fields]
+        assert record_digest._headers_digest("request.headers", fields) == hashlib.sha256(rfc8785.dumps(claim)).hexdigest()
+
+
+def test_a_lines_digests_are_taken_again_only_for_the_very_same_line():
+    """record_of_flow() takes the request and status lines' digests from the flow before where the line is
+    the same: flow after flow, with one part changed at a time, the digests stay those of the flow's claims."""
+    changes = [lambda f: None, lambda f: None, lambda f: setattr(f.request, "path", "/v1/other?q=1"),
+               lambda f: setattr(f.request, "method", "PUT"), lambda f: setattr(f.request, "port", 8443),
+               lambda f: setattr(f.response, "status_code", 418), lambda f: setattr(f.response, "reason", "Teapot"),
+               lambda f: setattr(f.request, "host", "example.org"), lambda f: None]
+    for change in changes:
+        flow = tflow.tflow(resp=True)
+        change(flow)
+        claims = record_digest.claims_of_flow(flow)
+        assert record_digest.record_of_flow(flow)[0] == _rfc8785_record_digest(claims)
+
+
 def test_record_digest_of_text_no_json_holds_is_the_committed_one(before_speedup):
     claims = {"a": "\ud800", "b": ["\udfff"], "\U0001f600": 1, "\ue000": "x", "n": 2**60}
     assert record_digest.record_digest(claims) == before_speedup["record_digest"].record_digest(claims)

@@ -120,30 +120,23 @@ def _metadata_claims(claims: dict, metadata: Mapping, claimed: Mapping | None = 
 _NOT_CLAIMED = object()
 
 
-def _request_line_claims(req) -> dict:
-    """The request's claims but its headers and content, from mitmproxy's RequestData."""
-    return {
-        "request.method": _text(req.method),
-        "request.scheme": _text(req.scheme),
-        "request.authority": _text(req.authority),
-        "request.host": req.host,
-        "request.port": req.port,
-        "request.path": _text(req.path),  # the path and the query
-        "request.http_version": _text(req.http_version),
-        "request.trailers": _flow_headers(req.trailers.fields) if req.trailers is not None else None,
-        "request.timestamps": [_micros(req.timestamp_start), _micros(req.timestamp_end)],
-    }
+def _request_line_claims(req, line: bool = True) -> dict:
+    """The request's claims but its headers and content, from mitmproxy's RequestData (line: with those of
+    the request line, _request_line())."""
+    claims = _request_line(req.method, req.scheme, req.authority, req.host, req.port, req.path,
+                           req.http_version) if line else {}
+    claims["request.trailers"] = _flow_headers(req.trailers.fields) if req.trailers is not None else None
+    claims["request.timestamps"] = [_micros(req.timestamp_start), _micros(req.timestamp_end)]
+    return claims
 
 
-def _response_claims(res, headers: bool = True) -> dict:
-    claims = {
-        "response.status_code": res.status_code,
-        "response.reason": _text(res.reason),
-        "response.http_version": _text(res.http_version),
+def _response_claims(res, headers: bool = True, line: bool = True) -> dict:
+    claims = _status_line(res.status_code, res.reason, res.http_version) if line else {}
+    claims.update({
         "response.trailers": _flow_headers(res.trailers.fields) if res.trailers is not None else None,
         "response.content": _sha(res.content),
         "response.timestamps": [_micros(res.timestamp_start), _micros(res.timestamp_end)],
-    }
+    })
     if headers:
         claims["response.headers"] = _flow_headers(res.headers.fields)
     return claims
@@ -173,14 +166,15 @@ def _metadata_keys(metadata: Mapping) -> list:
 
 
 def claims_of_flow(flow, claimed: Mapping | None = None, headers: bool = True,
-                   request_content: tuple | None = None) -> dict:
+                   request_content: tuple | None = None, lines: bool = True) -> dict:
     """The claims of a live mitmproxy HTTPFlow (the audit log, at the hook that writes the entry). claimed:
     {metadata key: its claim} made already (by chain.json_safe_whole, for the flow entry's own fields);
     request_content: (the request's content, its SHA-256) as the intent entry hashed it, taken if the request
-    still has that very content."""
+    still has that very content. headers, lines: without the claims of the headers, of the request and status
+    lines (record_of_flow digests those its own way)."""
     request, response, error, websocket = flow.request, flow.response, flow.error, getattr(flow, "websocket", None)
     req = request.data
-    claims = _request_line_claims(req)
+    claims = _request_line_claims(req, lines)
     if headers:
         claims["request.headers"] = _flow_headers(req.headers.fields)
     content = req.content  # the content as sent (mitmproxy's raw_content)
@@ -189,7 +183,7 @@ def claims_of_flow(flow, claimed: Mapping | None = None, headers: bool = True,
     else:
         claims["request.content"] = _sha(content)
     if response is not None:
-        claims.update(_response_claims(response.data, headers))
+        claims.update(_response_claims(response.data, headers, lines))
     if error is not None:
         claims[ERROR_FIELD] = [error.msg, _micros(error.timestamp)]
     if websocket is not None:
@@ -396,14 +390,48 @@ def _record_of(full: dict) -> dict:
 def record_of_flow(flow, claimed: Mapping | None = None,
                    request_content: tuple | None = None) -> tuple[dict, str | None, str | None]:
     """(record_digest(claims_of_flow(flow)), the request's content SHA-256, the response's); claimed and
-    request_content: see claims_of_flow. The headers' digests are taken again where the headers are the same
-    as last time."""
-    claims = claims_of_flow(flow, claimed, headers=False, request_content=request_content)
+    request_content: see claims_of_flow. The digests of the request line, the status line and the headers are
+    taken again where those are the same as in the flow before (as mitmproxy holds them: equal bytes, text
+    and integers make equal claims)."""
+    claims = claims_of_flow(flow, claimed, headers=False, request_content=request_content, lines=False)
     full = field_digests(claims)
-    full["request.headers"] = _headers_digest("request.headers", flow.request.data.headers.fields)
+    req = flow.request.data
+    _line_digests(full, "request", (req.method, req.scheme, req.authority, req.host, req.port, req.path,
+                                    req.http_version), _request_line)
+    full["request.headers"] = _headers_digest("request.headers", req.headers.fields)
     if flow.response is not None:
-        full["response.headers"] = _headers_digest("response.headers", flow.response.data.headers.fields)
+        res = flow.response.data
+        _line_digests(full, "response", (res.status_code, res.reason, res.http_version), _status_line)
+        full["response.headers"] = _headers_digest("response.headers", res.headers.fields)
     return _record_of(full), claims["request.content"], claims.get("response.content")
+
+
+def _request_line(method, scheme, authority, host, port, path, http_version) -> dict:
+    return {"request.method": _text(method), "request.scheme": _text(scheme), "request.authority": _text(authority),
+            "request.host": host, "request.port": port, "request.path": _text(path),  # the path and the query
+            "request.http_version": _text(http_version)}
+
+
+def _status_line(status_code, reason, http_version) -> dict:
+    return {"response.status_code": status_code, "response.reason": _text(reason),
+            "response.http_version": _text(http_version)}
+
+
+def _line_digests(full: dict, name: str, line: tuple, claims_of) -> None:
+    """The digests of a request or status line's claims, taken again where the line is the same as last time
+    (bytes equal, text and integers equal and of their exact types)."""
+    last = _last_lines.get(name)
+    exact = all(type(v) in _EXACT_TYPES for v in line)
+    if last is not None and exact and last[0] == line:
+        full.update(last[1])
+        return
+    digests = field_digests(claims_of(*line))
+    full.update(digests)
+    if exact:
+        _last_lines[name] = (line, digests)  # one tuple, replaced whole (safe from any thread)
+
+
+_EXACT_TYPES = frozenset((bytes, str, int))  # True == 1: bool is not among them
 
 
 def _headers_digest(name: str, fields: tuple) -> str:
@@ -419,6 +447,7 @@ def _headers_digest(name: str, fields: tuple) -> str:
 _last_digests: dict[str, tuple[bytes, str]] = {}  # field name -> (its value's JSON, that JSON's digest), last seen
 _last_scalars: dict[str, tuple[str | int, str]] = {}  # field name -> (its text or integer, its digest), last seen
 _last_headers: dict[str, tuple[tuple, str]] = {}  # "request.headers" ... -> (mitmproxy's fields, their digest)
+_last_lines: dict[str, tuple[tuple, dict]] = {}  # "request", "response" -> (the line's parts, their claims' digests)
 _MEMO_TEXT = 2048  # longer JSON is not kept: the fields that repeat are short; a hostile flow file's need not be
 
 
