@@ -162,17 +162,7 @@ class Setup:
 
 
 def sequential(url: str, token: str, n: int) -> list[float]:
-    headers = {"authorization": f"Bearer {token}"}
-    with httpx.Client(timeout=30) as client:
-        for _ in range(20):  # warm up connections and caches
-            client.post(url, json=BODY, headers=headers).raise_for_status()
-        latencies = []
-        for _ in range(n):
-            start = time.perf_counter()
-            response = client.post(url, json=BODY, headers=headers)
-            latencies.append(time.perf_counter() - start)
-            response.raise_for_status()
-    return latencies
+    return interleaved([url], token, n)[0]
 
 
 def interleaved(urls: list[str], token: str, n: int) -> list[list[float]]:

@@ -37,7 +37,7 @@ from auditgate.core.private_files import (
 
 try:  # the gateway's dependency, for speed; the verifier needs only cryptography and rfc8785 (see sorted_json)
     import orjson
-except ImportError:  # pragma: no cover - exercised by tests/test_audit_chain.py with orjson hidden
+except ImportError:  # tests/test_audit_chain.py takes this way by setting chain.orjson to None
     orjson = None
 
 AUDIT_SUBDIR = "audit"

@@ -108,10 +108,7 @@ def _address(value) -> list | None:
 def _metadata_claims(claims: dict, metadata: Mapping, claimed: Mapping | None = None) -> None:
     keys = _metadata_keys(metadata)
     claims["metadata.keys"] = keys
-    if not claimed:
-        for key in keys:
-            claims[f"metadata.{key}"] = _plain(metadata[key])
-        return
+    claimed = claimed or {}
     for key in keys:
         value = claimed.get(key, _NOT_CLAIMED)
         claims[f"metadata.{key}"] = _plain(metadata[key]) if value is _NOT_CLAIMED else value
@@ -130,14 +127,14 @@ def _request_line_claims(req, line: bool = True) -> dict:
     return claims
 
 
-def _response_claims(res, headers: bool = True, line: bool = True) -> dict:
-    claims = _status_line(res.status_code, res.reason, res.http_version) if line else {}
+def _response_claims(res, line_and_headers: bool = True) -> dict:
+    claims = _status_line(res.status_code, res.reason, res.http_version) if line_and_headers else {}
     claims.update({
         "response.trailers": _flow_headers(res.trailers.fields) if res.trailers is not None else None,
         "response.content": _sha(res.content),
         "response.timestamps": [_micros(res.timestamp_start), _micros(res.timestamp_end)],
     })
-    if headers:
+    if line_and_headers:
         claims["response.headers"] = _flow_headers(res.headers.fields)
     return claims
 
@@ -165,17 +162,17 @@ def _metadata_keys(metadata: Mapping) -> list:
     return sorted(k for k in metadata if isinstance(k, str) and k.startswith(METADATA_PREFIX))
 
 
-def claims_of_flow(flow, claimed: Mapping | None = None, headers: bool = True,
-                   request_content: tuple | None = None, lines: bool = True) -> dict:
+def claims_of_flow(flow, claimed: Mapping | None = None, request_content: tuple | None = None,
+                   lines_and_headers: bool = True) -> dict:
     """The claims of a live mitmproxy HTTPFlow (the audit log, at the hook that writes the entry). claimed:
     {metadata key: its claim} made already (by chain.json_safe_whole, for the flow entry's own fields);
     request_content: (the request's content, its SHA-256) as the intent entry hashed it, taken if the request
-    still has that very content. headers, lines: without the claims of the headers, of the request and status
-    lines (record_of_flow digests those its own way)."""
+    still has that very content. lines_and_headers=False: without the claims of the request and status lines
+    and of the headers (record_of_flow digests those its own way)."""
     request, response, error, websocket = flow.request, flow.response, flow.error, getattr(flow, "websocket", None)
     req = request.data
-    claims = _request_line_claims(req, lines)
-    if headers:
+    claims = _request_line_claims(req, lines_and_headers)
+    if lines_and_headers:
         claims["request.headers"] = _flow_headers(req.headers.fields)
     content = req.content  # the content as sent (mitmproxy's raw_content)
     if request_content is not None and request_content[0] is content:
@@ -183,7 +180,7 @@ def claims_of_flow(flow, claimed: Mapping | None = None, headers: bool = True,
     else:
         claims["request.content"] = _sha(content)
     if response is not None:
-        claims.update(_response_claims(response.data, headers, lines))
+        claims.update(_response_claims(response.data, lines_and_headers))
     if error is not None:
         claims[ERROR_FIELD] = [error.msg, _micros(error.timestamp)]
     if websocket is not None:
@@ -349,20 +346,21 @@ def record_digest(claims: Mapping) -> dict:
     return _record_of(field_digests(claims))
 
 
-def field_digests(claims: Mapping, full: dict | None = None) -> dict:
-    """{field: field_digest(value)} for the claims that are not null (added to `full`, if given)."""
-    full = {} if full is None else full
+def field_digests(claims: Mapping) -> dict:
+    """{field: field_digest(value)} for the claims that are not null."""
+    full = {}
     remembered, scalars, sha256 = _last_digests, _last_scalars, hashlib.sha256
     for name, value in claims.items():  # field_digest(), its common case written out: 30 claims a flow
         if value is None:
             continue
         # Most claims are the same flow after flow (method, host, status, identity, instance...): the digest the
-        # field had last time is taken again where its value (text or integer, of the very type) or JSON is.
+        # field had last time is taken again where its value (exactly a str or an int: never True for 1) or its
+        # JSON is the same. A str never equals an int, so the two cannot stand for each other.
         kind = type(value)
         scalar = kind is str or kind is int
         if scalar:
             last = scalars.get(name)
-            if last is not None and last[0] == value and type(last[0]) is kind:
+            if last is not None and last[0] == value:
                 full[name] = last[1]
                 continue
         data = sorted_json(value)
@@ -393,7 +391,7 @@ def record_of_flow(flow, claimed: Mapping | None = None,
     request_content: see claims_of_flow. The digests of the request line, the status line and the headers are
     taken again where those are the same as in the flow before (as mitmproxy holds them: equal bytes, text
     and integers make equal claims)."""
-    claims = claims_of_flow(flow, claimed, headers=False, request_content=request_content, lines=False)
+    claims = claims_of_flow(flow, claimed, request_content, lines_and_headers=False)
     full = field_digests(claims)
     req = flow.request.data
     _line_digests(full, "request", (req.method, req.scheme, req.authority, req.host, req.port, req.path,
@@ -458,8 +456,6 @@ def _digests_jcs(full: dict) -> bytes:
     if data is None or not data.isascii():
         return jcs(full, ints_checked=True)
     return data
-
-
 
 
 def differing_fields(audited: Mapping, recorded: Mapping) -> list[str]:
