@@ -1,4 +1,6 @@
-"""Appends one hash-chained entry per recorded flow, and per gateway event, to <records>/audit/; fails closed.
+"""Appends hash-chained entries to <records>/audit/ (per request an intent before it goes upstream, per recorded
+flow its outcome before the reply ends and the digest of its record as the recorder takes it, per gateway
+event one); fails closed.
 
 Whatever goes wrong on the way to an entry (the disk, a descriptor, a key file, a bug in building the
 entry) closes the gateway the same way: the reply not sent yet is refused with 503
@@ -38,6 +40,7 @@ from auditgate.audit.entries import (
     flow_fields,
     intent_fields,
     read_rules_state,
+    record_fields,
     rules_signature,
 )
 from auditgate.audit.errors import describe
@@ -107,6 +110,10 @@ class AuditLog:
         # A forwarded request's content and the SHA-256 its intent entry gave it: its flow entry takes the digest
         # from here while the request still has that very content (a large prompt is hashed once, not twice).
         self._intent_content: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Flows whose entry is written and whose record is not taken yet: [(the flow entry's seq, the intent's
+        # request content and digest)], in the order written (a flow recorded twice, as a reply and then as an
+        # error, has two of each). The flow recorder's record_taken() turns each into the flow's record entry.
+        self._awaiting_record: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ---- options and lifecycle ----------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -327,7 +334,8 @@ class AuditLog:
             return self._audit_flow(flow)
 
     def websocket_end(self, flow: http.HTTPFlow):
-        # After the flow recorder's (bundle order), which named the flow file: the digest covers the messages.
+        # After the flow recorder's (bundle order), which named the flow file; the record entry, once the
+        # recorder takes the record, digests every message.
         return self._audit_flow(flow)
 
     def _audit_flow(self, flow: http.HTTPFlow):
@@ -337,8 +345,9 @@ class AuditLog:
         if not self.unavailable:
             records = services.flow_records
             self._appending_unsettled = records is not None and records.unsettled(flow.id)
+            request_content = self._intent_content.pop(flow, None)
             try:
-                fields = flow_fields(flow, time.time(), self._intent_content.pop(flow, None))
+                fields = flow_fields(flow, time.time(), request_content)
                 entry = self.writer.append("flow", fields, sanitized=True)
             except Exception as e:  # any error at all: this reply is not sent without its entry
                 self._appending_unsettled = False
@@ -347,6 +356,7 @@ class AuditLog:
                 if self._appending_unsettled:
                     self._appending_unsettled = False
                     self._records_on_their_way.append((entry["seq"], flow.id))
+                self._awaiting_record.setdefault(flow, []).append((entry["seq"], request_content))
                 self._flows_this_run += 1
                 self._after_write()
                 if self.writer.settings.fsync == "entry":
@@ -360,6 +370,26 @@ class AuditLog:
             refuse(flow, 503, UNAVAILABLE_CODE, "the gateway could not write its audit log for this request")
         self._note_unaudited(flow)
         return None
+
+    def record_taken(self, flow: http.HTTPFlow) -> None:
+        """The flow recorder took the flow's record (after its reply went out, before the record can reach its file):
+        the record entry, the digest of everything that record holds, follows the flow's entry now. Off the reply's
+        path, so never a refusal: where it cannot be written the log closes (new requests refused) and the flow is
+        named among those served unaudited. Never raises: the recorder writes the record whatever happens here."""
+        waiting = self._awaiting_record.get(flow)
+        if not waiting or self.writer is None:
+            return  # no flow entry to follow (the log could not take it, or another run wrote it)
+        flow_seq, request_content = waiting.pop(0)
+        if not waiting:
+            del self._awaiting_record[flow]
+        if not self.unavailable:
+            try:
+                self.writer.append("record", record_fields(flow, flow_seq, request_content), sanitized=True)
+                self._after_write()
+                return
+            except Exception as e:
+                self._fail(e)
+        self._note_unaudited(flow)
 
     def _pending_records_from(self) -> int | None:
         """The seq of the first flow entry whose record is still on its way to its file, or None (the writer asks

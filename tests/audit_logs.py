@@ -20,7 +20,7 @@ from auditgate.audit.chain import (
     public_key_record,
     seal,
 )
-from auditgate.audit.entries import flow_fields
+from auditgate.audit.entries import flow_fields, record_fields
 
 
 @dataclass
@@ -76,7 +76,8 @@ def run_gateway_once(records: Path, key, run: int, flows: int, checkpoint_entrie
         for i in range(flows):
             flow = _flow(i, run)
             flow.metadata["auditgate.flow_file"] = name
-            writer.append("flow", flow_fields(flow, time.time()))
+            entry = writer.append("flow", flow_fields(flow, time.time()))
+            writer.append("record", record_fields(flow, entry["seq"]))  # as the gateway does, when it takes the record
             writer_io.add(flow)
     writer.append("gateway_stop", {"pid": run})
     writer.close()

@@ -50,8 +50,8 @@ def _configure(tctx, recorder, log, tmp_path, rules, **extra):
 def test_the_entry_is_on_disk_when_the_response_hook_returns(setup):
     tmp_path, rules = setup
     recorder, log = FlowRecorder(), AuditLog()
-    with taddons.context(recorder, log) as tctx:
-        _configure(tctx, recorder, log, tmp_path, rules)
+
+    async def scenario():
         flow = _flow()
         log.requestheaders(flow)  # the flow's first hook: the instance that serves it, on it from then on
         recorder.response(flow)
@@ -63,10 +63,20 @@ def test_the_entry_is_on_disk_when_the_response_hook_returns(setup):
         assert entry["identity"]["name"] == "alice"
         assert entry["masking"]["findings"] == [{"count": 2, "direction": "request", "entity_type": "EMAIL_ADDRESS",
                                                  "path": "input"}]
-        assert entry["v"] == 2 and entry["instance"] == flow.metadata["auditgate.instance"] != ""
-        assert set(entry["record"]["fields"]) >= {"request.path", "response.status_code", "metadata.auditgate.identity"}
+        assert entry["v"] == 3 and entry["instance"] == flow.metadata["auditgate.instance"] != ""
+        assert "record" not in entry  # the record's digest follows once the recorder takes the record
+        assert [e for e in _entries(tmp_path / "records") if e["kind"] == "record"] == []
+        for _ in range(2):  # the reply goes out; then the recorder takes the record, and the log its digest
+            await asyncio.sleep(0)
+        [record] = [e for e in _entries(tmp_path / "records") if e["kind"] == "record"]
+        assert record["flow"] == entry["seq"] and record["flow_id"] == flow.id
+        assert set(record["record"]["fields"]) >= {"request.path", "response.status_code", "metadata.auditgate.identity"}
+        recorder.done()  # the bundle's order: the recorder's last records first, then the log closes
         log.done()
-        recorder.done()
+
+    with taddons.context(recorder, log) as tctx:
+        _configure(tctx, recorder, log, tmp_path, rules)
+        asyncio.run(scenario())
     kinds = [e["kind"] for e in _entries(tmp_path / "records")]
     assert kinds[:3] == ["gateway_start", "config", "checkpoint"] and kinds[-2:] == ["gateway_stop", "checkpoint"]
     assert (tmp_path / "conf" / "audit-signing-key.pem").stat().st_mode & 0o777 == 0o600
@@ -111,8 +121,8 @@ def test_a_full_disk_refuses_new_requests_until_the_log_is_writable_again(setup)
             served.response = response
             recorder.response(served)
             log.response(served)
+            recorder.done()  # the bundle's order: the recorder's last records first, then the log closes
             log.done()
-            recorder.done()
 
     asyncio.run(scenario())
     entries = _entries(tmp_path / "records")
@@ -122,6 +132,49 @@ def test_a_full_disk_refuses_new_requests_until_the_log_is_writable_again(setup)
     result = verify(tmp_path / "records")
     assert result.status == "verified", result.summary()
     assert [f.kind for f in result.findings] == ["refused unaudited"]
+
+
+def test_a_full_disk_as_the_record_is_taken_closes_the_log_and_owns_up_to_the_flow(setup):
+    """The reply went out with its flow entry; the record entry, written once the recorder takes the record, hits
+    a full disk: the log closes (new requests refused), the record is still written, and the log names the flow
+    as served unaudited when it resumes. verify: a known gap, not tampering."""
+    tmp_path, rules = setup
+    served = _flow()
+
+    async def scenario():
+        recorder, log = FlowRecorder(), AuditLog()
+        with taddons.context(recorder, log) as tctx:
+            _configure(tctx, recorder, log, tmp_path, rules)
+            log.running()
+            log.requestheaders(served)
+            recorder.response(served)
+            log.response(served)
+            assert served.response.status_code == 200 and not log.unavailable  # the reply goes out, entry written
+            fd = log.writer._fd
+            saved = os.dup(fd)
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, fd)  # from here on every write to the audit file fails with ENOSPC, as on a full disk
+            try:
+                for _ in range(2):  # the reply goes out; then the recorder takes the record
+                    await asyncio.sleep(0)
+                assert log.unavailable and "No space left" in log.unavailable
+                _assert_closed(log)
+            finally:
+                os.dup2(saved, fd)  # space again
+                os.close(saved)
+                os.close(full)
+            log.tick()
+            assert log.unavailable is None
+            recorder.done()
+            log.done()
+
+    asyncio.run(scenario())
+    entries = _entries(tmp_path / "records")
+    [resumed] = [e for e in entries if e["kind"] == "audit_resumed"]
+    assert resumed["unaudited_flows"] == [served.id] and not [e for e in entries if e["kind"] == "record"]
+    result = verify(tmp_path / "records")
+    assert [(f.severity, f.kind) for f in result.findings] == [("incomplete", "record not digested")], result.summary()
+    assert served.id in result.findings[0].message
 
 
 class _HeldFsync:
@@ -546,8 +599,8 @@ def test_a_request_whose_intent_cannot_be_written_is_refused_not_forwarded(setup
                 os.dup2(saved, fd)
                 os.close(saved)
                 os.close(full)
+            recorder.done()  # the bundle's order: the recorder's last records first, then the log closes
             log.done()
-            recorder.done()
 
     asyncio.run(scenario())
 
@@ -578,8 +631,8 @@ def test_a_checkpoint_names_the_first_flow_entry_whose_record_is_still_on_its_wa
             recorder._write_out()
             assert recorder._writer.flush(10)  # every record in its file now
             assert "records_pending_from" not in log.writer.checkpoint("interval")
+            recorder.done()  # the bundle's order: the recorder's last records first, then the log closes
             log.done()
-            recorder.done()
 
     asyncio.run(scenario())
     assert verify(tmp_path / "records").status == "verified"

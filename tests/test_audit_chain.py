@@ -359,7 +359,7 @@ def test_every_entry_the_writer_makes_is_hashed_over_rfc8785(tmp_path):
     for path in log.files():
         for line in path.read_bytes().splitlines():
             entry = json.loads(line)
-            assert entry["v"] == 2 and "instance" in entry
+            assert entry["v"] == 3 and "instance" in entry
             claimed = entry.pop("hash")
             assert line == rfc8785.dumps(entry)[:-1] + f',"hash":"{claimed}"}}'.encode()
             assert hashlib.sha256(rfc8785.dumps(entry)).hexdigest() == claimed

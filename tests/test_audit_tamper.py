@@ -271,9 +271,10 @@ def test_an_edited_flow_record_fails_verify_naming_the_field(log, change, field)
     assert done.returncode == 1 and field in done.stdout
 
 
-def _downgrade_to_format_1(log) -> None:
-    """Rewrite a built log as format 1 wrote it: no "v", no instance, no whole-flow claims, no intents; each
-    entry re-chained and re-hashed over format 1's canonical JSON, each checkpoint re-signed. Built here
+def _rewritten_by_the_gateway(log, change) -> None:
+    """Rewrite a built log entry by entry as the gateway would have written it: change(entry) returns the entry
+    to write (changed in place or not) or None to leave it out; each entry is then re-chained and re-hashed
+    over its format's canonical JSON and each checkpoint re-signed, as only the signing key can. Built here
     rather than kept as records in the repository."""
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -281,14 +282,20 @@ def _downgrade_to_format_1(log) -> None:
 
     key = load_pem_private_key(log.key.read_bytes(), None)
     head, seq = "0" * 64, 0
+    moved: dict[int, int] = {}  # an entry's seq before → after: the seqs entries name follow
     for path in log.files():
         lines = []
         for line in log.lines(path):
             entry = parse_entry_line(line)
-            if entry["kind"] == "intent":
+            was = entry["seq"]
+            entry = change(entry)
+            if entry is None:
                 continue
-            for name in ("v", "hash", "instance", "record", "intent", "intent_seq", "stream_cut"):
-                entry.pop(name, None)
+            for name in ("flow", "intent"):
+                if type(entry.get(name)) is int:
+                    entry[name] = moved[entry[name]]
+            moved[was] = seq + 1
+            entry.pop("hash", None)
             if entry["kind"] == "checkpoint":
                 entry["signed_seq"], entry["signed_hash"] = seq, head
                 entry["signature"] = sign_b64(key, checkpoint_message(seq, head))
@@ -300,6 +307,39 @@ def _downgrade_to_format_1(log) -> None:
         first = parse_entry_line(lines[0])["seq"]
         path.unlink()
         (path.parent / re.sub(r"audit-\d+-", f"audit-{first:012d}-", path.name)).write_bytes(b"".join(lines))
+
+
+def _downgrade_to_format_1(log) -> None:
+    """The log as format 1 wrote it: no "v", no instance, no whole-flow claims, no intents."""
+
+    def format_1(entry):
+        if entry["kind"] in ("intent", "record"):
+            return None
+        for name in ("v", "instance", "record", "intent", "intent_seq", "stream_cut"):
+            entry.pop(name, None)
+        return entry
+
+    _rewritten_by_the_gateway(log, format_1)
+
+
+def _downgrade_to_format_2(log) -> None:
+    """The log as format 2 wrote it: each flow's whole-flow digest in its flow entry, no record entries."""
+    records = {}
+    for path in log.files():
+        for line in log.lines(path):
+            entry = parse_entry_line(line)
+            if entry["kind"] == "record":
+                records[entry["flow"]] = entry["record"]
+
+    def format_2(entry):
+        if entry["kind"] == "record":
+            return None
+        if entry["kind"] == "flow":
+            entry["record"] = records[entry["seq"]]
+        entry["v"] = 2
+        return entry
+
+    _rewritten_by_the_gateway(log, format_2)
 
 
 def test_a_format_1_log_still_verifies(log):
@@ -333,3 +373,64 @@ def test_a_format_1_entry_slipped_into_a_format_2_log_is_a_downgrade(log):
 
     rewrite_line(path, index, downgrade)
     assert ("downgraded", seq) in _failures(verify(log.records, [log.pubkey]))
+
+
+# ---- format 3: the whole-flow digest in a record entry of its own ---------------------------------------------
+
+def test_a_format_2_log_still_verifies_field_by_field(log):
+    _downgrade_to_format_2(log)
+    result = verify(log.records, [log.pubkey])
+    assert result.status == "verified", result.summary()
+    assert result.format_versions == [2] and result.flows_matched == 12 and log.seqs_of_kind("record") == []
+    # Format 2's whole-flow digest still bites: a status changed in a format 2 record is named.
+    flow_id = _rewrite_flow(log, _status_418)
+    [changed] = [f for f in verify(log.records, [log.pubkey]).findings if f.severity == "failed"]
+    assert changed.kind == "flow modified" and flow_id in changed.message and "response.status_code" in changed.message
+
+
+def test_a_format_2_entry_slipped_into_a_format_3_log_is_a_downgrade(log):
+    from auditgate.audit.chain import seal
+    seq = log.seqs_of_kind("flow")[2]
+    path, index = log.locate(seq)
+
+    def downgrade(entry):
+        entry["v"] = 2
+        entry.pop("hash")
+        entry["hash"] = seal(entry)[0]["hash"]  # a valid format 2 hash
+
+    rewrite_line(path, index, downgrade)
+    assert ("downgraded", seq) in _failures(verify(log.records, [log.pubkey]))
+
+
+def _without_the_record_entry_of(log, index: int) -> tuple[str, int]:
+    """The log as a gateway would have written it had it not written one flow's record entry: (its flow id,
+    the seq of its flow entry in the rewritten log)."""
+    record = log.entry(log.seqs_of_kind("record")[index])
+    _rewritten_by_the_gateway(log, lambda e: None if e["kind"] == "record" and e["flow"] == record["flow"] else e)
+    [seq] = [s for s in log.seqs_of_kind("flow") if log.entry(s)["flow_id"] == record["flow_id"]]
+    return record["flow_id"], seq
+
+
+def test_a_flow_whose_record_entry_is_missing_fails_verify(log):
+    flow_id, seq = _without_the_record_entry_of(log, 2)
+    result = verify(log.records, [log.pubkey])
+    assert _failures(result) == [("flow modified", seq)], result.summary()
+    assert flow_id in result.first_break.message and "record entry" in result.first_break.message
+    assert result.flows_matched == 11
+
+
+def test_a_missing_record_entry_the_log_owned_up_to_is_a_known_gap(log):
+    """The audit log failed as the recorder took the record (the reply had gone out): it closes, and names the
+    flow among those served unaudited when it resumes. Not tampering, but that record is not checked."""
+    flow_id, seq = _without_the_record_entry_of(log, 2)
+
+    def own_up(entry):
+        if entry["kind"] == "gateway_stop" and entry["pid"] == 1:
+            return {**entry, "kind": "audit_resumed", "unaudited_flows": [flow_id], "refused_requests": 0,
+                    "unavailable_since": entry["time"], "reason": "No space left on device"}
+        return entry
+
+    _rewritten_by_the_gateway(log, own_up)
+    result = verify(log.records, [log.pubkey])
+    assert [(f.severity, f.kind) for f in result.findings] == [("incomplete", "record not digested")], result.summary()
+    assert flow_id in result.findings[0].message and result.status == "incomplete"

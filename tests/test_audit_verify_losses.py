@@ -16,7 +16,7 @@ from auditgate.audit.chain import (
     load_private_key_file,
     public_key_record,
 )
-from auditgate.audit.entries import flow_fields
+from auditgate.audit.entries import flow_fields, record_fields
 from auditgate.audit.flow_files import MAX_DEPTH, parse_tnetstring
 from auditgate.audit.verify import verify
 from auditgate.core.flow_contract import FLOW_FILE
@@ -180,9 +180,10 @@ def _crashed_run(tmp_path, recorded: int, pending_from_index: int | None, remove
         flow.request.content = f"request {i}".encode()
         FLOW_FILE.set(flow, "flows-crashed.mitm")
         entries[i] = writer.append("flow", flow_fields(flow, time.time()))["seq"]
+        writer.append("record", record_fields(flow, entries[i]))  # its record taken (on its way to the file)
         flows.append(flow)
     checkpoint = writer.checkpoint("entries")
-    writer.append("flow", flow_fields(flows[0], time.time()))  # one more after it, never recorded either
+    entries[6] = writer.append("flow", flow_fields(flows[0], time.time()))["seq"]  # one more, never recorded either
     _write(records / "flows" / "flows-crashed.mitm", [f for i, f in enumerate(flows[:recorded]) if i != removed])
     return records, checkpoint, entries  # the writer is never closed: the process was killed
 
@@ -193,7 +194,7 @@ def test_records_a_crash_took_on_their_way_to_the_file_are_lost_in_the_crash_not
     result = verify(records)
     assert not [f for f in result.findings if f.severity == "failed"], result.summary()
     lost = [f for f in result.findings if f.kind == "flow lost in crash"]
-    assert sorted(f.seq for f in lost) == [entries[3], entries[4], entries[5], entries[5] + 2]
+    assert sorted(f.seq for f in lost) == [entries[3], entries[4], entries[5], entries[6]]
     assert result.flows_matched == 3
 
 
@@ -223,3 +224,25 @@ def test_a_checkpoint_names_the_first_record_on_its_way_only_within_the_chain(tm
     # Nothing, zero, past the head, or not an integer: not said. Only a seq of the chain is.
     assert ["records_pending_from" in c for c in checkpoints] == [False, False, False, False, True]
     assert checkpoints[-1]["records_pending_from"] == 2
+
+
+def test_a_record_whose_digest_a_crash_took_from_the_log_is_not_digested_not_tampering(tmp_path):
+    """A power loss after the last checkpoint can keep a flow's record (the flow file was synced) and lose the end
+    of the log that held its record entry: the record cannot be checked field by field, and verify says so
+    (incomplete); outside that window the same gap is a failure."""
+    records = tmp_path / "records"
+    key = create_private_key_file(tmp_path / "key.pem")
+    writer = AuditWriter(records / "audit", key)
+    writer.append("gateway_start", {"pid": 1, "signing_key": public_key_record(key.public_key())})
+    flow = tflow.tflow(resp=True)
+    FLOW_FILE.set(flow, "flows-crashed.mitm")
+    seq = writer.append("flow", flow_fields(flow, time.time()))["seq"]  # its record entry never reached the disk
+    (records / "flows").mkdir(parents=True)
+    _write(records / "flows" / "flows-crashed.mitm", [flow])
+    result = verify(records)  # the writer is never closed: the process was killed
+    assert not [f for f in result.findings if f.severity == "failed"], result.summary()
+    [undigested] = [f for f in result.findings if f.kind == "record not digested"]
+    assert undigested.seq == seq and undigested.severity == "incomplete" and flow.id in undigested.message
+    writer.checkpoint("entries")  # the same gap, now covered by a signed checkpoint: not a crash's doing
+    failed = [f for f in verify(records).findings if f.severity == "failed"]
+    assert [(f.kind, f.seq) for f in failed] == [("flow modified", seq)] and "record entry" in failed[0].message

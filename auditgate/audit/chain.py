@@ -3,7 +3,7 @@
 Plain Python plus `cryptography` and `rfc8785`; no mitmproxy. docs/auditors.md defines the format this
 module writes, so that an auditor can re-implement the verifier (auditgate/audit/verify.py) from it.
 
-Format versions: an entry with `"v": 2` is hashed over its RFC 8785 (JCS) canonical JSON, so a standard JCS
+Format versions: an entry with `"v": 2` or `3` is hashed over its RFC 8785 (JCS) canonical JSON, so a standard JCS
 implementation recomputes its hash; an entry without `v` is version 1, hashed over the gateway's own
 canonical JSON (ASCII escapes), and still verifies.
 """
@@ -47,7 +47,8 @@ FILE_PATTERN = re.compile(r"^audit-(\d{12})-(\d{8}T\d{6}Z)\.jsonl$")
 CHECKPOINT_CONTEXT = "auditgate-audit-checkpoint:v1"
 MAX_ENTRY_DEPTH = 64  # the gateway's entries nest a few levels (json_safe stops at 16); deeper is not an entry
 ROTATION_CONTEXT = "auditgate-audit-key-rotation:v1"
-FORMAT_VERSION = 2  # every entry written now says "v": 2 (JCS hashing, instance, intents, whole-flow digests)
+FORMAT_VERSION = 3  # every entry written now says "v": 3 (2: JCS hashing, instance, intents, whole-flow digests in
+# the flow entry; 3: the whole-flow digest in a "record" entry of its own, written as the record is taken)
 JSON_SAFE_INT = 2**53 - 1  # RFC 8785: integers beyond IEEE 754's exact range are not JSON numbers
 
 # Keys that name a credential are never copied into an entry, whatever addon put them in flow metadata.
@@ -178,7 +179,6 @@ def _check_no_floats(value) -> None:
 def json_safe(value, depth: int = 0):
     """Metadata from other addons made fit for an entry: no floats, no bytes, no credential-named keys."""
     if depth > 16:
-        _changes[0] += 1
         return "<nested too deep>"
     kind = type(value)
     if kind is str or value is None or kind is bool:  # the common cases first: this runs for every entry
@@ -193,7 +193,6 @@ def json_safe(value, depth: int = 0):
         return value
     if isinstance(value, int):
         return value if -JSON_SAFE_INT <= value <= JSON_SAFE_INT else str(value)  # beyond JSON's exact integers
-    _changes[0] += 1  # below, a value the record digest's claims (record_digest._plain) write otherwise
     if isinstance(value, float):
         # Integers only in canonical JSON: a fractional value is kept as its shortest decimal string.
         return int(value) if value.is_integer() and math.isfinite(value) else repr(value)
@@ -205,20 +204,6 @@ def json_safe(value, depth: int = 0):
     if isinstance(value, (bytes, bytearray)):
         return f"<{len(value)} bytes>"  # never the bytes themselves: they could be anything
     return f"<{type(value).__name__}>"
-
-
-# How many times json_safe() changed a value beyond what record_digest._plain() does alike (a float, bytes, a set,
-# another object, a credential-named key left out, nesting cut): only ever counted up, from any thread.
-_changes = [0]
-
-
-def json_safe_whole(value) -> tuple:
-    """(json_safe(value), whether it kept the value whole): where it did, the record digest's claim of the value
-    (record_digest._plain) is the same, and the flow entry takes it from here rather than walking the value
-    again. Another thread's json_safe() meanwhile can only make this say "not whole" (then walked again)."""
-    before = _changes[0]
-    safe = json_safe(value)
-    return safe, _changes[0] == before
 
 
 def _json_safe_dict(value: dict, depth: int) -> dict:
@@ -237,7 +222,6 @@ def _json_safe_dict(value: dict, depth: int) -> dict:
             credential = _names_credential(k)
             k = str(k)
         if credential:
-            _changes[0] += 1
             continue
         kind = type(v)
         safe[k] = v if shallow and (kind is str or v is None or kind is bool) else json_safe(v, inner)
@@ -302,7 +286,7 @@ def _nesting(value) -> int:
 def entry_hash(entry: dict) -> str:
     """SHA-256 (hex) of the canonical JSON of the entry without its own "hash" member.
 
-    Version 2 ("v": 2): RFC 8785 (JCS). Version 1 (no "v"): canonical_json()."""
+    Versions 2 and 3 ("v"): RFC 8785 (JCS). Version 1 (no "v"): canonical_json()."""
     body = {k: v for k, v in entry.items() if k != "hash"}
     return hashlib.sha256(entry_bytes(body)).hexdigest()
 

@@ -10,7 +10,6 @@ from auditgate.audit.chain import (
     JSON_SAFE_INT,
     jcs,
     json_safe,
-    json_safe_whole,
     sha256_hex,
 )
 from auditgate.audit.errors import describe
@@ -39,20 +38,18 @@ _METADATA_FIELDS = (("identity", IDENTITY), ("upstream", UPSTREAM), ("policy", P
 
 
 def flow_fields(flow, now: float, request_content: tuple | None = None) -> dict:
-    """The fields of a flow's audit entry: who, where, what was decided, the digests of both bodies, and
-    (`record`) the digest of everything the flow's record will hold, field by field (audit/record_digest.py).
-    request_content: (the request's content, its SHA-256) from the flow's intent entry, if it had one.
-
-    Taken at the hook that writes the entry, from the flow as the flow recorder takes its state for the
-    record on the loop's next turn: no addon changes a flow after the audit log's hook."""
+    """The fields of a flow's audit entry, written before its reply ends: who, where, what was decided and the
+    digests of both bodies. The digest of everything the flow's record holds follows in the flow's record entry
+    (record_fields), written when the flow recorder takes the record, once the reply is on its way.
+    request_content: (the request's content, its SHA-256) from the flow's intent entry, if it had one."""
     request, response = flow.request, flow.response
     peer = flow.client_conn.peername if flow.client_conn else None
-    carried, claimed = {}, {}  # entry field -> its value; metadata key -> its record claim where that is the same
-    for name, key in _METADATA_FIELDS:
-        carried[name], whole = json_safe_whole(key.get(flow))
-        if whole:
-            claimed[key.name] = carried[name]
-    record, request_sha256, response_sha256 = record_of_flow(flow, claimed, request_content)
+    carried = {name: json_safe(key.get(flow)) for name, key in _METADATA_FIELDS}
+    content = request.raw_content
+    if request_content is not None and request_content[0] is content:
+        request_sha256 = request_content[1]  # the intent entry hashed this very content: not hashed twice
+    else:
+        request_sha256 = sha256_hex(content)
     return {
         "flow_id": flow.id,
         "identity": carried["identity"],
@@ -74,14 +71,19 @@ def flow_fields(flow, now: float, request_content: tuple | None = None) -> dict:
         "guard": carried["guard"],  # a hook of the bundle that failed on this flow, and what it caused
         "tunnel": carried["tunnel"],  # a CONNECT: who tunnelled where (or why it was refused)
         "body_limits": carried["body_limits"],
-        # The bodies' SHA-256, as the record digest's claims have them (of the same raw_content: hashed once).
         "request_sha256": request_sha256,
-        "response_sha256": response_sha256,
+        "response_sha256": sha256_hex(response.raw_content) if response else None,
         "flow_file": FLOW_FILE.get(flow),
         "intent": INTENT_SEQ.get(flow),  # the seq of its intent entry: it went upstream (None: it never did)
         "stream_cut": carried["stream_cut"],  # a stream that ended in an error: what the client got
-        "record": record,
     }
+
+
+def record_fields(flow, flow_seq: int, request_content: tuple | None = None) -> dict:
+    """The fields of a flow's record entry: the digest of everything its record holds, field by field
+    (audit/record_digest.py), taken from the flow as the flow recorder takes it for the record, and the seq of
+    the flow's entry. request_content: as for flow_fields."""
+    return {"flow_id": flow.id, "flow": flow_seq, "record": record_of_flow(flow, request_content)}
 
 
 def intent_fields(flow) -> dict:

@@ -105,16 +105,11 @@ def _address(value) -> list | None:
     return None if value is None else [_plain(v) for v in value]
 
 
-def _metadata_claims(claims: dict, metadata: Mapping, claimed: Mapping | None = None) -> None:
+def _metadata_claims(claims: dict, metadata: Mapping) -> None:
     keys = _metadata_keys(metadata)
     claims["metadata.keys"] = keys
-    claimed = claimed or {}
     for key in keys:
-        value = claimed.get(key, _NOT_CLAIMED)
-        claims[f"metadata.{key}"] = _plain(metadata[key]) if value is _NOT_CLAIMED else value
-
-
-_NOT_CLAIMED = object()
+        claims[f"metadata.{key}"] = _plain(metadata[key])
 
 
 def _request_line_claims(req, line: bool = True) -> dict:
@@ -162,10 +157,8 @@ def _metadata_keys(metadata: Mapping) -> list:
     return sorted(k for k in metadata if isinstance(k, str) and k.startswith(METADATA_PREFIX))
 
 
-def claims_of_flow(flow, claimed: Mapping | None = None, request_content: tuple | None = None,
-                   lines_and_headers: bool = True) -> dict:
-    """The claims of a live mitmproxy HTTPFlow (the audit log, at the hook that writes the entry). claimed:
-    {metadata key: its claim} made already (by chain.json_safe_whole, for the flow entry's own fields);
+def claims_of_flow(flow, request_content: tuple | None = None, lines_and_headers: bool = True) -> dict:
+    """The claims of a live mitmproxy HTTPFlow (the audit log, as the flow recorder takes the flow's record).
     request_content: (the request's content, its SHA-256) as the intent entry hashed it, taken if the request
     still has that very content. lines_and_headers=False: without the claims of the request and status lines
     and of the headers (record_of_flow digests those its own way)."""
@@ -187,7 +180,7 @@ def claims_of_flow(flow, claimed: Mapping | None = None, request_content: tuple 
         claims.update(_websocket_claims(websocket))
     claims.update(_connection_claims(flow))
     claims["flow.comment"] = flow.comment or None
-    _metadata_claims(claims, flow.metadata, claimed)
+    _metadata_claims(claims, flow.metadata)
     return claims
 
 
@@ -385,13 +378,11 @@ def _record_of(full: dict) -> dict:
             "fields": {name: digest[:SHORT_DIGEST] for name, digest in full.items()}}
 
 
-def record_of_flow(flow, claimed: Mapping | None = None,
-                   request_content: tuple | None = None) -> tuple[dict, str | None, str | None]:
-    """(record_digest(claims_of_flow(flow)), the request's content SHA-256, the response's); claimed and
-    request_content: see claims_of_flow. The digests of the request line, the status line and the headers are
-    taken again where those are the same as in the flow before (as mitmproxy holds them: equal bytes, text
-    and integers make equal claims)."""
-    claims = claims_of_flow(flow, claimed, request_content, lines_and_headers=False)
+def record_of_flow(flow, request_content: tuple | None = None) -> dict:
+    """record_digest(claims_of_flow(flow)); request_content: see claims_of_flow. The digests of the request line,
+    the status line and the headers are taken again where those are the same as in the flow before (as
+    mitmproxy holds them: equal bytes, text and integers make equal claims)."""
+    claims = claims_of_flow(flow, request_content, lines_and_headers=False)
     full = field_digests(claims)
     req = flow.request.data
     _line_digests(full, "request", (req.method, req.scheme, req.authority, req.host, req.port, req.path,
@@ -401,7 +392,7 @@ def record_of_flow(flow, claimed: Mapping | None = None,
         res = flow.response.data
         _line_digests(full, "response", (res.status_code, res.reason, res.http_version), _status_line)
         full["response.headers"] = _headers_digest("response.headers", res.headers.fields)
-    return _record_of(full), claims["request.content"], claims.get("response.content")
+    return _record_of(full)
 
 
 def _request_line(method, scheme, authority, host, port, path, http_version) -> dict:

@@ -1,8 +1,9 @@
 """The offline verifier: chain links, checkpoint signatures and flow-file digests of an audit log.
 
-Reads both formats: version 2 entries ("v": 2, RFC 8785 hashing) carry a whole-flow digest (every field a
-flow record claims) and intents (a request about to go upstream); version 1 entries (no "v") carry the
-two body digests only, and are checked on those.
+Reads every format: version 3 ("v": 3, RFC 8785 hashing) has intents (a request about to go upstream) and,
+per flow, a record entry with the whole-flow digest (every field a flow record claims) written as the record
+is taken; version 2 carries that digest in the flow entry itself; version 1 (no "v") the two body digests only,
+and is checked on those.
 
 Plain Python plus `cryptography` and `rfc8785`; no mitmproxy. docs/auditors.md ("Verifying") describes
 the same algorithm step by step.
@@ -37,6 +38,8 @@ from auditgate.audit.record_digest import ERROR_FIELD, differing_fields
 FAILED, INCOMPLETE, NOTE = "failed", "incomplete", "note"
 RECORDS_LOST_EVENT = "records_lost"  # the gateway's own report of flows whose records did not reach a file
 REFUSED_UNAVAILABLE = ("gateway_audit_unavailable", "gateway_records_unavailable")
+RECORD_EVENT = "record"  # format 3: the digest of a flow's record, field by field; it names its flow entry's seq
+READ_VERSIONS = (1, 2, FORMAT_VERSION)  # 2: the whole-flow digest in the flow entry; 3: in a record entry
 INTENT_EVENT = "intent"  # a request about to go upstream; its outcome (a flow entry) names its seq
 OUTCOME_UNKNOWN = "outcome unknown"  # the finding kind of an intent without an outcome: not tampering
 EXIT_CODES = {"verified": 0, FAILED: 1, INCOMPLETE: 3}
@@ -129,9 +132,9 @@ class VerifyResult:
                          f"({span}), {self.checkpoints} checkpoint(s)")
         lines.append(f"  trusted key(s): {', '.join(k[:16] for k in self.anchors) or 'none'} ({self.anchor_source})")
         lines.append(f"  signed: entries up to seq {self.signed_upto} are covered by a checkpoint signed with a trusted key")
-        what = ("every recorded field" if self.format_versions == [FORMAT_VERSION] else
-                "request and response body digests" if FORMAT_VERSION not in self.format_versions else
-                "every recorded field for format 2 entries, the bodies for format 1")
+        what = ("every recorded field" if 1 not in self.format_versions else
+                "request and response body digests" if self.format_versions == [1] else
+                "every recorded field for format 2 and 3 entries, the bodies for format 1")
         lines.append(f"  flows: {self.flows_matched} of {self.flow_entries} flow entries matched their record "
                      f"in {self.flow_files} flow file(s) ({what})")
         if self.intents:
@@ -189,7 +192,7 @@ def _check_chain(result: VerifyResult) -> None:
     seen: dict[int, Located] = {}
     previous: Located | None = None
     after_unreadable = False
-    seen_current = False  # a format 2 entry came before: no format 1 entry may follow
+    newest = 1  # the newest format seen so far: the gateway never writes an older one after it
     for index, located in enumerate(log):
         entry = located.entry
         if entry.get("unreadable"):
@@ -203,13 +206,15 @@ def _check_chain(result: VerifyResult) -> None:
         version = entry.get("v", 1)
         if version not in result.format_versions:
             result.format_versions.append(version)
-        if version not in (1, FORMAT_VERSION):
+        if version not in READ_VERSIONS:
             result.add(FAILED, "unknown format", located.where, seq,
-                       f"format version {version!r}: this verifier reads versions 1 and {FORMAT_VERSION}")
-        elif version == 1 and seen_current:
+                       f"format version {version!r}: this verifier reads versions 1 to {FORMAT_VERSION}")
+        elif version < newest:
             result.add(FAILED, "downgraded", located.where, seq,
-                       "a format 1 entry after format 2 entries: the gateway never writes one; it was put there")
-        seen_current = seen_current or version == FORMAT_VERSION
+                       f"a format {version} entry after format {newest} entries: the gateway never writes one; "
+                       "it was put there")
+        else:
+            newest = version
         try:
             intact = entry["hash"] == entry_hash(entry)
         except ValueError:  # not representable in its format's canonical JSON (RFC 8785 refuses it)
@@ -416,9 +421,12 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
     acknowledged: set[str] = set()
     withheld: set[str] = set()
     lost = _reported_losses(result)
+    record_entries: dict[int, dict] = {}  # format 3: the seq of a flow entry → its record entry
     for located in result.log:
         acknowledged.update(str(i) for i in _list(located.entry.get("unaudited_flows")))
         withheld.update(str(i) for i in _list(located.entry.get("withheld_flows")))
+        if located.entry.get("kind") == RECORD_EVENT and type(located.entry.get("flow")) is int:
+            record_entries.setdefault(located.entry["flow"], located.entry)
     for located in result.log:
         entry = located.entry
         if entry.get("kind") != "flow":
@@ -430,13 +438,19 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
         shown_id, shown_file = _shown(entry.get("flow_id"), "(no flow id)"), name or "its flow file (none named)"
         candidates = unconsumed.get((name, flow_id), [])
         wanted = (entry.get("request_sha256"), entry.get("response_sha256"))
-        audited = entry.get("record") if isinstance(entry.get("record"), dict) else None
+        version = entry.get("v", 1)
+        if version == 2:  # the whole-flow digest in the flow entry itself
+            audited = entry.get("record") if isinstance(entry.get("record"), dict) else None
+        else:  # format 3: in the flow's record entry, which names this entry and this flow
+            record_entry = record_entries.get(located.seq) if version != 1 else None
+            audited = (record_entry.get("record") if record_entry is not None and isinstance(record_entry.get("record"), dict)
+                       and record_entry.get("flow_id") == entry.get("flow_id") else None)
         if entry.get("stream_cut"):
             result.streams_cut += 1
-        if audited is not None:  # format 2: the whole record, field by field
+        if audited is not None:  # formats 2 and 3: the whole record, field by field
             match = next((r for r in candidates if r.record and r.record["sha256"] == audited.get("sha256")), None)
-        elif entry.get("v", 1) != 1:
-            match = None  # a format 2 flow entry without its record digest: it was edited (and the chain says so)
+        elif version != 1:
+            match = None  # no record digest for this flow entry: see below
         else:  # format 1: the two body digests
             match = next((r for r in candidates if (r.request_sha256, r.response_sha256) == wanted), None)
         late_error = _late_error(audited, candidates) if audited is not None and match is None else None
@@ -462,9 +476,22 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
             verb = "differs" if len(fields) <= 1 else "differ"
             result.add(FAILED, "flow modified", located.where, located.seq,
                        f"flow {shown_id} in {shown_file}: {named} {verb} from its audit entry")
+        elif candidates and version == 3 and flow_id in acknowledged:
+            candidates.pop(0)
+            result.add(INCOMPLETE, "record not digested", located.where, located.seq,
+                       f"flow {shown_id} in {shown_file}: the audit log failed before it could write the digest of "
+                       "its record (the log says so); its record cannot be checked field by field")
+        elif candidates and version == 3 and located.seq in crash_window:
+            candidates.pop(0)
+            result.add(INCOMPLETE, "record not digested", located.where, located.seq,
+                       f"flow {shown_id} in {shown_file}: the gateway stopped (a crash) before the digest of its "
+                       "record reached the log; its record cannot be checked field by field")
         elif candidates:
             record = candidates[0]
-            if entry.get("v", 1) != 1:
+            if version == 3:
+                candidates.pop(0)  # this entry's record, not also "a record without entry"
+                message = "its record entry, the digest of what the record holds, is missing"
+            elif version != 1:
                 message = "its audit entry has no record digest to check it against"
             else:
                 which = "request" if record.request_sha256 != wanted[0] else "response"

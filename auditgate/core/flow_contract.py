@@ -228,11 +228,14 @@ STREAM_CUT: FlowKey[dict] = FlowKey(
 
 # ---- services one addon offers another, outside any flow ------------------------------------------------------
 class AuditEvents(Protocol):
-    """Appends a non-flow entry (an approval decision) to the audit log; raises AuditUnavailable."""
+    """Appends a non-flow entry (an approval decision) to the audit log; raises AuditUnavailable. Told when the
+    flow recorder takes a flow's record, it writes that record's digest entry (never raises)."""
 
     unavailable: str | None  # why the log cannot take entries now, or None
 
     def append_event(self, kind: str, fields: dict) -> dict: ...
+
+    def record_taken(self, flow: Any) -> None: ...
 
 
 class FlowRecords(Protocol):
