@@ -233,6 +233,8 @@ class AuditLog:
     def _shutdown_writer(self) -> None:
         if self.writer is None:
             return
+        if self._started and self.unavailable:
+            self._try_resume()  # where the log takes entries again, the outage and the flows it left are said first
         try:
             if self._started and not self.unavailable:
                 self.writer.append("gateway_stop", {"pid": os.getpid(), "flows": self._flows_this_run})
@@ -363,7 +365,7 @@ class AuditLog:
                     return self._durable(flow, entry["seq"])
                 return None
         # No entry: a reply not sent yet is refused instead (the flow recorder, which takes the flow's
-        # state on the loop's next turn, records the refusal); one already streamed is noted as unaudited.
+        # state a loop turn or two later, records the refusal); one already streamed is noted as unaudited.
         refused_here = (REFUSAL.get(flow) or {}).get("code") == UNAVAILABLE_CODE  # by the request hook: counted
         if self._can_withhold(flow) and not refused_here:
             self._refused_while_unavailable += 1
@@ -389,7 +391,8 @@ class AuditLog:
                 return
             except Exception as e:
                 self._fail(e)
-        self._note_unaudited(flow)
+        if len(self._unaudited) < MAX_UNAUDITED_IDS:  # served (its flow entry is in), whatever its refusal says
+            self._unaudited.append(flow.id)
 
     def _pending_records_from(self) -> int | None:
         """The seq of the first flow entry whose record is still on its way to its file, or None (the writer asks

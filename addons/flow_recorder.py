@@ -270,6 +270,7 @@ class FlowRecorder:
         # mitmproxy runs a flow's hooks in a task it starts eagerly, inside its handling of the data that
         # ended the response, and the hook task waits for that handling to end (a lock) before it sends the
         # response, on a later turn than callbacks scheduled meanwhile; one turn on, this would run first.
+        # (Where the reply waits on something, gateway_audit_fsync=entry's fsync, this runs during that wait.)
         if not self._drain_scheduled:
             try:
                 loop = asyncio.get_running_loop()

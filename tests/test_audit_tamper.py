@@ -361,15 +361,18 @@ def test_a_format_1_log_still_verifies(log):
     assert len(changed) == 1 and "response body" in changed[0].message
 
 
-def test_a_format_1_entry_slipped_into_a_format_2_log_is_a_downgrade(log):
+@pytest.mark.parametrize("version", [1, 2], ids=["format-1", "format-2"])
+def test_an_older_format_entry_slipped_into_a_newer_log_is_a_downgrade(log, version):
     from auditgate.audit.chain import seal
     seq = log.seqs_of_kind("flow")[2]
     path, index = log.locate(seq)
 
     def downgrade(entry):
         entry.pop("v")
+        if version != 1:
+            entry["v"] = version
         entry.pop("hash")
-        entry["hash"] = seal(entry)[0]["hash"]  # a valid format 1 hash
+        entry["hash"] = seal(entry)[0]["hash"]  # a valid hash of that format
 
     rewrite_line(path, index, downgrade)
     assert ("downgraded", seq) in _failures(verify(log.records, [log.pubkey]))
@@ -386,20 +389,6 @@ def test_a_format_2_log_still_verifies_field_by_field(log):
     flow_id = _rewrite_flow(log, _status_418)
     [changed] = [f for f in verify(log.records, [log.pubkey]).findings if f.severity == "failed"]
     assert changed.kind == "flow modified" and flow_id in changed.message and "response.status_code" in changed.message
-
-
-def test_a_format_2_entry_slipped_into_a_format_3_log_is_a_downgrade(log):
-    from auditgate.audit.chain import seal
-    seq = log.seqs_of_kind("flow")[2]
-    path, index = log.locate(seq)
-
-    def downgrade(entry):
-        entry["v"] = 2
-        entry.pop("hash")
-        entry["hash"] = seal(entry)[0]["hash"]  # a valid format 2 hash
-
-    rewrite_line(path, index, downgrade)
-    assert ("downgraded", seq) in _failures(verify(log.records, [log.pubkey]))
 
 
 def _without_the_record_entry_of(log, index: int) -> tuple[str, int]:
@@ -434,3 +423,64 @@ def test_a_missing_record_entry_the_log_owned_up_to_is_a_known_gap(log):
     result = verify(log.records, [log.pubkey])
     assert [(f.severity, f.kind) for f in result.findings] == [("incomplete", "record not digested")], result.summary()
     assert flow_id in result.findings[0].message and result.status == "incomplete"
+
+
+def _client_left(flow):
+    from mitmproxy import flow as mflow
+    flow.error = mflow.Error("client disconnected")
+
+
+def test_an_error_added_to_a_format_3_record_fails_verify(log):
+    """Format 2 let a record differ from its entry by an error alone (mitmproxy notes a client that left during
+    the response hook after the entry was written); a format 3 record entry is taken with the record, so there
+    an added error is an edit like any other."""
+    flow_id = _rewrite_flow(log, _client_left)
+    [changed] = [f for f in verify(log.records, [log.pubkey]).findings if f.severity == "failed"]
+    assert changed.kind == "flow modified" and flow_id in changed.message and "error" in changed.message
+
+
+def _owning_up(flow_id: str, field: str):
+    """The gateway's own account of an outage naming one flow in `field` (unaudited_flows, withheld_flows)."""
+    def own_up(entry):
+        if entry["kind"] == "gateway_stop" and entry["pid"] == 1:
+            return {**entry, "kind": "audit_resumed", "unaudited_flows": [], "refused_requests": 0,
+                    "unavailable_since": entry["time"], "reason": "No space left on device", field: [flow_id]}
+        return entry
+    return own_up
+
+
+def test_an_edited_record_of_a_withheld_reply_fails_verify(log):
+    """A flow listed as withheld still has its record entry in format 3: an edit to its record is tampering,
+    not the note "reply withheld"."""
+    flow_id = _rewrite_flow(log, _status_418, which=1)
+    _rewritten_by_the_gateway(log, _owning_up(flow_id, "withheld_flows"))
+    [changed] = [f for f in verify(log.records, [log.pubkey]).findings if f.severity == "failed"]
+    assert changed.kind == "flow modified" and "response.status_code" in changed.message
+
+
+def test_an_undigested_record_is_still_checked_on_its_bodies(log):
+    """Where the log owned up to a missing record entry, the flow entry's body digests still decide."""
+    flow_id, seq = _without_the_record_entry_of(log, 8)  # a flow of run 2, the file _rewrite_flow edits
+    _rewritten_by_the_gateway(log, _owning_up(flow_id, "unaudited_flows"))
+    assert [f.kind for f in verify(log.records, [log.pubkey]).findings] == ["record not digested"]
+    which = next(i for i, f in enumerate(_read_flows(log)) if f.id == flow_id)
+    _rewrite_flow(log, lambda f: setattr(f.response, "content", b"changed"), which=which)
+    [changed] = [f for f in verify(log.records, [log.pubkey]).findings if f.severity == "failed"]
+    assert changed.kind == "flow modified" and flow_id in changed.message and "response body" in changed.message
+
+
+def _read_flows(log):
+    with open(log.records / "flows" / "flows-run2.mitm", "rb") as f:
+        return list(io.FlowReader(f).stream())
+
+
+def test_a_second_record_entry_for_one_flow_is_a_bad_reference(log):
+    record_seq = log.seqs_of_kind("record")[3]
+    copy = {k: v for k, v in log.entry(record_seq).items() if k not in ("seq", "prev", "hash")}
+
+    def twice(entry):
+        return dict(copy, kind="record") if entry["kind"] == "gateway_stop" and entry["pid"] == 1 else entry
+
+    _rewritten_by_the_gateway(log, twice)
+    result = verify(log.records, [log.pubkey])
+    assert [f.kind for f in result.findings if f.severity == "failed"] == ["bad record reference"], result.summary()

@@ -1,6 +1,7 @@
-"""The whole-flow digest: what a flow record claims, field by field, as a version 2 audit entry commits to it.
+"""The whole-flow digest: what a flow record claims, field by field, as a flow's record entry commits to it.
 
-One function of the flow as the gateway holds it (`claims_of_flow`, in the audit log addon) and one of the
+One function of the flow as the gateway holds it (`claims_of_flow`, in the audit log addon as the flow
+recorder takes the record) and one of the
 flow record as mitmproxy wrote it (`claims_of_state`, in the verifier, from the tnetstring state without
 mitmproxy) give the same claims for the same flow; `tests/test_evidence_record_digest.py` checks that on
 flows of every shape written and read back. No mitmproxy import.
@@ -11,7 +12,8 @@ other floats as their shortest repr text, bodies and WebSocket message contents 
 field's digest is the SHA-256 of its value's RFC 8785 canonical JSON; the record digest is the SHA-256 of
 the RFC 8785 canonical JSON of {field: digest}. A field whose value is null is left out.
 
-The entry carries {"sha256": the record digest, "fields": {field: first 16 hex digits of its digest}}:
+The record entry (format 3; format 2's flow entry) carries {"sha256": the record digest, "fields": {field: first
+16 hex digits of its digest}}:
 the record digest decides; the short digests only say which field differs.
 """
 
@@ -32,7 +34,7 @@ from auditgate.audit.chain import (
 
 METADATA_PREFIX = "auditgate."
 SHORT_DIGEST = 16  # hex digits per field in the entry: enough to name the field; the full digest decides
-ERROR_FIELD = "error"  # set by mitmproxy after the response hook when the client left meanwhile (see verify)
+ERROR_FIELD = "error"  # mitmproxy sets it after the response hook when the client left meanwhile: format 2 (see verify)
 
 
 def _text(value) -> str | None:

@@ -421,12 +421,10 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
     acknowledged: set[str] = set()
     withheld: set[str] = set()
     lost = _reported_losses(result)
-    record_entries: dict[int, dict] = {}  # format 3: the seq of a flow entry → its record entry
     for located in result.log:
         acknowledged.update(str(i) for i in _list(located.entry.get("unaudited_flows")))
         withheld.update(str(i) for i in _list(located.entry.get("withheld_flows")))
-        if located.entry.get("kind") == RECORD_EVENT and type(located.entry.get("flow")) is int:
-            record_entries.setdefault(located.entry["flow"], located.entry)
+    record_entries = _record_entries(result)
     for located in result.log:
         entry = located.entry
         if entry.get("kind") != "flow":
@@ -453,7 +451,9 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
             match = None  # no record digest for this flow entry: see below
         else:  # format 1: the two body digests
             match = next((r for r in candidates if (r.request_sha256, r.response_sha256) == wanted), None)
-        late_error = _late_error(audited, candidates) if audited is not None and match is None else None
+        # Format 2 took its digest in the hook, format 3 as the record is taken (the same step): only format 2
+        # can have a record with an error mitmproxy noted later.
+        late_error = _late_error(audited, candidates) if version == 2 and audited is not None and match is None else None
         if match is not None:
             candidates.remove(match)
             result.flows_matched += 1
@@ -463,7 +463,7 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
             result.add(NOTE, "error after the entry", located.where, located.seq,
                        f"flow {shown_id} in {shown_file}: mitmproxy noted an error on it after its entry was written (the "
                        "client left while the reply was being sent); every other field matches")
-        elif candidates and flow_id in withheld:
+        elif candidates and flow_id in withheld and (version != 3 or audited is None):
             candidates.pop(0)
             result.add(NOTE, "reply withheld", located.where, located.seq,
                        f"flow {shown_id}: its reply was withheld (its entry could not be made durable); the record "
@@ -476,16 +476,23 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
             verb = "differs" if len(fields) <= 1 else "differ"
             result.add(FAILED, "flow modified", located.where, located.seq,
                        f"flow {shown_id} in {shown_file}: {named} {verb} from its audit entry")
-        elif candidates and version == 3 and flow_id in acknowledged:
-            candidates.pop(0)
-            result.add(INCOMPLETE, "record not digested", located.where, located.seq,
-                       f"flow {shown_id} in {shown_file}: the audit log failed before it could write the digest of "
-                       "its record (the log says so); its record cannot be checked field by field")
-        elif candidates and version == 3 and located.seq in crash_window:
-            candidates.pop(0)
-            result.add(INCOMPLETE, "record not digested", located.where, located.seq,
-                       f"flow {shown_id} in {shown_file}: the gateway stopped (a crash) before the digest of its "
-                       "record reached the log; its record cannot be checked field by field")
+        elif candidates and version == 3 and (flow_id in acknowledged or located.seq in crash_window):
+            # Not digested, but the flow entry still holds the bodies' digests: those are checked (format 1's way).
+            bodies = next((r for r in candidates if (r.request_sha256, r.response_sha256) == wanted), None)
+            if bodies is None:
+                record = candidates.pop(0)
+                which = "request" if record.request_sha256 != wanted[0] else "response"
+                result.add(FAILED, "flow modified", located.where, located.seq,
+                           f"flow {shown_id} in {shown_file}: the recorded {which} body does not match the audited "
+                           "digest")
+            else:
+                candidates.remove(bodies)
+                why = ("the audit log failed before it could write the digest of its record (the log says so)"
+                       if flow_id in acknowledged else
+                       "the gateway stopped (a crash) before the digest of its record reached the log")
+                result.add(INCOMPLETE, "record not digested", located.where, located.seq,
+                           f"flow {shown_id} in {shown_file}: {why}; its bodies match their digests, the rest of its "
+                           "record cannot be checked field by field")
         elif candidates:
             record = candidates[0]
             if version == 3:
@@ -536,12 +543,37 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
                            f"flow {record_id} has no audit entry: its entry was removed")
 
 
+def _record_entries(result: VerifyResult) -> dict[int, dict]:
+    """Format 3: the seq of a flow entry → its record entry. A record entry must name a flow entry of its own
+    flow written before it, and no flow entry has two: anything else is a failure (`bad record reference`),
+    which only a gateway bug or the signing key could write."""
+    flows: dict[int, dict] = {}
+    found: dict[int, dict] = {}
+    for located in result.log:
+        entry = located.entry
+        if entry.get("kind") == "flow" and isinstance(located.seq, int):
+            flows[located.seq] = entry
+        elif entry.get("kind") == RECORD_EVENT and located.seq is not None:
+            reference = entry.get("flow")
+            flow = flows.get(reference) if type(reference) is int else None
+            if flow is None or flow.get("flow_id") != entry.get("flow_id") or reference in found:
+                if type(reference) is not int or result.first_seq is None or result.first_seq <= reference:
+                    result.add(FAILED, "bad record reference", located.where, located.seq,
+                               f"the record entry of flow {_shown(entry.get('flow_id'), '(no flow id)')} names seq "
+                               f"{_shown(reference)}, which is not an earlier flow entry of that flow without a "
+                               "record entry")
+                continue
+            found[reference] = entry
+    return found
+
+
 def _late_error(audited: dict, candidates: list[FlowRecord]) -> FlowRecord | None:
-    """The record that differs from its entry only by an error the entry did not have.
+    """Format 2: the record that differs from its entry only by an error the entry did not have.
 
     mitmproxy notes a client that left while a response hook ran as the flow's error after the hook
     (check_killed), without an error hook: the flow recorder, which takes the state a moment later, keeps
-    it; the entry, written in the hook, could not. Any other difference is tampering."""
+    it; a format 2 entry, written in the hook, could not. Any other difference is tampering. (A format 3
+    record entry is written as the record is taken: it has what the record has.)"""
     fields = audited.get("fields") if isinstance(audited.get("fields"), dict) else {}
     if ERROR_FIELD in fields:
         return None
