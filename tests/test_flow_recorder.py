@@ -34,7 +34,7 @@ def test_records_scrub_credentials(tmp_path):
         with taddons.context(recorder) as tctx:
             tctx.configure(recorder, gateway_records=str(tmp_path))
             recorder.response(_flow())
-            await asyncio.sleep(0)  # the write runs on the loop's next turn
+            await asyncio.sleep(0)  # one turn: the record is taken on the next (or at done, below)
             recorder.done()
 
     asyncio.run(scenario())
