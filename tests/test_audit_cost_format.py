@@ -370,19 +370,20 @@ def test_record_digest_is_rfc8785_of_rfc8785_digests(claims):
 
 
 def test_a_fields_digest_is_taken_again_only_for_the_very_same_value():
-    """record_digest() remembers each field's last text, integer, JSON and headers: one after another, values
-    that Python deems equal but JSON writes apart (1, True, 1.0's text) get their own digests."""
+    """record_digest() remembers each field's last text, integer and JSON: one after another, values that Python
+    deems equal but JSON writes apart (1, True, 1.0's text) get their own digests; so do headers that differ."""
     for value in [1, True, 1, "1", [1], [True], {"a": 1}, {"a": True}, "1", 1, 2**53 - 1, str(2**53 - 1), False, 0, "x"]:
         assert record_digest.record_digest({"f": value}) == _rfc8785_record_digest({"f": value}), value
     headers = ((b"host", b"a"), (b"x-n", b"1"))
     for fields in [headers, headers, ((b"host", b"a"),), headers, ((b"host", b"\xe9"),)]:
         claim = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in fields]
-        assert record_digest._headers_digest("request.headers", fields) == hashlib.sha256(rfc8785.dumps(claim)).hexdigest()
+        assert record_digest.field_digests({"request.headers": record_digest._flow_headers(fields)}) == {
+            "request.headers": hashlib.sha256(rfc8785.dumps(claim)).hexdigest()}
 
 
 def test_a_lines_digests_are_taken_again_only_for_the_very_same_line():
-    """record_of_flow() takes the request and status lines' digests from the flow before where the line is
-    the same: flow after flow, with one part changed at a time, the digests stay those of the flow's claims."""
+    """record_of_flow() takes each field's digest from the flow before where its value is the same: flow after
+    flow, with one part of the request or status line changed at a time, the digests stay those of its claims."""
     changes = [lambda f: None, lambda f: None, lambda f: setattr(f.request, "path", "/v1/other?q=1"),
                lambda f: setattr(f.request, "method", "PUT"), lambda f: setattr(f.request, "port", 8443),
                lambda f: setattr(f.response, "status_code", 418), lambda f: setattr(f.response, "reason", "Teapot"),

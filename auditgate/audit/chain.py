@@ -108,7 +108,7 @@ _LONG_NUMBER = re.compile(rb"(?:^|[:,\[])-?\d{16,}(?:[,}\]]|$)")  # an integer t
 
 
 def jcs(value, ints_checked: bool = False) -> bytes:
-    """RFC 8785 (JSON Canonicalization Scheme) bytes of a float-free value: what a version 2 entry hashes to.
+    """RFC 8785 (JSON Canonicalization Scheme) bytes of a float-free value: what a version 2 or 3 entry hashes to.
 
     The same bytes as `rfc8785.dumps(value)` (tests/test_audit_chain.py checks it on every kind of entry
     and on generated values); rfc8785 itself does what the fast paths cannot vouch for. ints_checked: the
@@ -154,7 +154,7 @@ def sorted_json(value) -> bytes | None:
 
 
 def entry_bytes(body: dict) -> bytes:
-    """The bytes an entry (without its "hash") is hashed over: JCS for version 2, version 1's own form else."""
+    """The bytes an entry (without its "hash") is hashed over: JCS for versions 2 and 3, version 1's own form else."""
     return canonical_json(body) if body.get("v") is None else _jcs_checked(body)
 
 
@@ -310,7 +310,11 @@ def _sealed_line(body: dict, checked: bool) -> tuple[str, bytes]:
     return digest, b"".join((memoryview(data)[:-1], b',"hash":"', digest.encode("ascii"), b'"}\n'))
 
 
-def sha256_hex(data: bytes | None) -> str | None:
+def sha256_hex(data: bytes | None, known: tuple | None = None) -> str | None:
+    """SHA-256 (hex) of data; known: (some bytes, their digest), taken where data is those very bytes (a request
+    body its intent entry hashed is not hashed again)."""
+    if known is not None and known[0] is data:
+        return known[1]
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 

@@ -6,12 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from auditgate.audit.chain import (
-    JSON_SAFE_INT,
-    jcs,
-    json_safe,
-    sha256_hex,
-)
+from auditgate.audit.chain import JSON_SAFE_INT, jcs, json_safe, sha256_hex
 from auditgate.audit.errors import describe
 from auditgate.audit.record_digest import record_of_flow
 from auditgate.core.config import ConfigError, RulesFile
@@ -31,11 +26,6 @@ from auditgate.core.flow_contract import (
 )
 from auditgate.core.request_facts import facts_of
 
-# The gateway's metadata an entry carries (made fit for it by json_safe), by entry field.
-_METADATA_FIELDS = (("identity", IDENTITY), ("upstream", UPSTREAM), ("policy", POLICY), ("approval", APPROVAL),
-                    ("masking", MASKING), ("refusal", REFUSAL), ("guard", GUARD), ("tunnel", TUNNEL),
-                    ("body_limits", BODY_LIMITS), ("stream_cut", STREAM_CUT))
-
 
 def flow_fields(flow, now: float, request_content: tuple | None = None) -> dict:
     """The fields of a flow's audit entry, written before its reply ends: who, where, what was decided and the
@@ -44,17 +34,11 @@ def flow_fields(flow, now: float, request_content: tuple | None = None) -> dict:
     request_content: (the request's content, its SHA-256) from the flow's intent entry, if it had one."""
     request, response = flow.request, flow.response
     peer = flow.client_conn.peername if flow.client_conn else None
-    carried = {name: json_safe(key.get(flow)) for name, key in _METADATA_FIELDS}
-    content = request.raw_content
-    if request_content is not None and request_content[0] is content:
-        request_sha256 = request_content[1]  # the intent entry hashed this very content: not hashed twice
-    else:
-        request_sha256 = sha256_hex(content)
     return {
         "flow_id": flow.id,
-        "identity": carried["identity"],
+        "identity": json_safe(IDENTITY.get(flow)),
         "client": peer[0] if peer else None,
-        "upstream": carried["upstream"],
+        "upstream": json_safe(UPSTREAM.get(flow)),
         "method": request.method,
         "host": pretty_host(request),
         "port": request.port,
@@ -64,18 +48,18 @@ def flow_fields(flow, now: float, request_content: tuple | None = None) -> dict:
         "error": flow.error.msg if flow.error else None,
         "streamed": bool(response and response.stream),
         "latency_us": max(0, int((now - request.timestamp_start) * 1_000_000)),
-        "policy": carried["policy"],
-        "approval": carried["approval"],
-        "masking": carried["masking"],
-        "refusal": carried["refusal"],
-        "guard": carried["guard"],  # a hook of the bundle that failed on this flow, and what it caused
-        "tunnel": carried["tunnel"],  # a CONNECT: who tunnelled where (or why it was refused)
-        "body_limits": carried["body_limits"],
-        "request_sha256": request_sha256,
+        "policy": json_safe(POLICY.get(flow)),
+        "approval": json_safe(APPROVAL.get(flow)),
+        "masking": json_safe(MASKING.get(flow)),
+        "refusal": json_safe(REFUSAL.get(flow)),
+        "guard": json_safe(GUARD.get(flow)),  # a hook of the bundle that failed on this flow, and what it caused
+        "tunnel": json_safe(TUNNEL.get(flow)),  # a CONNECT: who tunnelled where (or why it was refused)
+        "body_limits": json_safe(BODY_LIMITS.get(flow)),
+        "request_sha256": sha256_hex(request.raw_content, request_content),
         "response_sha256": sha256_hex(response.raw_content) if response else None,
         "flow_file": FLOW_FILE.get(flow),
         "intent": INTENT_SEQ.get(flow),  # the seq of its intent entry: it went upstream (None: it never did)
-        "stream_cut": carried["stream_cut"],  # a stream that ended in an error: what the client got
+        "stream_cut": json_safe(STREAM_CUT.get(flow)),  # a stream that ended in an error: what the client got
     }
 
 

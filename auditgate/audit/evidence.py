@@ -49,8 +49,8 @@ CANNOT_SHOW = [
 ]
 
 
-NO_SELF_CHECK = ("These records hold no format 2 or later checkpoint to show the commands on; see the auditors' guide for "
-                 "recomputing an entry's hash and checking a signature without auditgate.")
+NO_SELF_CHECK = ("These records hold no format 2 or later checkpoint to show the commands on; see the auditors' guide "
+                 "for recomputing an entry's hash and checking a signature without auditgate.")
 
 
 class EvidenceError(ValueError):
@@ -494,7 +494,8 @@ SELF_CHECK_TEXT = (
 
 def _self_check(names: list[str], results: list[VerifyResult]) -> dict | None:
     """The commands an auditor runs to recompute one entry's hash and check the signature over it with standard
-    tools, filled in with the newest format 2 or later checkpoint of the first instance that has one, and the entry it signs."""
+    tools, filled in with the newest format 2 or later checkpoint of the first instance that has one, and the entry
+    it signs."""
     for name, result in zip(names, results):
         by_seq = {l.seq: l for l in result.log if isinstance(l.seq, int)}
         checkpoint = next((l for l in reversed(result.log) if l.entry.get("kind") == "checkpoint"

@@ -1,10 +1,9 @@
 """The whole-flow digest: what a flow record claims, field by field, as a flow's record entry commits to it.
 
 One function of the flow as the gateway holds it (`claims_of_flow`, in the audit log addon as the flow
-recorder takes the record) and one of the
-flow record as mitmproxy wrote it (`claims_of_state`, in the verifier, from the tnetstring state without
-mitmproxy) give the same claims for the same flow; `tests/test_evidence_record_digest.py` checks that on
-flows of every shape written and read back. No mitmproxy import.
+recorder takes the record) and one of the flow record as mitmproxy wrote it (`claims_of_state`, in the
+verifier, from the tnetstring state without mitmproxy) give the same claims for the same flow;
+`tests/test_evidence_record_digest.py` checks that on flows of every shape written and read back. No mitmproxy import.
 
 A claim is a named field (`request.path`, `response.status_code`, `metadata.auditgate.identity`...) and its
 value made JSON: bytes as ISO-8859-1 text (one character per byte), timestamps as integer microseconds,
@@ -12,9 +11,8 @@ other floats as their shortest repr text, bodies and WebSocket message contents 
 field's digest is the SHA-256 of its value's RFC 8785 canonical JSON; the record digest is the SHA-256 of
 the RFC 8785 canonical JSON of {field: digest}. A field whose value is null is left out.
 
-The record entry (format 3; format 2's flow entry) carries {"sha256": the record digest, "fields": {field: first
-16 hex digits of its digest}}:
-the record digest decides; the short digests only say which field differs.
+The record entry (format 3; format 2's flow entry) carries {"sha256": the record digest, "fields": {field:
+first 16 hex digits of its digest}}: the record digest decides; the short digests only say which field differs.
 """
 
 from __future__ import annotations
@@ -29,12 +27,13 @@ from auditgate.audit.chain import (
     CanonicalJsonError,
     encode_sorted,
     jcs,
+    sha256_hex,
     sorted_json,
 )
 
 METADATA_PREFIX = "auditgate."
 SHORT_DIGEST = 16  # hex digits per field in the entry: enough to name the field; the full digest decides
-ERROR_FIELD = "error"  # mitmproxy sets it after the response hook when the client left meanwhile: format 2 (see verify)
+ERROR_FIELD = "error"  # set by mitmproxy after the response hook when the client left meanwhile (see verify)
 
 
 def _text(value) -> str | None:
@@ -108,79 +107,55 @@ def _address(value) -> list | None:
 
 
 def _metadata_claims(claims: dict, metadata: Mapping) -> None:
-    keys = _metadata_keys(metadata)
+    keys = sorted(k for k in metadata if isinstance(k, str) and k.startswith(METADATA_PREFIX))
     claims["metadata.keys"] = keys
     for key in keys:
         claims[f"metadata.{key}"] = _plain(metadata[key])
 
 
-def _request_line_claims(req, line: bool = True) -> dict:
-    """The request's claims but its headers and content, from mitmproxy's RequestData (line: with those of
-    the request line, _request_line())."""
-    claims = _request_line(req.method, req.scheme, req.authority, req.host, req.port, req.path,
-                           req.http_version) if line else {}
-    claims["request.trailers"] = _flow_headers(req.trailers.fields) if req.trailers is not None else None
-    claims["request.timestamps"] = [_micros(req.timestamp_start), _micros(req.timestamp_end)]
-    return claims
-
-
-def _response_claims(res, line_and_headers: bool = True) -> dict:
-    claims = _status_line(res.status_code, res.reason, res.http_version) if line_and_headers else {}
-    claims.update({
-        "response.trailers": _flow_headers(res.trailers.fields) if res.trailers is not None else None,
-        "response.content": _sha(res.content),
-        "response.timestamps": [_micros(res.timestamp_start), _micros(res.timestamp_end)],
-    })
-    if line_and_headers:
-        claims["response.headers"] = _flow_headers(res.headers.fields)
-    return claims
-
-
-def _websocket_claims(websocket) -> dict:
-    return {
-        "websocket.messages": [
-            [int(m.type), bool(m.from_client), _sha(m.content), _micros(m.timestamp), bool(m.dropped), bool(m.injected)]
-            for m in websocket.messages
-        ],
-        "websocket.close": [websocket.closed_by_client, websocket.close_code, _text(websocket.close_reason),
-                            _micros(websocket.timestamp_end)],
-    }
-
-
-def _connection_claims(flow) -> dict:
-    client, server = flow.client_conn, flow.server_conn
-    return {
-        "client.peername": _address(client.peername) if client is not None else None,
-        "server.address": _address(server.address) if server is not None else None,
-    }
-
-
-def _metadata_keys(metadata: Mapping) -> list:
-    return sorted(k for k in metadata if isinstance(k, str) and k.startswith(METADATA_PREFIX))
-
-
-def claims_of_flow(flow, request_content: tuple | None = None, lines_and_headers: bool = True) -> dict:
+def claims_of_flow(flow, request_content: tuple | None = None) -> dict:
     """The claims of a live mitmproxy HTTPFlow (the audit log, as the flow recorder takes the flow's record).
     request_content: (the request's content, its SHA-256) as the intent entry hashed it, taken if the request
-    still has that very content. lines_and_headers=False: without the claims of the request and status lines
-    and of the headers (record_of_flow digests those its own way)."""
+    still has that very content."""
     request, response, error, websocket = flow.request, flow.response, flow.error, getattr(flow, "websocket", None)
     req = request.data
-    claims = _request_line_claims(req, lines_and_headers)
-    if lines_and_headers:
-        claims["request.headers"] = _flow_headers(req.headers.fields)
-    content = req.content  # the content as sent (mitmproxy's raw_content)
-    if request_content is not None and request_content[0] is content:
-        claims["request.content"] = request_content[1]
-    else:
-        claims["request.content"] = _sha(content)
+    claims = {
+        "request.method": _text(req.method),
+        "request.scheme": _text(req.scheme),
+        "request.authority": _text(req.authority),
+        "request.host": req.host,
+        "request.port": req.port,
+        "request.path": _text(req.path),  # the path and the query
+        "request.http_version": _text(req.http_version),
+        "request.headers": _flow_headers(req.headers.fields),
+        "request.trailers": _flow_headers(req.trailers.fields) if req.trailers is not None else None,
+        "request.content": sha256_hex(req.content, request_content),  # the content as sent (raw_content)
+        "request.timestamps": [_micros(req.timestamp_start), _micros(req.timestamp_end)],
+    }
     if response is not None:
-        claims.update(_response_claims(response.data, lines_and_headers))
+        res = response.data
+        claims.update({
+            "response.status_code": res.status_code,
+            "response.reason": _text(res.reason),
+            "response.http_version": _text(res.http_version),
+            "response.headers": _flow_headers(res.headers.fields),
+            "response.trailers": _flow_headers(res.trailers.fields) if res.trailers is not None else None,
+            "response.content": _sha(res.content),
+            "response.timestamps": [_micros(res.timestamp_start), _micros(res.timestamp_end)],
+        })
     if error is not None:
         claims[ERROR_FIELD] = [error.msg, _micros(error.timestamp)]
     if websocket is not None:
-        claims.update(_websocket_claims(websocket))
-    claims.update(_connection_claims(flow))
+        claims["websocket.messages"] = [
+            [int(m.type), bool(m.from_client), _sha(m.content), _micros(m.timestamp), bool(m.dropped), bool(m.injected)]
+            for m in websocket.messages
+        ]
+        claims["websocket.close"] = [websocket.closed_by_client, websocket.close_code, _text(websocket.close_reason),
+                                     _micros(websocket.timestamp_end)]
+    client = flow.client_conn
+    claims["client.peername"] = _address(client.peername) if client is not None else None
+    server = flow.server_conn
+    claims["server.address"] = _address(server.address) if server is not None else None
     claims["flow.comment"] = flow.comment or None
     _metadata_claims(claims, flow.metadata)
     return claims
@@ -381,64 +356,12 @@ def _record_of(full: dict) -> dict:
 
 
 def record_of_flow(flow, request_content: tuple | None = None) -> dict:
-    """record_digest(claims_of_flow(flow)); request_content: see claims_of_flow. The digests of the request line,
-    the status line and the headers are taken again where those are the same as in the flow before (as
-    mitmproxy holds them: equal bytes, text and integers make equal claims)."""
-    claims = claims_of_flow(flow, request_content, lines_and_headers=False)
-    full = field_digests(claims)
-    req = flow.request.data
-    _line_digests(full, "request", (req.method, req.scheme, req.authority, req.host, req.port, req.path,
-                                    req.http_version), _request_line)
-    full["request.headers"] = _headers_digest("request.headers", req.headers.fields)
-    if flow.response is not None:
-        res = flow.response.data
-        _line_digests(full, "response", (res.status_code, res.reason, res.http_version), _status_line)
-        full["response.headers"] = _headers_digest("response.headers", res.headers.fields)
-    return _record_of(full)
-
-
-def _request_line(method, scheme, authority, host, port, path, http_version) -> dict:
-    return {"request.method": _text(method), "request.scheme": _text(scheme), "request.authority": _text(authority),
-            "request.host": host, "request.port": port, "request.path": _text(path),  # the path and the query
-            "request.http_version": _text(http_version)}
-
-
-def _status_line(status_code, reason, http_version) -> dict:
-    return {"response.status_code": status_code, "response.reason": _text(reason),
-            "response.http_version": _text(http_version)}
-
-
-def _line_digests(full: dict, name: str, line: tuple, claims_of) -> None:
-    """The digests of a request or status line's claims, taken again where the line is the same as last time
-    (bytes equal, text and integers equal and of their exact types)."""
-    last = _last_lines.get(name)
-    exact = all(type(v) in _EXACT_TYPES for v in line)
-    if last is not None and exact and last[0] == line:
-        full.update(last[1])
-        return
-    digests = field_digests(claims_of(*line))
-    full.update(digests)
-    if exact:
-        _last_lines[name] = (line, digests)  # one tuple, replaced whole (safe from any thread)
-
-
-_EXACT_TYPES = frozenset((bytes, str, int))  # True == 1: bool is not among them
-
-
-def _headers_digest(name: str, fields: tuple) -> str:
-    """The digest of a headers claim from mitmproxy's fields (pairs of bytes): equal fields make equal claims."""
-    last = _last_headers.get(name)
-    if last is not None and last[0] == fields:
-        return last[1]
-    digest = field_digests({name: _flow_headers(fields)})[name]
-    _last_headers[name] = (fields, digest)  # one tuple, replaced whole (safe from any thread)
-    return digest
+    """record_digest(claims_of_flow(flow, request_content)): the record entry's whole-flow digest."""
+    return _record_of(field_digests(claims_of_flow(flow, request_content)))
 
 
 _last_digests: dict[str, tuple[bytes, str]] = {}  # field name -> (its value's JSON, that JSON's digest), last seen
 _last_scalars: dict[str, tuple[str | int, str]] = {}  # field name -> (its text or integer, its digest), last seen
-_last_headers: dict[str, tuple[tuple, str]] = {}  # "request.headers" ... -> (mitmproxy's fields, their digest)
-_last_lines: dict[str, tuple[tuple, dict]] = {}  # "request", "response" -> (the line's parts, their claims' digests)
 _MEMO_TEXT = 2048  # longer JSON is not kept: the fields that repeat are short; a hostile flow file's need not be
 
 

@@ -437,12 +437,9 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
         candidates = unconsumed.get((name, flow_id), [])
         wanted = (entry.get("request_sha256"), entry.get("response_sha256"))
         version = entry.get("v", 1)
-        if version == 2:  # the whole-flow digest in the flow entry itself
-            audited = entry.get("record") if isinstance(entry.get("record"), dict) else None
-        else:  # format 3: in the flow's record entry, which names this entry and this flow
-            record_entry = record_entries.get(located.seq) if version != 1 else None
-            audited = (record_entry.get("record") if record_entry is not None and isinstance(record_entry.get("record"), dict)
-                       and record_entry.get("flow_id") == entry.get("flow_id") else None)
+        # The whole-flow digest: format 2's in the flow entry itself, format 3's in the flow's record entry.
+        holder = entry if version == 2 else record_entries.get(located.seq, {}) if version == 3 else {}
+        audited = holder.get("record") if isinstance(holder.get("record"), dict) else None
         if entry.get("stream_cut"):
             result.streams_cut += 1
         if audited is not None:  # formats 2 and 3: the whole record, field by field
@@ -453,7 +450,7 @@ def _check_flows(records_dir: Path, result: VerifyResult) -> None:
             match = next((r for r in candidates if (r.request_sha256, r.response_sha256) == wanted), None)
         # Format 2 took its digest in the hook, format 3 as the record is taken (the same step): only format 2
         # can have a record with an error mitmproxy noted later.
-        late_error = _late_error(audited, candidates) if version == 2 and audited is not None and match is None else None
+        late_error = _late_error(audited, candidates) if version == 2 and audited and match is None else None
         if match is not None:
             candidates.remove(match)
             result.flows_matched += 1
