@@ -68,8 +68,8 @@ class FlowRecorder:
         self._bytes = 0  # handed to the writer for the current file
         self._day: date | None = None  # the UTC day of the current file
         self._seq = 0
-        self._pending: list[tuple[Path, http.HTTPFlow]] = []  # finished, state not yet taken
-        self._drain_scheduled = False
+        self._pending: list[tuple[int, Path, http.HTTPFlow]] = []  # (number, file, flow): state not yet taken
+        self._recorded = 0  # flows given to record(): each one's number
         self._batch: list[tuple[str, str, bytes]] = []  # (path, flow id, record) encoded, not yet handed over
         self._batch_bytes = 0
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -263,7 +263,8 @@ class FlowRecorder:
         # The file is chosen now, so later addons (the audit log) can name it in the flow's metadata.
         path = self._current_path()
         FLOW_FILE.set(flow, path.name)
-        self._pending.append((path, flow))
+        self._recorded += 1
+        self._pending.append((self._recorded, path, flow))
         self._unsettled.add(flow.id)
         # Encoding a flow's record (and the audit log's digest of it) costs ~0.3 ms. Done inside the hook it
         # would delay this response; it runs once the response is on the wire, two turns of the loop on:
@@ -271,23 +272,25 @@ class FlowRecorder:
         # ended the response, and the hook task waits for that handling to end (a lock) before it sends the
         # response, on a later turn than callbacks scheduled meanwhile; one turn on, this would run first.
         # (Where the reply waits on something, gateway_audit_fsync=entry's fsync, this runs during that wait.)
-        if not self._drain_scheduled:
-            try:
-                loop = asyncio.get_running_loop()
-                loop.call_soon(loop.call_soon, self._drain)
-                self._drain_scheduled = True
-            except RuntimeError:  # no event loop (never the case inside mitmproxy): write now
-                self._write_out()
+        # Each flow has a drain of its own, which takes the flows recorded up to it: none before its reply.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (never the case inside mitmproxy): write now
+            self._write_out()
+            return
+        loop.call_soon(loop.call_soon, self._drain, self._recorded)
 
     def _write_out(self) -> None:
         """Everything pending, to the writer now."""
         self._drain()
         self._flush()
 
-    def _drain(self) -> None:
-        self._drain_scheduled = False
-        pending, self._pending = self._pending, []
-        for path, flow in pending:
+    def _drain(self, upto: int | None = None) -> None:
+        """Takes the records of the flows pending up to number `upto` (all of them: None)."""
+        due = len(self._pending) if upto is None else next(
+            (i for i, (number, _, _) in enumerate(self._pending) if number > upto), len(self._pending))
+        pending, self._pending = self._pending[:due], self._pending[due:]
+        for _, path, flow in pending:
             audit = services.audit_events
             if audit is not None:
                 # The audit log's record entry (the digest of what this record holds) goes first: a record

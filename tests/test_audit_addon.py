@@ -134,6 +134,38 @@ def test_a_full_disk_refuses_new_requests_until_the_log_is_writable_again(setup)
     assert [f.kind for f in result.findings] == ["refused unaudited"]
 
 
+def test_a_record_is_taken_two_loop_turns_after_its_hook_not_with_an_earlier_flows(setup):
+    """mitmproxy sends a reply a loop turn after its hooks end: the record (and its record entry) is taken two
+    turns on, a flow recorded meanwhile at its own time, not with the flow before it (whose reply is out)."""
+    tmp_path, rules = setup
+    recorder, log = FlowRecorder(), AuditLog()
+    first, second = _flow(), _flow()
+
+    def recorded() -> list[str]:
+        return [e["flow_id"] for e in _entries(tmp_path / "records") if e["kind"] == "record"]
+
+    async def scenario():
+        for flow in (first, second):
+            log.requestheaders(flow)
+        recorder.response(first)
+        log.response(first)
+        await asyncio.sleep(0)
+        assert recorded() == []  # one turn on: the first flow's reply is not out yet
+        recorder.response(second)
+        log.response(second)
+        await asyncio.sleep(0)
+        assert recorded() == [first.id]  # two turns on: the first flow's record; the second's is not due
+        await asyncio.sleep(0)
+        assert recorded() == [first.id, second.id]
+        recorder.done()
+        log.done()
+
+    with taddons.context(recorder, log) as tctx:
+        _configure(tctx, recorder, log, tmp_path, rules)
+        asyncio.run(scenario())
+    assert verify(tmp_path / "records").status == "verified"
+
+
 @pytest.mark.parametrize("resumed_by", ["tick", "shutdown"])
 def test_a_full_disk_as_the_record_is_taken_closes_the_log_and_owns_up_to_the_flow(setup, resumed_by):
     """The reply went out with its flow entry; the record entry, written once the recorder takes the record, hits
